@@ -1,0 +1,20 @@
+//! The typed messages that travel on the edges of a dynamo graph.
+//!
+//! Each module is one message schema named in the graph's port catalogue
+//! (`dynamo_graph::kinds`): the schema string there and the type here must agree.
+//!
+//! | schema                | request          | response (stream)  |
+//! |-----------------------|------------------|--------------------|
+//! | `llm.chat/v1`         | [`ChatRequest`]  | [`TextDelta`]      |
+//! | `llm.tokens/v1`       | [`TokenRequest`] | [`TokenDelta`]     |
+//! | `kv.events/v1`        | [`KvEvent`] (feedback, one-way)       |
+
+pub mod chat;
+pub mod error;
+pub mod kv;
+pub mod tokens;
+
+pub use chat::{ChatMessage, ChatRequest, FinishReason, Prompt, TextDelta, Usage};
+pub use error::{ErrorKind, ServeError};
+pub use kv::{block_hashes, BlockHash, KvEvent, KvEventData, StoredBlock, DEFAULT_BLOCK_HASH_SEED};
+pub use tokens::{SamplingOptions, StopConditions, TokenDelta, TokenRequest};
