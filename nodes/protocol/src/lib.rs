@@ -10,11 +10,9 @@
 //! | `kv.events/v1`        | [`KvEvent`] (feedback, one-way)       |
 
 pub mod chat;
-pub mod error;
 pub mod kv;
 pub mod tokens;
 
 pub use chat::{ChatMessage, ChatRequest, FinishReason, Prompt, TextDelta, Usage};
-pub use error::{ErrorKind, ServeError};
 pub use kv::{block_hashes, BlockHash, KvEvent, KvEventData, StoredBlock, DEFAULT_BLOCK_HASH_SEED};
 pub use tokens::{SamplingOptions, StopConditions, TokenDelta, TokenRequest};

@@ -1,5 +1,6 @@
-//! The error a node returns on an edge. It crosses process boundaries, so it is plain data
-//! with a kind a caller can act on.
+//! The error a call returns on an edge. It crosses process boundaries, so it is plain data
+//! with a kind a caller can act on (reject, retry elsewhere, give up). The kinds are
+//! generic service-call outcomes, like gRPC status codes, not LLM notions.
 
 use serde::{Deserialize, Serialize};
 
@@ -7,8 +8,8 @@ use serde::{Deserialize, Serialize};
 pub enum ErrorKind {
     /// The request itself is wrong (HTTP 400).
     InvalidRequest,
-    /// No such model is served (HTTP 404).
-    ModelNotFound,
+    /// The thing asked for does not exist, e.g. an unknown model (HTTP 404).
+    NotFound,
     /// The node is full; try later or elsewhere (HTTP 503).
     Overloaded,
     /// No live instance behind an edge, or an instance went away mid-stream (HTTP 503).
@@ -28,7 +29,10 @@ pub struct ServeError {
 
 impl ServeError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ServeError { kind, message: message.into() }
+        ServeError {
+            kind,
+            message: message.into(),
+        }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidRequest, message)
@@ -38,5 +42,8 @@ impl ServeError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
+    }
+    pub fn cancelled() -> Self {
+        Self::new(ErrorKind::Cancelled, "request cancelled")
     }
 }
