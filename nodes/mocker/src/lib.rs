@@ -1,1 +1,11 @@
-//! dynamo-mocker
+//! dynamo-mocker: a GPU-free engine that schedules, caches and times requests like a vLLM
+//! worker, publishes real KV events and emits real token ids, for load tests and for
+//! measuring the CPU cost of the rest of the pipeline (instant mode).
+
+pub mod block_manager;
+pub mod config;
+pub mod timing;
+
+pub use block_manager::{BlockCounts, BlockId, BlockManager, OutOfBlocks, PrefixMatch};
+pub use config::{ConfigError, MockerConfig};
+pub use timing::{decode_ms, prefill_ms, step_duration, StepWork};

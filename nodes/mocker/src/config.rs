@@ -1,0 +1,215 @@
+//! The mocker's settings, with defaults close to a vLLM worker on one GPU and a
+//! `validate()` that says which setting is wrong.
+
+use dynamo_protocol::DEFAULT_BLOCK_HASH_SEED;
+use serde::{Deserialize, Serialize};
+
+/// Settings of one mocker worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MockerConfig {
+    /// Identity of this worker in KV events; unique among the engines behind one router.
+    pub worker_id: u64,
+    /// Tokens per KV block (the engine's page size); must match the router's.
+    pub block_size: usize,
+    /// Size of the KV block pool.
+    pub num_blocks: usize,
+    /// Most sequences in one batch.
+    pub max_num_seqs: usize,
+    /// Token budget of one step (prefill chunks plus one token per decoding sequence).
+    pub max_batched_tokens: usize,
+    /// Reuse KV blocks of equal prefixes and publish KV events.
+    pub enable_prefix_caching: bool,
+    /// Time divisor of the timing model; `inf` is instant mode: the step loop never sleeps.
+    pub speedup: f64,
+    /// Output tokens are drawn from `0..vocab_size`.
+    pub vocab_size: u32,
+    /// Ids never drawn as ordinary output (BOS, padding, chat-template markers).
+    pub special_token_ids: Vec<u32>,
+    /// Chance per generated token that the request's end-of-sequence id is drawn (unless
+    /// the request sets `ignore_eos`), so that `finish_reason = stop` happens now and then.
+    pub eos_probability: f64,
+    /// Seeds the output of requests that bring no seed of their own.
+    pub seed: u64,
+    /// Seed of the chained block hash; must match the router's.
+    pub hash_seed: u64,
+    /// KV events kept for a slow subscriber before it sees a gap.
+    pub event_buffer: usize,
+}
+
+impl Default for MockerConfig {
+    fn default() -> Self {
+        MockerConfig {
+            worker_id: 0,
+            block_size: 16,
+            num_blocks: 16_384,
+            max_num_seqs: 256,
+            max_batched_tokens: 8_192,
+            enable_prefix_caching: true,
+            speedup: 1.0,
+            vocab_size: 32_000,
+            special_token_ids: vec![0, 1, 2],
+            eos_probability: 1.0 / 2_048.0,
+            seed: 0,
+            hash_seed: DEFAULT_BLOCK_HASH_SEED,
+            event_buffer: 4_096,
+        }
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("`{field}` must be at least 1")]
+    Zero { field: &'static str },
+    #[error("`speedup` must be a positive number or `inf` (instant mode), got {0}")]
+    Speedup(f64),
+    #[error("`eos_probability` must lie in 0..=1, got {0}")]
+    EosProbability(f64),
+    #[error(
+        "`vocab_size` {vocab_size} leaves no ordinary token once the {special} special ids \
+         below it are skipped"
+    )]
+    NoOrdinaryTokens { vocab_size: u32, special: usize },
+    #[error("`num_blocks` × `block_size` = {0} tokens does not fit in memory indices")]
+    PoolTooLarge(u128),
+}
+
+impl MockerConfig {
+    /// The default settings in instant mode: no sleeping, for CPU measurements of the rest
+    /// of the pipeline.
+    pub fn instant() -> Self {
+        MockerConfig {
+            speedup: f64::INFINITY,
+            ..MockerConfig::default()
+        }
+    }
+
+    /// True when the step loop must not sleep at all.
+    pub fn is_instant(&self) -> bool {
+        self.speedup == f64::INFINITY
+    }
+
+    /// Tokens the whole pool holds.
+    pub fn total_kv_tokens(&self) -> usize {
+        self.num_blocks.saturating_mul(self.block_size)
+    }
+
+    /// Every problem with these settings, in field order; empty when they can work.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        for (field, value) in [
+            ("block_size", self.block_size),
+            ("num_blocks", self.num_blocks),
+            ("max_num_seqs", self.max_num_seqs),
+            ("max_batched_tokens", self.max_batched_tokens),
+            ("event_buffer", self.event_buffer),
+        ] {
+            if value == 0 {
+                errors.push(ConfigError::Zero { field });
+            }
+        }
+        // Block ids are u32 in the block manager.
+        let pool = self.num_blocks as u128 * self.block_size as u128;
+        if self.num_blocks as u128 > u32::MAX as u128 || pool > usize::MAX as u128 {
+            errors.push(ConfigError::PoolTooLarge(pool));
+        }
+        if self.speedup.is_nan() || self.speedup <= 0.0 {
+            errors.push(ConfigError::Speedup(self.speedup));
+        }
+        if !(0.0..=1.0).contains(&self.eos_probability) {
+            errors.push(ConfigError::EosProbability(self.eos_probability));
+        }
+        let special = self.sorted_special_ids().len();
+        if special as u64 >= self.vocab_size as u64 {
+            errors.push(ConfigError::NoOrdinaryTokens {
+                vocab_size: self.vocab_size,
+                special,
+            });
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Special ids inside the vocabulary, sorted and without duplicates.
+    pub(crate) fn sorted_special_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .special_token_ids
+            .iter()
+            .copied()
+            .filter(|&id| id < self.vocab_size)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(MockerConfig::default().validate(), Ok(()));
+        assert!(MockerConfig::instant().is_instant());
+        assert!(!MockerConfig::default().is_instant());
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let config = MockerConfig {
+            block_size: 0,
+            max_batched_tokens: 0,
+            speedup: -1.0,
+            eos_probability: 2.0,
+            vocab_size: 3,
+            special_token_ids: vec![0, 1, 2, 2, 7],
+            ..MockerConfig::default()
+        };
+        let errors = config.validate().unwrap_err();
+        assert_eq!(
+            errors,
+            vec![
+                ConfigError::Zero {
+                    field: "block_size"
+                },
+                ConfigError::Zero {
+                    field: "max_batched_tokens"
+                },
+                ConfigError::Speedup(-1.0),
+                ConfigError::EosProbability(2.0),
+                ConfigError::NoOrdinaryTokens {
+                    vocab_size: 3,
+                    special: 3
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn nan_speedup_is_rejected() {
+        let config = MockerConfig {
+            speedup: f64::NAN,
+            ..MockerConfig::default()
+        };
+        assert!(matches!(
+            config.validate().unwrap_err()[..],
+            [ConfigError::Speedup(_)]
+        ));
+    }
+
+    #[test]
+    fn deserializes_with_defaults_and_rejects_unknown_fields() {
+        let config: MockerConfig =
+            serde_json::from_str(r#"{"block_size": 64, "num_blocks": 10}"#).unwrap();
+        assert_eq!(config.block_size, 64);
+        assert_eq!(config.num_blocks, 10);
+        assert_eq!(config.max_num_seqs, MockerConfig::default().max_num_seqs);
+        let err = serde_json::from_str::<MockerConfig>(r#"{"blok_size": 64}"#).unwrap_err();
+        assert!(err.to_string().contains("blok_size"), "{err}");
+    }
+}
