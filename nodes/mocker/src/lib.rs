@@ -4,8 +4,13 @@
 
 pub mod block_manager;
 pub mod config;
+pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
 pub mod timing;
 
 pub use block_manager::{BlockCounts, BlockId, BlockManager, OutOfBlocks, PrefixMatch};
 pub use config::{ConfigError, MockerConfig};
+pub use scheduler::{AdmitError, Scheduler, SchedulerStats, SeqOutput};
+pub use sequence::{NewSequence, SeqId};
 pub use timing::{decode_ms, prefill_ms, step_duration, StepWork};

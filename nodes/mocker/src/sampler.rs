@@ -1,0 +1,107 @@
+//! Output token ids: real ids of the model's vocabulary, deterministic per seed.
+
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
+/// Draws one request's output tokens.
+#[derive(Debug, Clone)]
+pub struct TokenSampler {
+    rng: Xoshiro256PlusPlus,
+}
+
+/// What every request of an engine shares: the vocabulary and how often EOS is drawn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vocabulary {
+    /// Ids never drawn as ordinary tokens, sorted, all below `size`.
+    special: Vec<u32>,
+    /// Ids that may be drawn: `size - special.len()`, at least 1.
+    ordinary: u32,
+    eos_probability: f64,
+}
+
+impl Vocabulary {
+    /// `special` must be sorted, deduplicated and below `size`, leaving at least one
+    /// ordinary id (as `MockerConfig::validate` ensures); otherwise every draw is id 0.
+    pub fn new(size: u32, special: Vec<u32>, eos_probability: f64) -> Self {
+        let ordinary = size.saturating_sub(special.len() as u32).max(1);
+        Vocabulary {
+            special,
+            ordinary,
+            eos_probability: eos_probability.clamp(0.0, 1.0),
+        }
+    }
+
+    /// The `rank`-th id that is not special.
+    fn ordinary_id(&self, rank: u32) -> u32 {
+        let mut id = rank;
+        for &s in &self.special {
+            if s <= id {
+                id += 1;
+            } else {
+                break;
+            }
+        }
+        id
+    }
+}
+
+impl TokenSampler {
+    pub fn new(seed: u64) -> Self {
+        TokenSampler {
+            rng: Xoshiro256PlusPlus::seed_from_u64(seed),
+        }
+    }
+
+    /// The next token. With `eos_probability` (unless `ignore_eos`) it is one of
+    /// `stop_ids`; otherwise an ordinary id of the vocabulary, uniformly.
+    pub fn next_token(&mut self, vocab: &Vocabulary, stop_ids: &[u32], ignore_eos: bool) -> u32 {
+        if !ignore_eos && !stop_ids.is_empty() && self.rng.random_bool(vocab.eos_probability) {
+            return stop_ids[self.rng.random_range(0..stop_ids.len())];
+        }
+        vocab.ordinary_id(self.rng.random_range(0..vocab.ordinary))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_draws_special_ids_and_stays_in_the_vocabulary() {
+        let vocab = Vocabulary::new(8, vec![0, 3, 7], 0.0);
+        let mut s = TokenSampler::new(1);
+        let mut seen = [0usize; 8];
+        for _ in 0..5_000 {
+            seen[s.next_token(&vocab, &[], false) as usize] += 1;
+        }
+        assert_eq!(seen[0] + seen[3] + seen[7], 0, "{seen:?}");
+        for id in [1, 2, 4, 5, 6] {
+            assert!(seen[id] > 700, "id {id} drawn {} times", seen[id]);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let vocab = Vocabulary::new(32_000, vec![0, 1, 2], 0.01);
+        let draw = |seed| {
+            let mut s = TokenSampler::new(seed);
+            (0..64)
+                .map(|_| s.next_token(&vocab, &[2], false))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(42), draw(42));
+        assert_ne!(draw(42), draw(43));
+    }
+
+    #[test]
+    fn eos_is_rare_and_ignore_eos_suppresses_it() {
+        let vocab = Vocabulary::new(1_000, vec![0], 0.01);
+        let mut s = TokenSampler::new(9);
+        let eos = (0..100_000)
+            .filter(|_| s.next_token(&vocab, &[0], false) == 0)
+            .count();
+        assert!((500..1_500).contains(&eos), "{eos} EOS in 100k draws");
+        let mut s = TokenSampler::new(9);
+        assert!((0..100_000).all(|_| s.next_token(&vocab, &[0], true) != 0));
+    }
+}

@@ -1,0 +1,315 @@
+//! vLLM-style continuous batching over the block pool: a waiting and a running queue, one
+//! token budget per step, chunked prefill, one decode token per running sequence, LIFO
+//! preemption when blocks run out. Pure and synchronous; the engine's step loop drives it.
+
+use std::collections::VecDeque;
+
+use dynamo_protocol::{FinishReason, KvEvent};
+
+use crate::block_manager::{BlockCounts, BlockManager};
+use crate::config::{ConfigError, MockerConfig};
+use crate::sampler::Vocabulary;
+use crate::sequence::{NewSequence, SeqId, Sequence};
+use crate::timing::StepWork;
+
+/// Why a request is refused before it is queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("max_tokens must be at least 1")]
+    ZeroMaxTokens,
+    #[error(
+        "the request can never fit: {prompt_tokens} prompt tokens + {max_tokens} new tokens need \
+         {needed_blocks} KV blocks of {block_size} tokens, the pool has {pool_blocks}"
+    )]
+    TooLong {
+        prompt_tokens: usize,
+        max_tokens: u32,
+        needed_blocks: u64,
+        block_size: usize,
+        pool_blocks: usize,
+    },
+}
+
+/// One token a step produced for one sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqOutput {
+    pub id: SeqId,
+    pub token: u32,
+    pub finish: Option<FinishReason>,
+    /// Prompt tokens served from the prefix cache; on the sequence's first output only.
+    pub cached_tokens: Option<u32>,
+}
+
+/// Counters of the scheduler and its block pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub blocks: BlockCounts,
+    pub running: usize,
+    pub waiting: usize,
+    pub preemptions: u64,
+    /// Prompt tokens found in the prefix cache when requests were first admitted.
+    pub prefix_hit_tokens: u64,
+    /// Prompt tokens of the requests admitted so far.
+    pub prompt_tokens: u64,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    block_size: usize,
+    hash_seed: u64,
+    caching: bool,
+    max_num_seqs: usize,
+    max_batched_tokens: usize,
+    vocab: Vocabulary,
+    blocks: BlockManager,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    /// Tokens to compute this step for `running[i]`; scratch reused every step.
+    plan: Vec<usize>,
+    preemptions: u64,
+    prefix_hit_tokens: u64,
+    prompt_tokens: u64,
+}
+
+impl Scheduler {
+    pub fn new(config: &MockerConfig) -> Result<Self, Vec<ConfigError>> {
+        config.validate()?;
+        Ok(Scheduler {
+            block_size: config.block_size,
+            hash_seed: config.hash_seed,
+            caching: config.enable_prefix_caching,
+            max_num_seqs: config.max_num_seqs,
+            max_batched_tokens: config.max_batched_tokens,
+            vocab: Vocabulary::new(
+                config.vocab_size,
+                config.sorted_special_ids(),
+                config.eos_probability,
+            ),
+            blocks: BlockManager::new(
+                config.worker_id,
+                config.num_blocks,
+                config.enable_prefix_caching,
+            ),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            plan: Vec::new(),
+            preemptions: 0,
+            prefix_hit_tokens: 0,
+            prompt_tokens: 0,
+        })
+    }
+
+    /// Checks a request against what this engine can ever serve.
+    pub fn check(&self, prompt_len: usize, max_tokens: u32) -> Result<(), AdmitError> {
+        if prompt_len == 0 {
+            return Err(AdmitError::EmptyPrompt);
+        }
+        if max_tokens == 0 {
+            return Err(AdmitError::ZeroMaxTokens);
+        }
+        // The most KV it will hold: every token but the last generated one.
+        let tokens = prompt_len as u64 + max_tokens as u64 - 1;
+        let needed_blocks = tokens.div_ceil(self.block_size as u64);
+        let pool_blocks = self.blocks.counts().total;
+        if needed_blocks > pool_blocks as u64 {
+            return Err(AdmitError::TooLong {
+                prompt_tokens: prompt_len,
+                max_tokens,
+                needed_blocks,
+                block_size: self.block_size,
+                pool_blocks,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues a request at the back of the waiting queue. Ids are the caller's to keep
+    /// unique (the engine numbers its requests).
+    pub fn add(&mut self, req: NewSequence) -> Result<(), AdmitError> {
+        self.check(req.prompt.len(), req.max_tokens)?;
+        self.waiting.push_back(Sequence::new(req));
+        Ok(())
+    }
+
+    /// Removes a sequence wherever it is and frees its blocks at once. False if unknown
+    /// (already finished, say).
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            let mut seq = self.running.remove(i);
+            seq.release_blocks(&mut self.blocks);
+            return true;
+        }
+        if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            if let Some(mut seq) = self.waiting.remove(i) {
+                seq.release_blocks(&mut self.blocks);
+            }
+            return true;
+        }
+        false
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            blocks: self.blocks.counts(),
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            preemptions: self.preemptions,
+            prefix_hit_tokens: self.prefix_hit_tokens,
+            prompt_tokens: self.prompt_tokens,
+        }
+    }
+
+    /// Moves the KV events published since the last call to `out`.
+    pub fn drain_events(&mut self, out: &mut Vec<KvEvent>) {
+        self.blocks.drain_events(out);
+    }
+
+    /// Forgets the prefix cache (publishes `Cleared`).
+    pub fn clear_cache(&mut self) {
+        self.blocks.clear();
+    }
+
+    /// Runs one step: schedules under the budget, computes, appends one output per
+    /// sequence that produced a token to `out`, retires finished sequences. Returns what
+    /// the step computed, for the timing model.
+    pub fn step(&mut self, out: &mut Vec<SeqOutput>) -> StepWork {
+        let mut budget = self.max_batched_tokens;
+        self.plan.clear();
+        let preempted = self.schedule_running(&mut budget);
+        if !preempted {
+            self.admit_waiting(&mut budget);
+        }
+        let total = self.blocks.counts().total.max(1);
+        let mut work = StepWork {
+            kv_usage: self.blocks.counts().active as f64 / total as f64,
+            ..StepWork::default()
+        };
+
+        for (seq, &num_new) in self.running.iter_mut().zip(&self.plan) {
+            if seq.is_decoding() {
+                work.decode_seqs += 1;
+            } else {
+                work.prefill_tokens += num_new;
+            }
+            seq.computed += num_new;
+            if self.caching {
+                seq.promote_full_blocks(&mut self.blocks, self.block_size, self.hash_seed);
+            }
+            if seq.remaining() == 0 {
+                let (token, finish) = seq.generate(&self.vocab);
+                out.push(SeqOutput {
+                    id: seq.id,
+                    token,
+                    finish,
+                    cached_tokens: seq.cached_tokens.take(),
+                });
+            }
+        }
+
+        let blocks = &mut self.blocks;
+        self.running.retain_mut(|seq| {
+            if seq.finished {
+                seq.release_blocks(blocks);
+            }
+            !seq.finished
+        });
+        work
+    }
+
+    /// Gives every running sequence its share of the budget in queue order, preempting
+    /// the newest ones when blocks run out. Returns whether anything was preempted.
+    fn schedule_running(&mut self, budget: &mut usize) -> bool {
+        let mut preempted = false;
+        let mut i = 0;
+        while i < self.running.len() && *budget > 0 {
+            let seq = &self.running[i];
+            let num_new = seq.remaining().min(*budget);
+            let need = (seq.computed + num_new)
+                .div_ceil(self.block_size)
+                .saturating_sub(seq.table.len());
+            while need > self.blocks.available() && self.running.len() > i + 1 {
+                self.preempt_last();
+                preempted = true;
+            }
+            if need > self.blocks.available() {
+                // Nothing newer is left to preempt: this one waits.
+                self.preempt_last();
+                return true;
+            }
+            let seq = &mut self.running[i];
+            if self.blocks.allocate(need, &mut seq.table).is_err() {
+                return true;
+            }
+            self.plan.push(num_new);
+            *budget -= num_new;
+            i += 1;
+        }
+        preempted
+    }
+
+    fn preempt_last(&mut self) {
+        if let Some(mut seq) = self.running.pop() {
+            seq.release_blocks(&mut self.blocks);
+            self.preemptions += 1;
+            tracing::debug!(seq = seq.id, "preempted: out of KV blocks");
+            self.waiting.push_front(seq);
+        }
+    }
+
+    /// Admits waiting sequences in order while the budget, the batch size and the pool
+    /// allow; stops at the first one that does not fit.
+    fn admit_waiting(&mut self, budget: &mut usize) {
+        while *budget > 0 && self.running.len() < self.max_num_seqs {
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
+            let len = seq.tokens.len();
+            if self.caching {
+                seq.hash_blocks(len, self.block_size, self.hash_seed);
+            }
+            let hit = self.blocks.peek_prefix(&seq.hashes);
+            // At least one token is computed, so that the step produces a token.
+            let computed = (hit.blocks * self.block_size).min(len - 1);
+            let num_new = (len - computed).min(*budget);
+            let need = (computed + num_new)
+                .div_ceil(self.block_size)
+                .saturating_sub(hit.blocks);
+            if need > self.blocks.available() - hit.inactive {
+                break;
+            }
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            let taken = self
+                .blocks
+                .acquire_prefix(&seq.hashes[..hit.blocks], &mut seq.table);
+            if self.blocks.allocate(need, &mut seq.table).is_err() {
+                // Cannot happen after the check above; put it back untouched.
+                seq.release_blocks(&mut self.blocks);
+                self.waiting.push_front(seq);
+                break;
+            }
+            seq.computed = computed;
+            seq.promoted = taken;
+            if !seq.admitted_once {
+                seq.admitted_once = true;
+                seq.cached_tokens = Some(computed as u32);
+                self.prefix_hit_tokens += computed as u64;
+                self.prompt_tokens += seq.prompt_len as u64;
+            }
+            self.running.push(seq);
+            self.plan.push(num_new);
+            *budget -= num_new;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -1,0 +1,322 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use dynamo_protocol::KvEventData;
+
+use super::*;
+
+fn config(block_size: usize, num_blocks: usize) -> MockerConfig {
+    MockerConfig {
+        block_size,
+        num_blocks,
+        eos_probability: 0.0,
+        ..MockerConfig::default()
+    }
+}
+
+fn req(id: SeqId, prompt: Vec<u32>, max_tokens: u32) -> NewSequence {
+    NewSequence {
+        id,
+        prompt,
+        max_tokens,
+        stop_token_ids: vec![2],
+        ignore_eos: false,
+        seed: id,
+    }
+}
+
+/// Steps until idle; returns every sequence's outputs and the work of each step.
+fn run(s: &mut Scheduler) -> (BTreeMap<SeqId, Vec<SeqOutput>>, Vec<StepWork>) {
+    let mut outputs: BTreeMap<SeqId, Vec<SeqOutput>> = BTreeMap::new();
+    let mut works = Vec::new();
+    let mut out = Vec::new();
+    while !s.is_idle() {
+        assert!(works.len() < 100_000, "no progress");
+        out.clear();
+        works.push(s.step(&mut out));
+        for o in &out {
+            outputs.entry(o.id).or_default().push(*o);
+        }
+    }
+    (outputs, works)
+}
+
+fn tokens(outputs: &[SeqOutput]) -> Vec<u32> {
+    outputs.iter().map(|o| o.token).collect()
+}
+
+fn assert_complete(outputs: &[SeqOutput], max_tokens: usize) {
+    assert_eq!(outputs.len(), max_tokens);
+    for (i, o) in outputs.iter().enumerate() {
+        let last = i + 1 == max_tokens;
+        assert_eq!(o.finish, last.then_some(FinishReason::Length), "output {i}");
+        assert_eq!(o.cached_tokens.is_some(), i == 0, "output {i}");
+    }
+}
+
+#[test]
+fn a_request_gets_exactly_max_tokens_and_frees_its_blocks() {
+    let mut s = Scheduler::new(&config(4, 64)).unwrap();
+    s.add(req(1, (10..20).collect(), 7)).unwrap();
+    let (outputs, works) = run(&mut s);
+    assert_complete(&outputs[&1], 7);
+    // One prefill step (which yields the first token), then 6 decode steps.
+    assert_eq!(works.len(), 7);
+    assert_eq!(works[0].prefill_tokens, 10);
+    assert!(works[1..]
+        .iter()
+        .all(|w| w.decode_seqs == 1 && w.prefill_tokens == 0));
+    let st = s.stats();
+    assert_eq!(st.blocks.active, 0);
+    assert_eq!(st.running + st.waiting, 0);
+    assert!(tokens(&outputs[&1]).iter().all(|&t| t > 2 && t < 32_000));
+}
+
+#[test]
+fn prefix_reuse_reports_cached_tokens_and_skips_compute() {
+    let mut s = Scheduler::new(&config(16, 64)).unwrap();
+    let prompt: Vec<u32> = (100..164).collect(); // 4 full blocks
+    s.add(req(1, prompt.clone(), 3)).unwrap();
+    let (first, _) = run(&mut s);
+    assert_eq!(first[&1][0].cached_tokens, Some(0));
+
+    let mut longer = prompt.clone();
+    longer.extend(500..520);
+    s.add(req(2, longer, 3)).unwrap();
+    let (second, works) = run(&mut s);
+    assert_eq!(second[&2][0].cached_tokens, Some(64));
+    assert_eq!(
+        works[0].prefill_tokens, 20,
+        "only the uncached suffix is computed"
+    );
+
+    // The very same prompt: all but the last token come from the cache.
+    s.add(req(3, prompt, 3)).unwrap();
+    let (third, _) = run(&mut s);
+    assert_eq!(third[&3][0].cached_tokens, Some(63));
+    let st = s.stats();
+    assert_eq!(st.prefix_hit_tokens, 64 + 63);
+    assert_eq!(st.prompt_tokens, 64 + 84 + 64);
+    assert_eq!(st.blocks.active, 0);
+    assert!(st.blocks.cached_inactive > 0);
+}
+
+#[test]
+fn without_prefix_caching_nothing_is_reused() {
+    let mut s = Scheduler::new(&MockerConfig {
+        enable_prefix_caching: false,
+        ..config(16, 64)
+    })
+    .unwrap();
+    let prompt: Vec<u32> = (100..164).collect();
+    for id in 1..=2 {
+        s.add(req(id, prompt.clone(), 2)).unwrap();
+        let (out, _) = run(&mut s);
+        assert_eq!(out[&id][0].cached_tokens, Some(0));
+    }
+    let mut events = Vec::new();
+    s.drain_events(&mut events);
+    assert!(events.is_empty());
+    assert_eq!(s.stats().blocks.free, 64);
+}
+
+#[test]
+fn long_prompts_are_prefilled_in_chunks_under_the_budget() {
+    let mut s = Scheduler::new(&MockerConfig {
+        max_batched_tokens: 32,
+        ..config(4, 64)
+    })
+    .unwrap();
+    s.add(req(1, (10..110).collect(), 2)).unwrap();
+    let (outputs, works) = run(&mut s);
+    let prefill: Vec<usize> = works.iter().map(|w| w.prefill_tokens).collect();
+    assert_eq!(prefill, vec![32, 32, 32, 4, 0]);
+    assert_complete(&outputs[&1], 2);
+}
+
+#[test]
+fn batch_size_is_respected_and_the_queue_drains_in_order() {
+    let mut s = Scheduler::new(&MockerConfig {
+        max_num_seqs: 2,
+        ..config(4, 256)
+    })
+    .unwrap();
+    for id in 0..5 {
+        s.add(req(id, vec![10 + id as u32; 9], 4)).unwrap();
+    }
+    let mut out = Vec::new();
+    let mut finished = Vec::new();
+    while !s.is_idle() {
+        out.clear();
+        s.step(&mut out);
+        assert!(out.len() <= 2, "{} sequences produced a token", out.len());
+        assert!(s.stats().running <= 2);
+        finished.extend(out.iter().filter(|o| o.finish.is_some()).map(|o| o.id));
+    }
+    assert_eq!(finished, vec![0, 1, 2, 3, 4]);
+}
+
+#[test]
+fn preemption_under_a_small_pool_still_completes_every_request_correctly() {
+    // Each request may grow to 12 + 40 - 1 = 51 tokens = 13 blocks; three of them do not
+    // fit in 20 blocks at once.
+    let cfg = MockerConfig {
+        enable_prefix_caching: true,
+        ..config(4, 20)
+    };
+    let prompts: Vec<Vec<u32>> = (0..3).map(|i| (i * 100..i * 100 + 12).collect()).collect();
+    let mut s = Scheduler::new(&cfg).unwrap();
+    for (id, p) in prompts.iter().enumerate() {
+        s.add(req(id as SeqId, p.clone(), 40)).unwrap();
+    }
+    let (outputs, _) = run(&mut s);
+    let st = s.stats();
+    assert!(st.preemptions > 0, "the pool is too small for all three");
+    assert_eq!(st.blocks.active, 0);
+    for (id, p) in prompts.iter().enumerate() {
+        let id = id as SeqId;
+        assert_complete(&outputs[&id], 40);
+        // Exactly what the request produces alone: preemption changes timing, not output.
+        let mut alone = Scheduler::new(&cfg).unwrap();
+        alone.add(req(id, p.clone(), 40)).unwrap();
+        let (solo, _) = run(&mut alone);
+        assert_eq!(tokens(&outputs[&id]), tokens(&solo[&id]));
+    }
+}
+
+#[test]
+fn the_newest_running_sequence_is_preempted_first() {
+    let mut s = Scheduler::new(&config(4, 6)).unwrap();
+    // Two requests of 2 prompt blocks each, both admitted in the first step.
+    s.add(req(1, (0..8).collect(), 9)).unwrap();
+    s.add(req(2, (50..58).collect(), 9)).unwrap();
+    let mut out = Vec::new();
+    while s.stats().preemptions == 0 {
+        assert!(!s.is_idle(), "expected a preemption");
+        s.step(&mut out);
+    }
+    assert_eq!(s.running.iter().map(|q| q.id).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(s.waiting.iter().map(|q| q.id).collect::<Vec<_>>(), vec![2]);
+    assert!(s.waiting[0].table.is_empty());
+}
+
+#[test]
+fn requests_that_can_never_fit_are_rejected() {
+    let mut s = Scheduler::new(&config(4, 8)).unwrap();
+    assert_eq!(
+        s.add(req(1, vec![7; 33], 1)),
+        Err(AdmitError::TooLong {
+            prompt_tokens: 33,
+            max_tokens: 1,
+            needed_blocks: 9,
+            block_size: 4,
+            pool_blocks: 8
+        })
+    );
+    // The prompt fits, but not with all the tokens it may generate.
+    assert!(matches!(
+        s.add(req(2, vec![7; 30], 10)),
+        Err(AdmitError::TooLong { .. })
+    ));
+    assert_eq!(s.add(req(3, vec![], 1)), Err(AdmitError::EmptyPrompt));
+    assert_eq!(s.add(req(4, vec![1], 0)), Err(AdmitError::ZeroMaxTokens));
+    // Exactly the pool: accepted and served.
+    s.add(req(5, vec![7; 30], 3)).unwrap();
+    let (outputs, _) = run(&mut s);
+    assert_complete(&outputs[&5], 3);
+}
+
+#[test]
+fn abort_frees_all_blocks_at_once() {
+    let mut s = Scheduler::new(&config(4, 64)).unwrap();
+    s.add(req(1, (0..30).collect(), 100)).unwrap();
+    s.add(req(2, (100..130).collect(), 100)).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..5 {
+        s.step(&mut out);
+    }
+    assert!(s.stats().blocks.active > 0);
+    assert!(s.abort(1));
+    assert!(s.abort(2));
+    assert!(!s.abort(2), "already gone");
+    let st = s.stats();
+    assert_eq!((st.blocks.active, st.running, st.waiting), (0, 0, 0));
+    assert!(s.is_idle());
+}
+
+#[test]
+fn stop_tokens_end_a_request_unless_eos_is_ignored() {
+    let cfg = MockerConfig {
+        eos_probability: 1.0,
+        ..config(4, 64)
+    };
+    let mut s = Scheduler::new(&cfg).unwrap();
+    s.add(req(1, vec![5; 6], 10)).unwrap();
+    s.add(NewSequence {
+        ignore_eos: true,
+        ..req(2, vec![5; 6], 10)
+    })
+    .unwrap();
+    let (outputs, _) = run(&mut s);
+    assert_eq!(outputs[&1].len(), 1);
+    assert_eq!(outputs[&1][0].token, 2);
+    assert_eq!(outputs[&1][0].finish, Some(FinishReason::Stop));
+    assert_complete(&outputs[&2], 10);
+}
+
+/// A busy mixed workload: event ids are consecutive and replaying them gives exactly the
+/// blocks the pool has cached; nothing leaks.
+#[test]
+fn events_replay_to_the_cached_set_under_load() {
+    let mut s = Scheduler::new(&MockerConfig {
+        max_batched_tokens: 64,
+        ..config(4, 40)
+    })
+    .unwrap();
+    let mut replica = BTreeSet::new();
+    let mut next_event = 0;
+    let mut events = Vec::new();
+    let mut out = Vec::new();
+    for id in 0..60u64 {
+        // Shared system prompts of three kinds, each with its own tail.
+        let mut prompt: Vec<u32> = (0..16).map(|i| 1_000 * (id % 3) as u32 + i).collect();
+        prompt.extend((0..(id % 7) as u32).map(|i| 50_000 + id as u32 * 10 + i));
+        s.add(req(id, prompt, 1 + (id % 11) as u32)).unwrap();
+        if id % 9 == 4 {
+            s.abort(id - 2);
+        }
+        for _ in 0..3 {
+            s.step(&mut out);
+        }
+        if id == 30 {
+            s.clear_cache();
+        }
+        s.drain_events(&mut events);
+        for e in events.drain(..) {
+            assert_eq!(e.event_id, next_event);
+            next_event += 1;
+            match e.data {
+                KvEventData::Stored { blocks, .. } => {
+                    for b in blocks {
+                        assert!(replica.insert(b.hash));
+                    }
+                }
+                KvEventData::Removed { blocks } => {
+                    for h in blocks {
+                        assert!(replica.remove(&h));
+                    }
+                }
+                KvEventData::Cleared => replica.clear(),
+            }
+        }
+        assert_eq!(
+            replica.iter().copied().collect::<Vec<_>>(),
+            s.blocks.cached_hashes()
+        );
+    }
+    run(&mut s);
+    let st = s.stats();
+    assert_eq!(st.blocks.active, 0);
+    assert_eq!(st.blocks.cached_inactive + st.blocks.free, 40);
+    assert!(next_event > 10);
+    assert!(st.prefix_hit_tokens > 0);
+}
