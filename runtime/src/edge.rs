@@ -10,7 +10,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::ServeError;
 
@@ -72,6 +72,33 @@ impl RequestContext {
     pub fn cancellation_token(&self) -> CancellationToken {
         self.cancel.clone()
     }
+
+    /// A context for a request that arrived from another process: same id and trace as
+    /// the caller's, with a cancellation token owned by the transport that received it.
+    pub fn with_token(
+        request_id: impl Into<String>,
+        traceparent: Option<String>,
+        cancel: CancellationToken,
+    ) -> Self {
+        RequestContext {
+            request_id: request_id.into(),
+            traceparent,
+            cancel,
+        }
+    }
+
+    /// A guard that cancels this request when dropped, unless disarmed first. Transports
+    /// keep one inside the response stream they hand out, so dropping the stream cancels
+    /// the request.
+    pub fn drop_guard(&self) -> DropGuard {
+        self.cancel.clone().drop_guard()
+    }
+}
+
+/// A response stream that yields one error and ends: what a client returns when it cannot
+/// even start a call (no instance, connection refused, unknown instance id).
+pub fn error_stream<T: Send + 'static>(error: ServeError) -> ResponseStream<T> {
+    Box::pin(futures::stream::once(std::future::ready(Err(error))))
 }
 
 /// A node's input port: handles one request and returns its response stream.

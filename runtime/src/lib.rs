@@ -1,8 +1,13 @@
 //! The dynamo runtime: the edge contract every node speaks, the transports that carry it,
 //! discovery, process supervision and telemetry. It knows nothing of LLMs.
 
+pub mod drain;
 pub mod edge;
 pub mod error;
+pub mod instances;
+pub mod supervisor;
+pub mod transport;
 
-pub use edge::{Message, RequestContext, ResponseStream, Service};
+pub use edge::{error_stream, Message, RequestContext, ResponseStream, Service};
 pub use error::{ErrorKind, ServeError};
+pub use instances::{Instance, InstanceId, InstanceSet};

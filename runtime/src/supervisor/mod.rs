@@ -1,0 +1,306 @@
+//! Runs the processes a plan asks for: captures their output, waits for readiness,
+//! restarts them with backoff per their policy, reports events, and shuts them all down
+//! (SIGTERM to each process group, SIGKILL after a grace period).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), dynamo_runtime::supervisor::StartError> {
+//! use std::{sync::Arc, time::Duration};
+//! use dynamo_runtime::supervisor::*;
+//! let (supervisor, mut events) = Supervisor::new(Arc::new(TracingSink));
+//! let spec = ProcessSpec::new("decode/1", "/usr/bin/dynamo")
+//!     .args(["node", "decode"])
+//!     .restart(RestartPolicy::on_failure(5))
+//!     .readiness(Readiness::stdout_line("DYNAMO_READY", Duration::from_secs(30)));
+//! supervisor.start(spec).await?; // Ok once ready; Err names the process, cause, stderr
+//! tokio::spawn(async move { while let Some(ev) = events.recv().await { println!("{ev:?}") } });
+//! let report = supervisor.shutdown(Duration::from_secs(10)).await;
+//! # let _ = report; Ok(()) }
+//! ```
+
+mod child;
+mod events;
+mod spec;
+
+pub use events::{
+    write_tail, EventKind, ExitInfo, FailureCause, LogSink, OutputStream, ProcessEvent,
+    ShutdownReport, StartError, TracingSink,
+};
+pub use spec::{ProcessSpec, Readiness, ReadinessCheck, RestartMode, RestartPolicy};
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use child::{lock, NotReady, Running};
+
+/// Supervises a set of named processes. Cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    sink: Arc<dyn LogSink>,
+    events: mpsc::UnboundedSender<ProcessEvent>,
+    shutdown: CancellationToken,
+    grace: Mutex<Duration>,
+    names: Mutex<BTreeSet<String>>,
+    monitors: Mutex<Vec<JoinHandle<()>>>,
+    report: Mutex<ShutdownReport>,
+}
+
+impl Shared {
+    fn emit(&self, process: &str, kind: EventKind) {
+        // Nobody listening is fine: events are a report, not a control channel.
+        let _ = self.events.send(ProcessEvent {
+            process: process.to_string(),
+            kind,
+        });
+    }
+}
+
+impl Supervisor {
+    /// A supervisor whose processes' output goes to `sink`; events arrive on the receiver.
+    pub fn new(sink: Arc<dyn LogSink>) -> (Self, mpsc::UnboundedReceiver<ProcessEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            sink,
+            events,
+            shutdown: CancellationToken::new(),
+            grace: Mutex::new(Duration::from_secs(10)),
+            names: Mutex::new(BTreeSet::new()),
+            monitors: Mutex::new(Vec::new()),
+            report: Mutex::new(ShutdownReport::default()),
+        });
+        (Supervisor { shared }, rx)
+    }
+
+    /// Starts supervising `spec` and resolves once it is first ready. Restarts before that
+    /// follow the policy; if it gives up first, the error names the process, the cause
+    /// and its last stderr lines. After `Ok` the process keeps being supervised.
+    pub async fn start(&self, spec: ProcessSpec) -> Result<(), StartError> {
+        let fail = |cause| StartError {
+            process: spec.name.clone(),
+            cause,
+            stderr_tail: Vec::new(),
+        };
+        if self.shared.shutdown.is_cancelled() {
+            return Err(fail(FailureCause::ShuttingDown));
+        }
+        if !lock(&self.shared.names).insert(spec.name.clone()) {
+            return Err(fail(FailureCause::DuplicateName));
+        }
+        let name = spec.name.clone();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let handle = tokio::spawn(monitor(spec, self.shared.clone(), ready_tx));
+        lock(&self.shared.monitors).push(handle);
+        match ready_rx.await {
+            Ok(result) => result,
+            Err(_) => Err(StartError {
+                process: name,
+                cause: FailureCause::ShuttingDown,
+                stderr_tail: Vec::new(),
+            }),
+        }
+    }
+
+    /// Names of the processes under supervision (running, starting or backing off).
+    pub fn processes(&self) -> Vec<String> {
+        lock(&self.shared.names).iter().cloned().collect()
+    }
+
+    /// Stops restarting, sends SIGTERM to every process group, waits up to `grace`, then
+    /// sends SIGKILL to what is left.
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        *lock(&self.shared.grace) = grace;
+        self.shared.shutdown.cancel();
+        let monitors: Vec<_> = lock(&self.shared.monitors).drain(..).collect();
+        for m in monitors {
+            // Bounded: a monitor only waits for SIGKILL to take effect after the grace.
+            if tokio::time::timeout(grace + Duration::from_secs(5), m)
+                .await
+                .is_err()
+            {
+                tracing::error!("a supervised process did not die after SIGKILL");
+            }
+        }
+        let mut report = std::mem::take(&mut *lock(&self.shared.report));
+        report.stopped.sort();
+        report.killed.sort();
+        report
+    }
+}
+
+type ReadySender = oneshot::Sender<Result<(), StartError>>;
+
+/// How one run of a process ended.
+enum RunEnd {
+    /// Shutdown stopped it; the monitor ends.
+    Stopped,
+    Failed {
+        cause: FailureCause,
+        succeeded: bool,
+        stderr_tail: Vec<String>,
+    },
+}
+
+async fn monitor(spec: ProcessSpec, shared: Arc<Shared>, ready: ReadySender) {
+    let mut ready = Some(ready);
+    let mut restarts: VecDeque<Instant> = VecDeque::new();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        shared.emit(&spec.name, EventKind::Starting { attempt });
+        let (cause, succeeded, stderr_tail) =
+            match run_once(&spec, attempt, &shared, &mut ready).await {
+                RunEnd::Stopped => break,
+                RunEnd::Failed {
+                    cause,
+                    succeeded,
+                    stderr_tail,
+                } => (cause, succeeded, stderr_tail),
+            };
+        if shared.shutdown.is_cancelled() {
+            break;
+        }
+        let policy = &spec.restart;
+        let now = Instant::now();
+        while restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > policy.reset_window)
+        {
+            restarts.pop_front();
+        }
+        if !policy.wants_restart(succeeded) || restarts.len() >= policy.max_restarts as usize {
+            let cause = if policy.wants_restart(succeeded) {
+                FailureCause::GaveUp {
+                    restarts: restarts.len() as u32,
+                    last: Box::new(cause),
+                }
+            } else {
+                cause
+            };
+            if !succeeded || policy.wants_restart(succeeded) {
+                let reason = format!("{cause}");
+                shared.emit(
+                    &spec.name,
+                    EventKind::GaveUp {
+                        reason,
+                        stderr_tail: stderr_tail.clone(),
+                    },
+                );
+            }
+            if let Some(tx) = ready.take() {
+                let _ = tx.send(Err(StartError {
+                    process: spec.name.clone(),
+                    cause,
+                    stderr_tail,
+                }));
+            }
+            break;
+        }
+        let delay = policy.delay(restarts.len() as u32, fastrand::f64());
+        restarts.push_back(now);
+        shared.emit(
+            &spec.name,
+            EventKind::Restarting {
+                attempt: attempt + 1,
+                delay,
+            },
+        );
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    lock(&shared.names).remove(&spec.name);
+}
+
+async fn run_once(
+    spec: &ProcessSpec,
+    attempt: u32,
+    shared: &Shared,
+    ready: &mut Option<ReadySender>,
+) -> RunEnd {
+    let mut running = match Running::spawn(spec, shared.sink.clone()) {
+        Ok(r) => r,
+        Err(cause) => {
+            return RunEnd::Failed {
+                cause,
+                succeeded: false,
+                stderr_tail: Vec::new(),
+            }
+        }
+    };
+    let readiness = tokio::select! {
+        _ = shared.shutdown.cancelled() => return stop(spec, &mut running, shared).await,
+        r = running.wait_ready(spec) => r,
+    };
+    let not_ready = match readiness {
+        Ok(()) => None,
+        Err(NotReady::Exited(status)) => Some((FailureCause::ExitedBeforeReady(status), status)),
+        Err(NotReady::Timeout) => {
+            let status = running.kill().await;
+            let check = format!("{:?}", spec.readiness.check);
+            Some((
+                FailureCause::NotReady(spec.readiness.timeout, check),
+                status,
+            ))
+        }
+    };
+    if let Some((cause, status)) = not_ready {
+        let stderr_tail = running.stderr_tail();
+        shared.emit(
+            &spec.name,
+            EventKind::Exited {
+                status,
+                stderr_tail: stderr_tail.clone(),
+            },
+        );
+        // Exiting cleanly before readiness is still a failure to start.
+        return RunEnd::Failed {
+            cause,
+            succeeded: false,
+            stderr_tail,
+        };
+    }
+    shared.emit(&spec.name, EventKind::Ready { attempt });
+    if let Some(tx) = ready.take() {
+        let _ = tx.send(Ok(()));
+    }
+    let status = tokio::select! {
+        _ = shared.shutdown.cancelled() => return stop(spec, &mut running, shared).await,
+        s = running.wait() => s,
+    };
+    let stderr_tail = running.stderr_tail();
+    shared.emit(
+        &spec.name,
+        EventKind::Exited {
+            status,
+            stderr_tail: stderr_tail.clone(),
+        },
+    );
+    RunEnd::Failed {
+        cause: FailureCause::Exited(status),
+        succeeded: status.success(),
+        stderr_tail,
+    }
+}
+
+async fn stop(spec: &ProcessSpec, running: &mut Running, shared: &Shared) -> RunEnd {
+    let grace = *lock(&shared.grace);
+    let (status, killed) = running.terminate(grace).await;
+    shared.emit(&spec.name, EventKind::Stopped { status, killed });
+    let mut report = lock(&shared.report);
+    if killed {
+        report.killed.push(spec.name.clone());
+    } else {
+        report.stopped.push(spec.name.clone());
+    }
+    RunEnd::Stopped
+}

@@ -1,0 +1,354 @@
+//! The serving side of the local socket transport: one Unix socket, any number of named
+//! endpoints, any number of concurrent request streams per connection.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::frame::{self, FrameError, Header, StreamId};
+use super::writer::write_frames;
+use crate::drain::{Drain, InFlight};
+use crate::edge::{Message, RequestContext, ResponseStream, Service};
+use crate::error::{ErrorKind, ServeError};
+
+/// Frames queued for one connection's writer before response streams wait (backpressure).
+const WRITE_QUEUE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot bind socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("socket {path} is already served by a live process")]
+    InUse { path: PathBuf },
+    #[error("endpoint `{0}` is registered twice")]
+    DuplicateEndpoint(String),
+}
+
+/// Serves registered endpoints on a Unix socket until a shutdown token fires.
+///
+/// ```no_run
+/// # async fn run(svc: std::sync::Arc<dyn dynamo_runtime::Service<String, String>>) -> Result<(), Box<dyn std::error::Error>> {
+/// use dynamo_runtime::transport::SocketServer;
+/// let mut server = SocketServer::bind("/tmp/decode-1.sock")?;
+/// server.register::<String, String>("generate", svc)?;
+/// let shutdown = tokio_util::sync::CancellationToken::new();
+/// server.serve(shutdown).await;
+/// # Ok(()) }
+/// ```
+pub struct SocketServer {
+    listener: UnixListener,
+    path: PathBuf,
+    endpoints: HashMap<String, Arc<dyn Endpoint>>,
+    drain: Drain,
+    drain_timeout: Duration,
+}
+
+impl SocketServer {
+    /// Binds `path`, replacing a stale socket file left by a dead process (but never one
+    /// a live process still accepts on). Must be called inside a tokio runtime.
+    pub fn bind(path: impl AsRef<Path>) -> Result<Self, ServerError> {
+        let path = path.as_ref().to_path_buf();
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(ServerError::InUse { path });
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        let listener = UnixListener::bind(&path).map_err(|source| ServerError::Bind {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(SocketServer {
+            listener,
+            path,
+            endpoints: HashMap::new(),
+            drain: Drain::new(),
+            drain_timeout: Duration::from_secs(10),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How long `serve` waits for in-flight requests after shutdown before cancelling them.
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Requests in flight on this server right now.
+    pub fn drain(&self) -> Drain {
+        self.drain.clone()
+    }
+
+    pub fn register<Req: Message, Resp: Message>(
+        &mut self,
+        endpoint: &str,
+        service: Arc<dyn Service<Req, Resp>>,
+    ) -> Result<(), ServerError> {
+        if self.endpoints.contains_key(endpoint) {
+            return Err(ServerError::DuplicateEndpoint(endpoint.to_string()));
+        }
+        self.endpoints
+            .insert(endpoint.to_string(), Arc::new(Typed { service }));
+        Ok(())
+    }
+
+    /// Accepts connections until `shutdown` fires, then refuses new requests, waits up to
+    /// the drain timeout for in-flight ones, cancels what is left and removes the socket.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let shared = Arc::new(Shared {
+            endpoints: self.endpoints,
+            drain: self.drain.clone(),
+            hard_stop: CancellationToken::new(),
+        });
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = self.listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(stream, shared.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drop(self.listener);
+        let _ = std::fs::remove_file(&self.path);
+        self.drain.start_draining();
+        if !self.drain.wait_idle(self.drain_timeout).await {
+            tracing::warn!(
+                in_flight = self.drain.in_flight(),
+                "drain timeout elapsed; cancelling remaining requests"
+            );
+        }
+        shared.hard_stop.cancel();
+    }
+}
+
+struct Shared {
+    endpoints: HashMap<String, Arc<dyn Endpoint>>,
+    drain: Drain,
+    hard_stop: CancellationToken,
+}
+
+/// One connection: cancelling `token` cancels every request on it.
+struct Conn {
+    out: mpsc::Sender<Bytes>,
+    token: CancellationToken,
+    streams: Mutex<HashMap<StreamId, CancellationToken>>,
+}
+
+async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
+    let (rd, wr) = stream.into_split();
+    let (out, queue) = mpsc::channel(WRITE_QUEUE);
+    let conn = Arc::new(Conn {
+        out,
+        token: shared.hard_stop.child_token(),
+        streams: Mutex::new(HashMap::new()),
+    });
+    tokio::spawn(write_frames(wr, queue, conn.token.clone()));
+    let mut frames = FramedRead::new(rd, frame::codec());
+    loop {
+        let next = tokio::select! {
+            _ = conn.token.cancelled() => break,
+            f = frames.next() => f,
+        };
+        let result = match next {
+            None => break,
+            Some(Err(e)) => Err(format!("cannot read frame: {e}")),
+            Some(Ok(bytes)) => handle_frame(&bytes, &conn, &shared).await,
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "closing socket connection");
+            break;
+        }
+    }
+    conn.token.cancel();
+}
+
+/// Handles one frame; `Err` means the connection is broken and must be closed.
+async fn handle_frame(bytes: &[u8], conn: &Arc<Conn>, shared: &Shared) -> Result<(), String> {
+    let (header, payload) = frame::decode(bytes).map_err(|e| e.to_string())?;
+    match header {
+        Header::Request {
+            stream_id,
+            endpoint,
+            request_id,
+            traceparent,
+        } => {
+            let Some(handler) = shared.endpoints.get(endpoint) else {
+                let mut known: Vec<&str> = shared.endpoints.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                let msg = format!(
+                    "unknown endpoint `{endpoint}`; this server has: {}",
+                    known.join(", ")
+                );
+                return send_error(conn, stream_id, ServeError::new(ErrorKind::NotFound, msg))
+                    .await;
+            };
+            let Some(in_flight) = shared.drain.try_enter() else {
+                let e = ServeError::unavailable("server is shutting down");
+                return send_error(conn, stream_id, e).await;
+            };
+            let token = conn.token.child_token();
+            let ctx = RequestContext::with_token(
+                request_id,
+                traceparent.map(str::to_string),
+                token.clone(),
+            );
+            let span =
+                tracing::info_span!("serve", endpoint, request_id = %ctx.request_id, stream_id);
+            match handler.open(stream_id, payload, ctx, conn.out.clone()) {
+                Ok(pump) => {
+                    let replaced = lock(&conn.streams).insert(stream_id, token);
+                    if let Some(old) = replaced {
+                        old.cancel();
+                    }
+                    tokio::spawn(finish(pump, conn.clone(), stream_id, in_flight).instrument(span));
+                    Ok(())
+                }
+                Err(e) => {
+                    let msg = format!("cannot decode request for `{endpoint}`: {e}");
+                    send_error(conn, stream_id, ServeError::invalid(msg)).await
+                }
+            }
+        }
+        Header::Cancel { stream_id } => {
+            if let Some(token) = lock(&conn.streams).remove(&stream_id) {
+                token.cancel();
+            }
+            Ok(())
+        }
+        other => Err(format!("unexpected {other:?} frame from a client")),
+    }
+}
+
+async fn finish(pump: BoxFuture<'static, ()>, conn: Arc<Conn>, id: StreamId, in_flight: InFlight) {
+    pump.await;
+    lock(&conn.streams).remove(&id);
+    drop(in_flight);
+}
+
+async fn send_error(conn: &Conn, stream_id: StreamId, error: ServeError) -> Result<(), String> {
+    let mut buf = BytesMut::new();
+    let frame = frame::encode(&mut buf, &Header::Error { stream_id, error }, None::<&()>)
+        .map_err(|e| e.to_string())?;
+    // A closed writer means the connection is going away; the read loop will notice.
+    let _ = conn.out.send(frame).await;
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// An endpoint with its types erased, so one server holds endpoints of any types.
+trait Endpoint: Send + Sync {
+    /// Decodes the request, calls the service and returns the task that streams its
+    /// responses into `out`.
+    fn open(
+        &self,
+        stream_id: StreamId,
+        payload: &[u8],
+        ctx: RequestContext,
+        out: mpsc::Sender<Bytes>,
+    ) -> Result<BoxFuture<'static, ()>, FrameError>;
+}
+
+struct Typed<Req, Resp> {
+    service: Arc<dyn Service<Req, Resp>>,
+}
+
+impl<Req: Message, Resp: Message> Endpoint for Typed<Req, Resp> {
+    fn open(
+        &self,
+        stream_id: StreamId,
+        payload: &[u8],
+        ctx: RequestContext,
+        out: mpsc::Sender<Bytes>,
+    ) -> Result<BoxFuture<'static, ()>, FrameError> {
+        let req: Req = frame::decode_payload(payload)?;
+        let token = ctx.cancellation_token();
+        let stream = self.service.call(req, ctx);
+        Ok(Box::pin(pump(stream_id, stream, token, out)))
+    }
+}
+
+/// Moves one response stream onto the connection until it ends or is cancelled.
+async fn pump<Resp: Serialize>(
+    stream_id: StreamId,
+    mut stream: ResponseStream<Resp>,
+    cancel: CancellationToken,
+    out: mpsc::Sender<Bytes>,
+) {
+    let mut buf = BytesMut::with_capacity(256);
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            next = stream.next() => next,
+        };
+        let (frame, last) = match next {
+            Some(Ok(item)) => {
+                match frame::encode(&mut buf, &Header::Response { stream_id }, Some(&item)) {
+                    Ok(f) => (Some(f), false),
+                    Err(e) => {
+                        let error = ServeError::internal(format!("cannot encode response: {e}"));
+                        (
+                            encode_end(&mut buf, Header::Error { stream_id, error }),
+                            true,
+                        )
+                    }
+                }
+            }
+            Some(Err(error)) => (
+                encode_end(&mut buf, Header::Error { stream_id, error }),
+                true,
+            ),
+            None => (encode_end(&mut buf, Header::End { stream_id }), true),
+        };
+        let Some(frame) = frame else { return };
+        let sent = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            r = out.send(frame) => r.is_ok(),
+        };
+        if last || !sent {
+            return;
+        }
+    }
+}
+
+/// Encodes a frame that carries no payload. Only an error message too large for a frame
+/// can fail; a short internal error goes instead, and if even that fails the stream stops.
+fn encode_end(buf: &mut BytesMut, header: Header<'_>) -> Option<Bytes> {
+    let stream_id = header.stream_id();
+    match frame::encode(buf, &header, None::<&()>) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot encode end-of-stream frame");
+            let error = ServeError::internal("error message too large to send");
+            frame::encode(buf, &Header::Error { stream_id, error }, None::<&()>).ok()
+        }
+    }
+}
