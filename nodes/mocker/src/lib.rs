@@ -1,16 +1,25 @@
 //! dynamo-mocker: a GPU-free engine that schedules, caches and times requests like a vLLM
 //! worker, publishes real KV events and emits real token ids, for load tests and for
 //! measuring the CPU cost of the rest of the pipeline (instant mode).
+//!
+//! The cores are pure and synchronous ([`BlockManager`], [`Scheduler`], [`timing`]); the
+//! [`MockerEngine`] is the thin async shell that serves `llm.tokens/v1` and publishes
+//! `kv.events/v1`.
 
 pub mod block_manager;
 pub mod config;
+pub mod engine;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
+pub mod stats;
+mod stream;
 pub mod timing;
 
 pub use block_manager::{BlockCounts, BlockId, BlockManager, OutOfBlocks, PrefixMatch};
 pub use config::{ConfigError, MockerConfig};
-pub use scheduler::{AdmitError, Scheduler, SchedulerStats, SeqOutput};
+pub use engine::{EngineError, MockerEngine};
+pub use scheduler::{AdmitError, RequestLimits, Scheduler, SchedulerStats, SeqOutput};
 pub use sequence::{NewSequence, SeqId};
+pub use stats::MockerStats;
 pub use timing::{decode_ms, prefill_ms, step_duration, StepWork};

@@ -55,8 +55,50 @@ pub struct SchedulerStats {
     pub prompt_tokens: u64,
 }
 
+/// The checks a request must pass before it is queued; cheap, so the engine runs them on
+/// the caller's side of the channel too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    pub block_size: usize,
+    pub pool_blocks: usize,
+}
+
+impl RequestLimits {
+    pub fn new(config: &MockerConfig) -> Self {
+        RequestLimits {
+            block_size: config.block_size.max(1),
+            pool_blocks: config.num_blocks,
+        }
+    }
+
+    /// Refuses an empty prompt, `max_tokens == 0`, and a request whose KV could never fit
+    /// in the pool (it would otherwise be preempted forever).
+    pub fn check(&self, prompt_len: usize, max_tokens: u32) -> Result<(), AdmitError> {
+        if prompt_len == 0 {
+            return Err(AdmitError::EmptyPrompt);
+        }
+        if max_tokens == 0 {
+            return Err(AdmitError::ZeroMaxTokens);
+        }
+        // The most KV it will hold: every token but the last generated one.
+        let tokens = prompt_len as u64 + max_tokens as u64 - 1;
+        let needed_blocks = tokens.div_ceil(self.block_size as u64);
+        if needed_blocks > self.pool_blocks as u64 {
+            return Err(AdmitError::TooLong {
+                prompt_tokens: prompt_len,
+                max_tokens,
+                needed_blocks,
+                block_size: self.block_size,
+                pool_blocks: self.pool_blocks,
+            });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 pub struct Scheduler {
+    limits: RequestLimits,
     block_size: usize,
     hash_seed: u64,
     caching: bool,
@@ -77,6 +119,7 @@ impl Scheduler {
     pub fn new(config: &MockerConfig) -> Result<Self, Vec<ConfigError>> {
         config.validate()?;
         Ok(Scheduler {
+            limits: RequestLimits::new(config),
             block_size: config.block_size,
             hash_seed: config.hash_seed,
             caching: config.enable_prefix_caching,
@@ -101,34 +144,15 @@ impl Scheduler {
         })
     }
 
-    /// Checks a request against what this engine can ever serve.
-    pub fn check(&self, prompt_len: usize, max_tokens: u32) -> Result<(), AdmitError> {
-        if prompt_len == 0 {
-            return Err(AdmitError::EmptyPrompt);
-        }
-        if max_tokens == 0 {
-            return Err(AdmitError::ZeroMaxTokens);
-        }
-        // The most KV it will hold: every token but the last generated one.
-        let tokens = prompt_len as u64 + max_tokens as u64 - 1;
-        let needed_blocks = tokens.div_ceil(self.block_size as u64);
-        let pool_blocks = self.blocks.counts().total;
-        if needed_blocks > pool_blocks as u64 {
-            return Err(AdmitError::TooLong {
-                prompt_tokens: prompt_len,
-                max_tokens,
-                needed_blocks,
-                block_size: self.block_size,
-                pool_blocks,
-            });
-        }
-        Ok(())
+    /// What this engine can ever serve.
+    pub fn limits(&self) -> RequestLimits {
+        self.limits
     }
 
     /// Queues a request at the back of the waiting queue. Ids are the caller's to keep
     /// unique (the engine numbers its requests).
     pub fn add(&mut self, req: NewSequence) -> Result<(), AdmitError> {
-        self.check(req.prompt.len(), req.max_tokens)?;
+        self.limits.check(req.prompt.len(), req.max_tokens)?;
         self.waiting.push_back(Sequence::new(req));
         Ok(())
     }

@@ -1,0 +1,317 @@
+//! The async shell: one tokio task owns the scheduler and runs its steps, sleeping as long
+//! as the timing model says (never in instant mode). Requests and aborts reach it over one
+//! channel, tokens leave on one channel per request, KV events on a broadcast, counters
+//! through atomics. Nothing on the hot path takes a lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dynamo_protocol::{KvEvent, TokenDelta, TokenRequest};
+use dynamo_runtime::{RequestContext, ResponseStream, ServeError, Service};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, MockerConfig};
+use crate::scheduler::{RequestLimits, Scheduler, SeqOutput};
+use crate::sequence::{NewSequence, SeqId};
+use crate::stats::{MockerStats, StatsCell};
+use crate::stream::{Control, DeltaResult, DeltaStream};
+use crate::timing::step_duration;
+
+/// Why the engine could not start.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid mocker settings: {}", join(.0))]
+    Config(Vec<ConfigError>),
+    #[error("the mocker engine must be started inside a tokio runtime")]
+    NoRuntime,
+}
+
+fn join(errors: &[ConfigError]) -> String {
+    let parts: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    parts.join("; ")
+}
+
+/// A running mocker worker. Dropping it stops the step loop.
+pub struct MockerEngine {
+    config: MockerConfig,
+    limits: RequestLimits,
+    control: mpsc::UnboundedSender<Control>,
+    events: broadcast::Sender<KvEvent>,
+    stats: Arc<StatsCell>,
+    next_id: AtomicU64,
+    stop: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl MockerEngine {
+    /// Validates `config` and spawns the step loop on the current tokio runtime.
+    pub fn start(config: MockerConfig) -> Result<MockerEngine, EngineError> {
+        let scheduler = Scheduler::new(&config).map_err(EngineError::Config)?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| EngineError::NoRuntime)?;
+        let (control, rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(config.event_buffer);
+        let stats = Arc::new(StatsCell::default());
+        stats.store(&scheduler.stats(), 0, 0);
+        let stop = CancellationToken::new();
+        let step_loop = StepLoop {
+            core: scheduler,
+            rx,
+            events: events.clone(),
+            stats: stats.clone(),
+            stop: stop.clone(),
+            speedup: config.speedup,
+            streams: HashMap::new(),
+            outputs: Vec::new(),
+            kv_events: Vec::new(),
+            steps: 0,
+            published: 0,
+        };
+        let task = runtime.spawn(step_loop.run());
+        Ok(MockerEngine {
+            limits: RequestLimits::new(&config),
+            config,
+            control,
+            events,
+            stats,
+            next_id: AtomicU64::new(0),
+            stop,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    pub fn config(&self) -> &MockerConfig {
+        &self.config
+    }
+
+    /// KV events from now on. A receiver that falls more than `event_buffer` events
+    /// behind gets `Lagged` and must resynchronise (the `event_id`s show the gap).
+    pub fn subscribe_events(&self) -> broadcast::Receiver<KvEvent> {
+        self.events.subscribe()
+    }
+
+    /// The latest counters, without waiting for the step loop.
+    pub fn stats(&self) -> MockerStats {
+        self.stats.load()
+    }
+
+    /// Drops the prefix cache; publishes `Cleared`.
+    pub fn clear_cache(&self) {
+        let _ = self.control.send(Control::ClearCache);
+    }
+
+    /// Stops the step loop and waits for it; open streams end with `Unavailable`.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        let task = match self.task.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(task) = task {
+            if let Err(err) = task.await {
+                tracing::error!(%err, "mocker step loop failed");
+            }
+        }
+    }
+
+    fn refuse(&self, error: ServeError) -> ResponseStream<TokenDelta> {
+        Box::pin(futures::stream::once(std::future::ready(Err(error))))
+    }
+}
+
+impl Drop for MockerEngine {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Service<TokenRequest, TokenDelta> for MockerEngine {
+    fn call(&self, req: TokenRequest, ctx: RequestContext) -> ResponseStream<TokenDelta> {
+        if let Err(err) = self.limits.check(req.token_ids.len(), req.stop.max_tokens) {
+            return self.refuse(ServeError::invalid(err.to_string()));
+        }
+        if ctx.is_cancelled() {
+            return self.refuse(ServeError::cancelled());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let seed = req
+            .sampling
+            .seed
+            .unwrap_or_else(|| self.config.seed.wrapping_add(id));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let seq = NewSequence {
+            id,
+            prompt: req.token_ids,
+            max_tokens: req.stop.max_tokens,
+            stop_token_ids: req.stop.stop_token_ids,
+            ignore_eos: req.stop.ignore_eos,
+            seed,
+        };
+        tracing::debug!(request_id = %ctx.request_id, seq = id, "mocker: request queued");
+        if self.control.send(Control::Submit { seq, tx }).is_err() {
+            return self.refuse(ServeError::unavailable("the mocker engine is shut down"));
+        }
+        Box::pin(DeltaStream {
+            id,
+            rx,
+            cancelled: Box::pin(ctx.cancellation_token().cancelled_owned()),
+            control: self.control.clone(),
+            done: false,
+        })
+    }
+}
+
+/// The task that owns the scheduler.
+struct StepLoop {
+    core: Scheduler,
+    rx: mpsc::UnboundedReceiver<Control>,
+    events: broadcast::Sender<KvEvent>,
+    stats: Arc<StatsCell>,
+    stop: CancellationToken,
+    speedup: f64,
+    streams: HashMap<SeqId, mpsc::UnboundedSender<DeltaResult>>,
+    outputs: Vec<SeqOutput>,
+    kv_events: Vec<KvEvent>,
+    steps: u64,
+    published: u64,
+}
+
+impl StepLoop {
+    async fn run(mut self) {
+        let instant = self.speedup == f64::INFINITY;
+        while !self.stop.is_cancelled() {
+            if !self.take_pending() {
+                break;
+            }
+            if self.core.is_idle() {
+                self.publish();
+                tokio::select! {
+                    biased;
+                    _ = self.stop.cancelled() => break,
+                    msg = self.rx.recv() => match msg {
+                        Some(msg) => self.handle(msg),
+                        None => break,
+                    },
+                }
+                continue;
+            }
+
+            let started = Instant::now();
+            self.outputs.clear();
+            let work = self.core.step(&mut self.outputs);
+            self.steps += 1;
+            self.publish();
+
+            if instant {
+                self.send_outputs();
+                // Let the consumers (and the rest of the pipeline) run between steps.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let mut duration = step_duration(&work, self.speedup);
+            if self.outputs.is_empty() && work.prefill_tokens == 0 && work.decode_seqs == 0 {
+                // Nothing could be scheduled: do not spin.
+                duration = Duration::from_millis(1);
+            }
+            if !self.sleep_until(started + duration).await {
+                break;
+            }
+            self.send_outputs();
+        }
+        self.close_streams();
+    }
+
+    /// Handles what has arrived without waiting; false when every sender is gone.
+    fn take_pending(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(msg) => self.handle(msg),
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Sleeps while the step "runs", still taking requests and aborts; false on stop.
+    async fn sleep_until(&mut self, deadline: Instant) -> bool {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return false,
+                _ = tokio::time::sleep_until(deadline) => return true,
+                msg = self.rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Control) {
+        match msg {
+            Control::Submit { seq, tx } => {
+                let id = seq.id;
+                match self.core.add(seq) {
+                    Ok(()) => {
+                        self.streams.insert(id, tx);
+                    }
+                    Err(err) => {
+                        let _ = tx.send(Err(ServeError::invalid(err.to_string())));
+                    }
+                }
+            }
+            Control::Abort(id) => {
+                if self.streams.remove(&id).is_some() {
+                    self.core.abort(id);
+                    tracing::debug!(seq = id, "mocker: request aborted, blocks released");
+                }
+            }
+            Control::ClearCache => self.core.clear_cache(),
+        }
+    }
+
+    /// One delta per sequence that produced a token this step.
+    fn send_outputs(&mut self) {
+        for out in self.outputs.drain(..) {
+            let Some(tx) = self.streams.get(&out.id) else {
+                continue; // aborted while the step ran
+            };
+            let delta = TokenDelta {
+                token_ids: vec![out.token],
+                finish_reason: out.finish,
+                cached_tokens: out.cached_tokens,
+            };
+            let gone = tx.send(Ok(delta)).is_err();
+            if gone && out.finish.is_none() {
+                // The caller went away without a word: free its blocks now.
+                self.core.abort(out.id);
+            }
+            if gone || out.finish.is_some() {
+                self.streams.remove(&out.id);
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.core.drain_events(&mut self.kv_events);
+        for event in self.kv_events.drain(..) {
+            self.published += 1;
+            // No subscriber is fine: nobody routes on this worker's cache.
+            let _ = self.events.send(event);
+        }
+        self.stats
+            .store(&self.core.stats(), self.steps, self.published);
+    }
+
+    fn close_streams(&mut self) {
+        for (id, tx) in self.streams.drain() {
+            self.core.abort(id);
+            let _ = tx.send(Err(ServeError::unavailable("the mocker engine shut down")));
+        }
+        self.publish();
+    }
+}

@@ -1,0 +1,87 @@
+//! The response stream of one request: deltas from the step loop, ended early by the
+//! request's cancellation, and an abort sent to the loop when it is cancelled or dropped.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use dynamo_protocol::{FinishReason, TokenDelta};
+use dynamo_runtime::ServeError;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::sequence::SeqId;
+
+pub(crate) type DeltaResult = Result<TokenDelta, ServeError>;
+
+/// A message to the step loop.
+#[derive(Debug)]
+pub(crate) enum Control {
+    Submit {
+        seq: crate::sequence::NewSequence,
+        tx: mpsc::UnboundedSender<DeltaResult>,
+    },
+    Abort(SeqId),
+    ClearCache,
+}
+
+pub(crate) struct DeltaStream {
+    pub id: SeqId,
+    pub rx: mpsc::UnboundedReceiver<DeltaResult>,
+    pub cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    pub control: mpsc::UnboundedSender<Control>,
+    /// The last item was handed out; nothing is left to abort.
+    pub done: bool,
+}
+
+impl DeltaStream {
+    fn abort(&mut self) {
+        self.done = true;
+        // The loop may be gone already (shutdown): then there is nothing to free.
+        let _ = self.control.send(Control::Abort(self.id));
+        self.rx.close();
+    }
+}
+
+impl Stream for DeltaStream {
+    type Item = DeltaResult;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<DeltaResult>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.cancelled.as_mut().poll(cx).is_ready() {
+            this.abort();
+            return Poll::Ready(Some(Ok(TokenDelta {
+                token_ids: Vec::new(),
+                finish_reason: Some(FinishReason::Cancelled),
+                cached_tokens: None,
+            })));
+        }
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => {
+                if !matches!(&item, Ok(delta) if delta.finish_reason.is_none()) {
+                    this.done = true;
+                }
+                Poll::Ready(Some(item))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(Some(Err(ServeError::unavailable(
+                    "the mocker engine stopped before the request finished",
+                ))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for DeltaStream {
+    fn drop(&mut self) {
+        if !self.done {
+            self.abort();
+        }
+    }
+}
