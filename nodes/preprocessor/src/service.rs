@@ -1,0 +1,191 @@
+//! The async shell: the node's `llm.chat/v1` input port. It preprocesses a request,
+//! calls the `llm.tokens/v1` downstream with a child context, and turns the token stream
+//! into text deltas.
+
+use std::sync::Arc;
+
+use dynamo_protocol::{ChatRequest, FinishReason, TextDelta, TokenDelta, TokenRequest, Usage};
+use dynamo_runtime::{RequestContext, ResponseStream, ServeError, Service};
+use futures::StreamExt;
+
+use crate::detokenizer::Detokenizer;
+use crate::preprocess::Preprocessor;
+use crate::stop::StopMatcher;
+
+/// Prompt ids the detokenizer starts with, so the first generated token decodes in
+/// context (enough for SentencePiece's leading space; byte-level BPE needs none).
+const DETOKENIZER_CONTEXT: usize = 4;
+
+/// `llm.chat/v1` → `llm.tokens/v1` → `llm.chat/v1` stream.
+pub struct PreprocessorService {
+    preprocessor: Arc<Preprocessor>,
+    downstream: Arc<dyn Service<TokenRequest, TokenDelta>>,
+}
+
+impl PreprocessorService {
+    pub fn new(
+        preprocessor: Arc<Preprocessor>,
+        downstream: Arc<dyn Service<TokenRequest, TokenDelta>>,
+    ) -> Self {
+        PreprocessorService {
+            preprocessor,
+            downstream,
+        }
+    }
+}
+
+impl Service<ChatRequest, TextDelta> for PreprocessorService {
+    fn call(&self, req: ChatRequest, ctx: RequestContext) -> ResponseStream<TextDelta> {
+        let span = tracing::debug_span!("preprocessor", request_id = %ctx.request_id);
+        let _enter = span.enter();
+        let token_request = match self.preprocessor.preprocess(&req) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(error = %e, "request rejected");
+                return Box::pin(futures::stream::once(async move { Err(e) }));
+            }
+        };
+        let prompt = &token_request.token_ids;
+        let context = &prompt[prompt.len().saturating_sub(DETOKENIZER_CONTEXT)..];
+        let detokenizer = Detokenizer::with_context(context);
+        let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+        tracing::debug!(
+            prompt_tokens,
+            max_tokens = token_request.stop.max_tokens,
+            "forwarding"
+        );
+        let upstream = self.downstream.call(token_request, ctx.child());
+        let state = TextStream {
+            preprocessor: self.preprocessor.clone(),
+            detokenizer,
+            stop: StopMatcher::new(&req.stop),
+            prompt_tokens,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            unreported_tokens: 0,
+            ctx,
+            upstream: Some(upstream),
+        };
+        Box::pin(futures::stream::unfold(state, |mut s| async move {
+            s.next().await.map(|item| (item, s))
+        }))
+    }
+}
+
+/// The per-request state of the response stream.
+struct TextStream {
+    preprocessor: Arc<Preprocessor>,
+    detokenizer: Detokenizer,
+    stop: StopMatcher,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    cached_tokens: u32,
+    /// Tokens received since the last delta that was sent.
+    unreported_tokens: u32,
+    ctx: RequestContext,
+    /// `None` once the stream is over; dropping it cancels the downstream call.
+    upstream: Option<ResponseStream<TokenDelta>>,
+}
+
+impl TextStream {
+    /// The next delta to send, or `None` after the last one.
+    async fn next(&mut self) -> Option<Result<TextDelta, ServeError>> {
+        loop {
+            let upstream = self.upstream.as_mut()?;
+            let item = tokio::select! {
+                biased;
+                _ = self.ctx.cancelled() => {
+                    return Some(Ok(self.finish(String::new(), FinishReason::Cancelled)));
+                }
+                item = upstream.next() => item,
+            };
+            let delta = match item {
+                Some(Ok(delta)) => delta,
+                Some(Err(e)) => {
+                    self.upstream = None;
+                    return Some(Err(e));
+                }
+                None => {
+                    self.upstream = None;
+                    return Some(Err(ServeError::unavailable(
+                        "the engine's stream ended without a finish reason",
+                    )));
+                }
+            };
+            match self.on_delta(delta) {
+                Ok(Some(out)) => return Some(Ok(out)),
+                Ok(None) => continue,
+                Err(e) => {
+                    self.upstream = None;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+
+    /// Consumes one engine step; returns a delta when there is something to send.
+    fn on_delta(&mut self, delta: TokenDelta) -> Result<Option<TextDelta>, ServeError> {
+        if let Some(cached) = delta.cached_tokens {
+            self.cached_tokens = cached;
+        }
+        let n = u32::try_from(delta.token_ids.len()).unwrap_or(u32::MAX);
+        self.completion_tokens = self.completion_tokens.saturating_add(n);
+        self.unreported_tokens = self.unreported_tokens.saturating_add(n);
+        let tokenizer = self.preprocessor.tokenizer();
+        let text = self
+            .detokenizer
+            .push(tokenizer, &delta.token_ids)
+            .map_err(|e| ServeError::internal(e.to_string()))?;
+        let out = self.stop.push(&text);
+        if out.stopped {
+            // Dropping the upstream (in `finish`) cancels the engine's work.
+            return Ok(Some(self.finish(out.text, FinishReason::Stop)));
+        }
+        let Some(reason) = delta.finish_reason else {
+            if out.text.is_empty() {
+                return Ok(None);
+            }
+            return Ok(Some(TextDelta {
+                text: out.text,
+                tokens: std::mem::take(&mut self.unreported_tokens),
+                finish_reason: None,
+                usage: None,
+            }));
+        };
+        // The engine is done: what the detokenizer and the stop matcher held back can
+        // come out now, unless it completes a stop string.
+        let mut text = out.text;
+        let tail = self
+            .detokenizer
+            .flush(tokenizer)
+            .map_err(|e| ServeError::internal(e.to_string()))?;
+        let last = self.stop.push(&tail);
+        text.push_str(&last.text);
+        let reason = if last.stopped {
+            FinishReason::Stop
+        } else {
+            text.push_str(&self.stop.flush());
+            reason
+        };
+        Ok(Some(self.finish(text, reason)))
+    }
+
+    /// The last delta; drops the upstream so nothing more is read.
+    fn finish(&mut self, text: String, reason: FinishReason) -> TextDelta {
+        self.upstream = None;
+        TextDelta {
+            text,
+            tokens: std::mem::take(&mut self.unreported_tokens),
+            finish_reason: Some(reason),
+            usage: Some(Usage {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.completion_tokens,
+                cached_tokens: self.cached_tokens,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;
