@@ -1,0 +1,3 @@
+pub mod bench;
+pub mod graph;
+pub mod bench_graph;
