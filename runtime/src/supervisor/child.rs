@@ -32,6 +32,8 @@ pub(crate) struct Running {
     ready_line: Option<oneshot::Receiver<()>>,
     tail: Tail,
     readers: Vec<JoinHandle<()>>,
+    /// The exit status, if it was collected while checking readiness.
+    exit: Option<ExitInfo>,
 }
 
 pub(crate) enum NotReady {
@@ -96,18 +98,19 @@ impl Running {
             ready_line,
             tail,
             readers,
+            exit: None,
         })
     }
 
     /// Waits until the readiness check passes, the process exits, or the timeout elapses
     /// (the caller then kills it).
     pub(crate) async fn wait_ready(&mut self, spec: &ProcessSpec) -> Result<(), NotReady> {
-        let ready_line = self.ready_line.take();
-        let check = async move {
+        let mut ready_line = self.ready_line.take();
+        let check = async {
             match &spec.readiness.check {
                 ReadinessCheck::Immediate => {}
                 ReadinessCheck::StdoutLine(_) => {
-                    let seen = match ready_line {
+                    let seen = match ready_line.as_mut() {
                         Some(rx) => rx.await.is_ok(),
                         None => false,
                     };
@@ -124,13 +127,23 @@ impl Running {
             }
         };
         let outcome = tokio::select! {
+            biased;
             _ = check => Ok(()),
             status = self.child.wait() => Err(Some(status)),
             _ = tokio::time::sleep(spec.readiness.timeout) => Err(None),
         };
         match outcome {
             Ok(()) => Ok(()),
-            Err(Some(status)) => Err(NotReady::Exited(self.exited(status).await)),
+            Err(Some(status)) => {
+                let info = self.exited(status).await;
+                // It may have printed the line and exited at once: the exit can win the
+                // race, but the line (now drained from the pipe) still made it ready.
+                if ready_line.is_some_and(|mut rx| rx.try_recv().is_ok()) {
+                    self.exit = Some(info);
+                    return Ok(());
+                }
+                Err(NotReady::Exited(info))
+            }
             Err(None) => Err(NotReady::Timeout),
         }
     }
@@ -144,6 +157,9 @@ impl Running {
 
     /// Waits for the process to exit on its own.
     pub(crate) async fn wait(&mut self) -> ExitInfo {
+        if let Some(info) = self.exit.take() {
+            return info;
+        }
         let status = self.child.wait().await;
         self.exited(status).await
     }
