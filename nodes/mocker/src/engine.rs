@@ -70,6 +70,7 @@ impl MockerEngine {
             kv_events: Vec::new(),
             steps: 0,
             published: 0,
+            clock: Instant::now(),
         };
         let task = runtime.spawn(step_loop.run());
         Ok(MockerEngine {
@@ -178,9 +179,26 @@ struct StepLoop {
     kv_events: Vec<KvEvent>,
     steps: u64,
     published: u64,
+    /// When the last step ended on the model's timeline.
+    clock: Instant,
 }
 
+/// How late a step may start (timer granularity, scheduling) and still be counted from
+/// the end of the previous one, so that the timer's lateness does not add up over steps.
+const CATCH_UP: Duration = Duration::from_millis(2);
+
 impl StepLoop {
+    /// Where the next step starts on the model's timeline: right after the previous one
+    /// when the loop is only a little late, now after an idle spell.
+    fn step_start(&self) -> Instant {
+        let now = Instant::now();
+        if now <= self.clock + CATCH_UP {
+            self.clock.min(now)
+        } else {
+            now
+        }
+    }
+
     async fn run(mut self) {
         let instant = self.speedup == f64::INFINITY;
         while !self.stop.is_cancelled() {
@@ -200,7 +218,7 @@ impl StepLoop {
                 continue;
             }
 
-            let started = Instant::now();
+            let started = self.step_start();
             self.outputs.clear();
             let work = self.core.step(&mut self.outputs);
             self.steps += 1;
@@ -217,7 +235,8 @@ impl StepLoop {
                 // Nothing could be scheduled: do not spin.
                 duration = Duration::from_millis(1);
             }
-            if !self.sleep_until(started + duration).await {
+            self.clock = started + duration;
+            if !self.sleep_until(self.clock).await {
                 break;
             }
             self.send_outputs();
