@@ -11,7 +11,7 @@ use dynamo_protocol::TextDelta;
 use dynamo_runtime::ResponseStream;
 use futures::StreamExt;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::DropGuard;
+use tokio_util::sync::{CancellationToken, DropGuard, WaitForCancellationFutureOwned};
 
 use crate::error::ApiError;
 
@@ -21,6 +21,8 @@ pub(crate) struct Call {
     cancel_on_drop: Option<DropGuard>,
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
+    /// Resolves when the server stops waiting for in-flight requests (end of the grace).
+    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl std::fmt::Debug for Call {
@@ -37,12 +39,14 @@ impl Call {
         cancel_on_drop: DropGuard,
         started: Instant,
         timeout: Duration,
+        stopping: CancellationToken,
     ) -> Self {
         Call {
             stream,
             cancel_on_drop: Some(cancel_on_drop),
             deadline: Box::pin(tokio::time::sleep_until(started + timeout)),
             timeout,
+            stopping: Box::pin(stopping.cancelled_owned()),
         }
     }
 
@@ -55,10 +59,17 @@ impl Call {
             Poll::Ready(Some(Ok(delta))) => Poll::Ready(Some(Ok(delta))),
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(ApiError::timeout(self.timeout)))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if self.deadline.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(Some(Err(ApiError::timeout(self.timeout))))
+                } else if self.stopping.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(Some(Err(ApiError::from(
+                        dynamo_runtime::ServeError::unavailable("the server is shutting down"),
+                    ))))
+                } else {
+                    Poll::Pending
+                }
+            }
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use dynamo_protocol::{ChatRequest, TextDelta};
 use dynamo_runtime::Service;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::FrontendConfig;
 use crate::error::FrontendError;
@@ -26,6 +27,8 @@ pub struct Frontend {
     pub(crate) metrics: Arc<FrontendMetrics>,
     pub(crate) readiness: Readiness,
     pub(crate) ids: Arc<RequestIds>,
+    /// Cancelled when shutdown's grace period is over: in-flight requests end at once.
+    pub(crate) stopping: CancellationToken,
 }
 
 impl std::fmt::Debug for Frontend {
@@ -49,6 +52,7 @@ impl Frontend {
             metrics,
             readiness: Arc::new(|| true),
             ids: Arc::new(RequestIds::new()),
+            stopping: CancellationToken::new(),
         })
     }
 

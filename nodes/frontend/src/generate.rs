@@ -110,7 +110,13 @@ async fn answer(
     let ctx = RequestContext::new(request_id).with_traceparent(traceparent);
     let cancel_on_drop = ctx.cancellation_token().drop_guard();
     let stream = frontend.downstream.call(parsed.request, ctx);
-    let mut call = Call::new(stream, cancel_on_drop, started, config.request_timeout);
+    let mut call = Call::new(
+        stream,
+        cancel_on_drop,
+        started,
+        config.request_timeout,
+        frontend.stopping.clone(),
+    );
 
     // Wait for the first delta before answering, so that a downstream refusal (unknown
     // model, prompt too long, no worker) still gets its own HTTP status.

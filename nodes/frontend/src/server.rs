@@ -2,6 +2,7 @@
 
 use std::future::IntoFuture;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -10,14 +11,17 @@ use tokio_util::sync::CancellationToken;
 use crate::error::FrontendError;
 use crate::frontend::Frontend;
 
+/// How long to wait for connections to close once in-flight requests were ended.
+const FORCED_STOP_WAIT: Duration = Duration::from_secs(5);
+
 /// Called with every accepted connection after TCP_NODELAY is set (tests, connection
 /// accounting).
 pub type AcceptHook = Arc<dyn Fn(&TcpStream) + Send + Sync>;
 
 /// Serves `frontend` on `listener` until `shutdown` is cancelled, then stops accepting,
-/// lets in-flight requests finish for at most `config.shutdown_grace`, and returns.
-/// Connections still open after the grace period are dropped, which cancels their
-/// requests downstream.
+/// lets in-flight requests finish for at most `config.shutdown_grace`, then ends the
+/// rest (a 503, or an SSE error event if streaming; each is cancelled downstream) and
+/// returns.
 pub async fn serve(
     listener: TcpListener,
     frontend: Frontend,
@@ -46,21 +50,28 @@ pub async fn serve_with_hook(
             hook(tcp);
         }
     });
-    let drain_started = shutdown.clone();
+    let stopping = frontend.stopping.clone();
     let server = axum::serve(listener, frontend.router())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .into_future();
     tokio::pin!(server);
+    let grace_over = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
     tokio::select! {
         result = &mut server => result?,
-        () = async {
-            drain_started.cancelled().await;
-            tokio::time::sleep(grace).await;
-        } => {
+        () = grace_over => {
             tracing::warn!(
                 grace_s = grace.as_secs_f64(),
-                "in-flight requests did not finish within the shutdown grace; dropping them"
+                "in-flight requests did not finish within the shutdown grace; ending them"
             );
+            // Every in-flight call ends with a 503 / an SSE error event and is cancelled
+            // downstream; the connections then close and the server future completes.
+            stopping.cancel();
+            if tokio::time::timeout(FORCED_STOP_WAIT, &mut server).await.is_err() {
+                tracing::warn!("some connections are still open (slow readers); leaving them");
+            }
         }
     }
     tracing::info!(%address, "frontend stopped");

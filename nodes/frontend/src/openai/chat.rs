@@ -185,7 +185,6 @@ fn text_parts(i: usize, parts: &mut [Value]) -> Result<String, ApiError> {
                 format!("content parts must be objects, got {}", kind_of(part)),
             ));
         };
-        reject_unknown(part, &["type", "text"], &param(""))?;
         match part.get("type").and_then(Value::as_str) {
             Some("text") => {}
             Some(other) => {
@@ -201,6 +200,7 @@ fn text_parts(i: usize, parts: &mut [Value]) -> Result<String, ApiError> {
                 ))
             }
         }
+        reject_unknown(part, &["type", "text"], &param(""))?;
         let Some(Value::String(text)) = part.get("text") else {
             return Err(ApiError::invalid_param(
                 param(".text"),
@@ -272,7 +272,7 @@ mod tests {
             ),
             (
                 json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}),
-                "messages[0].content[0].image_url",
+                "messages[0].content[0].type",
             ),
             (
                 json!({"messages": [{"role": "user", "content": [{"type": "image", "text": "x"}]}]}),
