@@ -8,7 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "dynamo", version, about = "Serve LLM pipelines described as a TOML graph")]
+#[command(
+    name = "dynamo",
+    version,
+    about = "Serve LLM pipelines described as a TOML graph"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -6,8 +6,14 @@
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Ty {
     Str,
-    Int { min: i64, max: i64 },
-    Float { min: f64, max: f64 },
+    Int {
+        min: i64,
+        max: i64,
+    },
+    Float {
+        min: f64,
+        max: f64,
+    },
     Bool,
     /// One of these strings.
     Enum(&'static [&'static str]),
@@ -44,7 +50,12 @@ impl Field {
         }
     }
 
-    pub const fn opt(key: &'static str, ty: Ty, default: Option<&'static str>, doc: &'static str) -> Field {
+    pub const fn opt(
+        key: &'static str,
+        ty: Ty,
+        default: Option<&'static str>,
+        doc: &'static str,
+    ) -> Field {
         Field {
             key,
             ty,

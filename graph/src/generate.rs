@@ -43,8 +43,16 @@ pub fn generate(nodes: usize, edges: usize, machines: usize, seed: u64) -> Gener
     let mut t = String::with_capacity(nodes * 120 + edges * 60);
     t.push_str("[graph]\nname = \"generated\"\n\n[models.m]\npath = \"/models/m.gguf\"\n\n");
     t.push_str("[cluster]\nnats = \"nats://127.0.0.1:4222\"\n\n");
+    // Every other worker holds a GPU; give the machines room for all of them.
+    let gpus_per_machine = (workers / 2 + 1).div_ceil(machines).max(8);
     for m in 0..machines {
-        let _ = writeln!(t, "[cluster.machines.m{m}]\naddress = \"10.1.{}.{}\"\ngpus = 8\nlabels = {{ zone = \"z{}\" }}\n", m / 250, m % 250, m % 4);
+        let _ = writeln!(
+            t,
+            "[cluster.machines.m{m}]\naddress = \"10.1.{}.{}\"\ngpus = {gpus_per_machine}\nlabels = {{ zone = \"z{}\" }}\n",
+            m / 250,
+            m % 250,
+            m % 4
+        );
     }
     t.push_str("[nodes.fe]\nkind = \"frontend\"\nport = 0\n\n[nodes.pre]\nkind = \"preprocessor\"\nmodel = \"m\"\n\n");
     for r in 0..routers {
@@ -52,7 +60,10 @@ pub fn generate(nodes: usize, edges: usize, machines: usize, seed: u64) -> Gener
     }
     for w in 0..workers {
         let gpus = w % 2;
-        let _ = writeln!(t, "[nodes.w{w}]\nkind = \"worker\"\nengine = \"mocker\"\nmodel = \"m\"\ngpus = {gpus}\n");
+        let _ = writeln!(
+            t,
+            "[nodes.w{w}]\nkind = \"worker\"\nengine = \"mocker\"\nmodel = \"m\"\ngpus = {gpus}\n"
+        );
     }
     let mut seen: HashSet<(usize, usize, bool)> = HashSet::new();
     let mut lines: Vec<String> = vec!["fe -> pre".into(), "pre -> r0".into()];
@@ -89,7 +100,12 @@ pub fn generate(nodes: usize, edges: usize, machines: usize, seed: u64) -> Gener
         }
     }
     for l in &lines {
-        let _ = writeln!(t, "[[edges]]\nfrom = \"{}\"\nto = \"{}\"\n", l.split(" -> ").next().unwrap_or(""), l.split(" -> ").nth(1).unwrap_or(""));
+        let _ = writeln!(
+            t,
+            "[[edges]]\nfrom = \"{}\"\nto = \"{}\"\n",
+            l.split(" -> ").next().unwrap_or(""),
+            l.split(" -> ").nth(1).unwrap_or("")
+        );
     }
     Generated {
         text: t,

@@ -170,11 +170,36 @@ pub const ENGINES: &[&str] = &["mocker", "native"];
 pub const DEVICES: &[&str] = &["cpu", "cuda"];
 
 const FRONTEND_SETTINGS: &[Field] = &[
-    Field::opt("host", Ty::Str, Some("127.0.0.1"), "address the HTTP server binds"),
-    Field::opt("port", int(0, 65535), Some("8000"), "HTTP port (0 picks a free one)"),
-    Field::opt("max_body_bytes", POSITIVE, Some("4194304"), "largest request body accepted (413 above)"),
-    Field::opt("max_inflight", POSITIVE, Some("4096"), "requests served at once before answering 503"),
-    Field::opt("request_timeout", Ty::Duration, Some("\"600s\""), "longest time a request may take"),
+    Field::opt(
+        "host",
+        Ty::Str,
+        Some("127.0.0.1"),
+        "address the HTTP server binds",
+    ),
+    Field::opt(
+        "port",
+        int(0, 65535),
+        Some("8000"),
+        "HTTP port (0 picks a free one)",
+    ),
+    Field::opt(
+        "max_body_bytes",
+        POSITIVE,
+        Some("4194304"),
+        "largest request body accepted (413 above)",
+    ),
+    Field::opt(
+        "max_inflight",
+        POSITIVE,
+        Some("4096"),
+        "requests served at once before answering 503",
+    ),
+    Field::opt(
+        "request_timeout",
+        Ty::Duration,
+        Some("\"600s\""),
+        "longest time a request may take",
+    ),
 ];
 
 const PREPROCESSOR_SETTINGS: &[Field] = &[Field::req(
@@ -184,25 +209,98 @@ const PREPROCESSOR_SETTINGS: &[Field] = &[Field::req(
 )];
 
 const ROUTER_SETTINGS: &[Field] = &[
-    Field::opt("mode", Ty::Enum(ROUTER_MODES), Some("\"round-robin\""), "how a worker is chosen"),
-    Field::opt("overlap_weight", float(0.0, f64::INFINITY), Some("1.0"), "kv modes: weight of blocks to prefill against active decode blocks"),
-    Field::opt("temperature", float(0.0, f64::INFINITY), Some("0.0"), "kv modes: softmax temperature of the choice (0 = always the cheapest)"),
-    Field::opt("ttl", Ty::Duration, Some("\"120s\""), "kv-approx: how long a routing decision is assumed cached"),
+    Field::opt(
+        "mode",
+        Ty::Enum(ROUTER_MODES),
+        Some("\"round-robin\""),
+        "how a worker is chosen",
+    ),
+    Field::opt(
+        "overlap_weight",
+        float(0.0, f64::INFINITY),
+        Some("1.0"),
+        "kv modes: weight of blocks to prefill against active decode blocks",
+    ),
+    Field::opt(
+        "temperature",
+        float(0.0, f64::INFINITY),
+        Some("0.0"),
+        "kv modes: softmax temperature of the choice (0 = always the cheapest)",
+    ),
+    Field::opt(
+        "ttl",
+        Ty::Duration,
+        Some("\"120s\""),
+        "kv-approx: how long a routing decision is assumed cached",
+    ),
 ];
 
 const ENGINE_SETTINGS: &[Field] = &[
-    Field::req("engine", Ty::Enum(ENGINES), "the engine that runs the model"),
-    Field::req("model", Ty::Str, "the model (a key of [models]) this worker serves"),
-    Field::opt("block_size", int(1, 1024), Some("16"), "tokens per KV-cache block"),
-    Field::opt("num_blocks", POSITIVE, Some("8192"), "KV-cache blocks in the pool"),
-    Field::opt("max_num_seqs", POSITIVE, Some("256"), "sequences in the running batch at most"),
-    Field::opt("max_batched_tokens", POSITIVE, Some("8192"), "token budget of one scheduler step"),
-    Field::opt("enable_prefix_caching", Ty::Bool, Some("true"), "reuse cached blocks of equal prefixes"),
-    Field::opt("kv_events", Ty::Bool, Some("true"), "publish KV events (stored/removed blocks) on the `events` port"),
-    Field::opt("speedup", float(0.0, f64::INFINITY), Some("1.0"), "mocker: divide simulated times by this (inf = instant)"),
-    Field::opt("device", Ty::Enum(DEVICES), Some("\"cpu\""), "where the KV cache lives; `cuda` needs gpus >= 1"),
+    Field::req(
+        "engine",
+        Ty::Enum(ENGINES),
+        "the engine that runs the model",
+    ),
+    Field::req(
+        "model",
+        Ty::Str,
+        "the model (a key of [models]) this worker serves",
+    ),
+    Field::opt(
+        "block_size",
+        int(1, 1024),
+        Some("16"),
+        "tokens per KV-cache block",
+    ),
+    Field::opt(
+        "num_blocks",
+        POSITIVE,
+        Some("8192"),
+        "KV-cache blocks in the pool",
+    ),
+    Field::opt(
+        "max_num_seqs",
+        POSITIVE,
+        Some("256"),
+        "sequences in the running batch at most",
+    ),
+    Field::opt(
+        "max_batched_tokens",
+        POSITIVE,
+        Some("8192"),
+        "token budget of one scheduler step",
+    ),
+    Field::opt(
+        "enable_prefix_caching",
+        Ty::Bool,
+        Some("true"),
+        "reuse cached blocks of equal prefixes",
+    ),
+    Field::opt(
+        "kv_events",
+        Ty::Bool,
+        Some("true"),
+        "publish KV events (stored/removed blocks) on the `events` port",
+    ),
+    Field::opt(
+        "speedup",
+        float(0.0, f64::INFINITY),
+        Some("1.0"),
+        "mocker: divide simulated times by this (inf = instant)",
+    ),
+    Field::opt(
+        "device",
+        Ty::Enum(DEVICES),
+        Some("\"cpu\""),
+        "where the KV cache lives; `cuda` needs gpus >= 1",
+    ),
     Field::opt("threads", POSITIVE, Some("1"), "native: compute threads"),
-    Field::opt("seed", NON_NEGATIVE, Some("0"), "seed of sampling when a request gives none"),
+    Field::opt(
+        "seed",
+        NON_NEGATIVE,
+        Some("0"),
+        "seed of sampling when a request gives none",
+    ),
 ];
 
 /// Every node kind.
@@ -210,7 +308,14 @@ pub const KINDS: &[KindSpec] = &[
     KindSpec {
         name: "frontend",
         doc: "OpenAI-compatible HTTP server",
-        ports: &[default(port("out", Out, CHAT, Stream, true, "requests to the preprocessor"))],
+        ports: &[default(port(
+            "out",
+            Out,
+            CHAT,
+            Stream,
+            true,
+            "requests to the preprocessor",
+        ))],
         settings: FRONTEND_SETTINGS,
         engine: false,
         require_any: &[],
@@ -220,7 +325,14 @@ pub const KINDS: &[KindSpec] = &[
         doc: "chat template, tokenization, detokenization and stop strings",
         ports: &[
             default(port("in", In, CHAT, Stream, true, "chat requests")),
-            default(port("out", Out, TOKENS, Stream, true, "token requests to a router or worker")),
+            default(port(
+                "out",
+                Out,
+                TOKENS,
+                Stream,
+                true,
+                "token requests to a router or worker",
+            )),
         ],
         settings: PREPROCESSOR_SETTINGS,
         engine: false,
@@ -231,9 +343,30 @@ pub const KINDS: &[KindSpec] = &[
         doc: "chooses a worker for each request",
         ports: &[
             default(port("in", In, TOKENS, Stream, true, "token requests")),
-            default(fan_out(port("out", Out, TOKENS, Stream, false, "aggregated workers"))),
-            fan_out(port("prefill", Out, TOKENS, Unary, false, "prefill workers (disaggregated): one answer, the KV hand-off")),
-            fan_out(port("decode", Out, TOKENS, Stream, false, "decode workers (disaggregated)")),
+            default(fan_out(port(
+                "out",
+                Out,
+                TOKENS,
+                Stream,
+                false,
+                "aggregated workers",
+            ))),
+            fan_out(port(
+                "prefill",
+                Out,
+                TOKENS,
+                Unary,
+                false,
+                "prefill workers (disaggregated): one answer, the KV hand-off",
+            )),
+            fan_out(port(
+                "decode",
+                Out,
+                TOKENS,
+                Stream,
+                false,
+                "decode workers (disaggregated)",
+            )),
             feedback("events", In, "KV events from the workers"),
         ],
         settings: ROUTER_SETTINGS,
@@ -255,8 +388,22 @@ pub const KINDS: &[KindSpec] = &[
         name: "prefill",
         doc: "computes a prompt's KV cache and hands it to a decode worker",
         ports: &[
-            default(port("in", In, TOKENS, Unary, true, "prefill requests: the prompt in, one answer out")),
-            on_device(port("kv", Out, KV_BLOCKS, Unary, true, "KV blocks to decode workers")),
+            default(port(
+                "in",
+                In,
+                TOKENS,
+                Unary,
+                true,
+                "prefill requests: the prompt in, one answer out",
+            )),
+            on_device(port(
+                "kv",
+                Out,
+                KV_BLOCKS,
+                Unary,
+                true,
+                "KV blocks to decode workers",
+            )),
             feedback("events", Out, "KV events to routers"),
         ],
         settings: ENGINE_SETTINGS,
@@ -268,7 +415,14 @@ pub const KINDS: &[KindSpec] = &[
         doc: "generates tokens from a prompt whose KV cache it received",
         ports: &[
             default(port("in", In, TOKENS, Stream, true, "token requests")),
-            on_device(port("kv", In, KV_BLOCKS, Unary, false, "KV blocks from prefill workers")),
+            on_device(port(
+                "kv",
+                In,
+                KV_BLOCKS,
+                Unary,
+                false,
+                "KV blocks from prefill workers",
+            )),
             feedback("events", Out, "KV events to routers"),
         ],
         settings: ENGINE_SETTINGS,
@@ -294,11 +448,19 @@ mod tests {
         for k in KINDS {
             for dir in [In, Out] {
                 let defaults = k.ports.iter().filter(|p| p.dir == dir && p.default).count();
-                assert!(defaults <= 1, "{} has {defaults} default {dir:?} ports", k.name);
+                assert!(
+                    defaults <= 1,
+                    "{} has {defaults} default {dir:?} ports",
+                    k.name
+                );
             }
             for group in k.require_any {
                 for p in *group {
-                    assert!(k.port(p).is_some(), "{}: require_any names unknown port {p}", k.name);
+                    assert!(
+                        k.port(p).is_some(),
+                        "{}: require_any names unknown port {p}",
+                        k.name
+                    );
                 }
             }
             let mut names: Vec<_> = k.ports.iter().map(|p| p.name).collect();

@@ -218,7 +218,11 @@ impl Plan {
                 ]
             })
             .collect();
-        table(&mut out, ["REPLICA", "MACHINE", "GPUS", "PROCESS", "WHY"], &rows);
+        table(
+            &mut out,
+            ["REPLICA", "MACHINE", "GPUS", "PROCESS", "WHY"],
+            &rows,
+        );
         out.push('\n');
         let rows: Vec<[String; 5]> = self
             .edges
@@ -238,7 +242,11 @@ impl Plan {
                 ]
             })
             .collect();
-        table(&mut out, ["EDGE", "KIND", "SCHEMA", "TRANSPORT", "WHY"], &rows);
+        table(
+            &mut out,
+            ["EDGE", "KIND", "SCHEMA", "TRANSPORT", "WHY"],
+            &rows,
+        );
         out
     }
 }

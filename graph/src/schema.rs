@@ -17,7 +17,8 @@ fn default_json(literal: &str) -> Option<Value> {
     Some(match &t.get("v")?.val {
         Val::Str(s) => Value::String(s.clone()),
         Val::Int(n) => json!(n),
-        Val::Float(x) => serde_json::Number::from_f64(*x).map_or_else(|| Value::String(x.to_string()), Value::Number),
+        Val::Float(x) => serde_json::Number::from_f64(*x)
+            .map_or_else(|| Value::String(x.to_string()), Value::Number),
         Val::Bool(b) => Value::Bool(*b),
         _ => return None,
     })
@@ -46,10 +47,14 @@ fn ty_schema(ty: &Ty) -> Value {
             Value::Object(m)
         }
         Ty::Enum(values) => json!({"type": "string", "enum": values}),
-        Ty::Duration => json!({"type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*[a-z]+(\\s*[0-9]+(\\.[0-9]+)?\\s*[a-z]+)*\\s*$"}),
+        Ty::Duration => {
+            json!({"type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*[a-z]+(\\s*[0-9]+(\\.[0-9]+)?\\s*[a-z]+)*\\s*$"})
+        }
         Ty::StrMap => json!({"type": "object", "additionalProperties": {"type": "string"}}),
         Ty::Table(fields) => object(&[fields], None),
-        Ty::MapOf(fields) => json!({"type": "object", "additionalProperties": object(&[fields], None)}),
+        Ty::MapOf(fields) => {
+            json!({"type": "object", "additionalProperties": object(&[fields], None)})
+        }
         Ty::ArrayOf(fields) => json!({
             "type": "array",
             "items": {"anyOf": [
@@ -112,9 +117,15 @@ pub fn json_schema() -> Value {
         props.insert("nodes".into(), nodes);
     }
     if let Value::Object(m) = &mut top {
-        m.insert("$schema".into(), json!("http://json-schema.org/draft-07/schema#"));
+        m.insert(
+            "$schema".into(),
+            json!("http://json-schema.org/draft-07/schema#"),
+        );
         m.insert("title".into(), json!("dynamo graph"));
-        m.insert("description".into(), json!("A dynamo serving graph: models, nodes, edges and an optional cluster."));
+        m.insert(
+            "description".into(),
+            json!("A dynamo serving graph: models, nodes, edges and an optional cluster."),
+        );
     }
     top
 }

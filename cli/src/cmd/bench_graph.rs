@@ -36,13 +36,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         parse.push(t0.elapsed());
         drop(spec);
         let t0 = Instant::now();
-        let c = dynamo_graph::check(SourceFile::new("generated.toml", text.clone()), &Environment::default());
+        let c = dynamo_graph::check(
+            SourceFile::new("generated.toml", text.clone()),
+            &Environment::default(),
+        );
         total.push(t0.elapsed());
         last = Some(c);
     }
-    let Some(c) = last else { anyhow::bail!("no run") };
+    let Some(c) = last else {
+        anyhow::bail!("no run")
+    };
     if c.diagnostics.has_errors() || c.plan.is_none() {
-        anyhow::bail!("the generated graph did not validate: {:?}", c.diagnostics.codes().first());
+        anyhow::bail!(
+            "the generated graph did not validate: {:?}",
+            c.diagnostics.codes().first()
+        );
     }
     let plan = c.plan.as_ref().map_or(0, |p| p.replicas.len());
     let (t, p) = (median(total), median(parse));
@@ -57,9 +65,24 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             t.as_secs_f64() * 1e3
         );
     } else {
-        println!("graph: {} nodes, {} edges, {} machines, {} replicas ({} KiB of TOML)", a.nodes, c.spec.edges.len(), a.machines, plan, text.len() / 1024);
-        println!("parse + decode:                    {:>8.1} ms (median of {})", p.as_secs_f64() * 1e3, a.runs);
-        println!("parse + validate + place (total):  {:>8.1} ms (median of {})", t.as_secs_f64() * 1e3, a.runs);
+        println!(
+            "graph: {} nodes, {} edges, {} machines, {} replicas ({} KiB of TOML)",
+            a.nodes,
+            c.spec.edges.len(),
+            a.machines,
+            plan,
+            text.len() / 1024
+        );
+        println!(
+            "parse + decode:                    {:>8.1} ms (median of {})",
+            p.as_secs_f64() * 1e3,
+            a.runs
+        );
+        println!(
+            "parse + validate + place (total):  {:>8.1} ms (median of {})",
+            t.as_secs_f64() * 1e3,
+            a.runs
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -79,8 +79,12 @@ pub fn load(path: &Path) -> Checked {
             let file = SourceFile::new(path.display().to_string(), String::new());
             let mut diagnostics = Diagnostics::default();
             diagnostics.push(
-                Diagnostic::new(Code::E0009, None, format!("cannot read {}: {e}", path.display()))
-                    .help("check the path and its permissions"),
+                Diagnostic::new(
+                    Code::E0009,
+                    None,
+                    format!("cannot read {}: {e}", path.display()),
+                )
+                .help("check the path and its permissions"),
             );
             let (spec, _) = dynamo_graph::decode::decode("");
             Checked {
@@ -108,9 +112,12 @@ pub fn run(cmd: GraphCommand) -> anyhow::Result<ExitCode> {
             deny_warnings,
         } => {
             let c = load(&file);
-            let failed = c.diagnostics.has_errors() || (deny_warnings && !c.diagnostics.items.is_empty());
+            let failed =
+                c.diagnostics.has_errors() || (deny_warnings && !c.diagnostics.items.is_empty());
             match format {
-                DiagFormat::Json => writeln!(out, "{}", render::render_json(&c.file, &c.diagnostics))?,
+                DiagFormat::Json => {
+                    writeln!(out, "{}", render::render_json(&c.file, &c.diagnostics))?
+                }
                 DiagFormat::Text => {
                     print_diagnostics(&c);
                     if !failed {
@@ -128,7 +135,11 @@ pub fn run(cmd: GraphCommand) -> anyhow::Result<ExitCode> {
             };
             match format {
                 PlanFormat::Text => write!(out, "{}", plan.to_text())?,
-                PlanFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(plan).context("serialising the plan")?)?,
+                PlanFormat::Json => writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(plan).context("serialising the plan")?
+                )?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -157,9 +168,16 @@ pub fn run(cmd: GraphCommand) -> anyhow::Result<ExitCode> {
 
 fn summary(c: &Checked) -> String {
     let (n, e) = (c.spec.nodes.len(), c.spec.edges.len());
-    let mut s = format!("{}: graph `{}`, {n} nodes, {e} edges", c.file.name, c.spec.name.value);
+    let mut s = format!(
+        "{}: graph `{}`, {n} nodes, {e} edges",
+        c.file.name, c.spec.name.value
+    );
     if let Some(p) = &c.plan {
-        s.push_str(&format!(", {} replicas in {} processes", p.replicas.len(), p.processes.len()));
+        s.push_str(&format!(
+            ", {} replicas in {} processes",
+            p.replicas.len(),
+            p.processes.len()
+        ));
     }
     let w = c.diagnostics.warning_count();
     if w > 0 {

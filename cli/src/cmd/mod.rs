@@ -1,3 +1,3 @@
 pub mod bench;
-pub mod graph;
 pub mod bench_graph;
+pub mod graph;

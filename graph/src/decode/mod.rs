@@ -29,7 +29,13 @@ pub fn decode(text: &str) -> (GraphSpec, Vec<Diagnostic>) {
         Val::Table(t) => t,
         _ => &empty,
     };
-    let top = check(root_table, first_line, &[format::TOP], "the graph file", &mut diags);
+    let top = check(
+        root_table,
+        first_line,
+        &[format::TOP],
+        "the graph file",
+        &mut diags,
+    );
 
     let (name, namespace, description, restart) = match top.table("graph") {
         Some((t, span)) => decode_graph(t, header_span(root_table, "graph", span), &mut diags),
@@ -79,9 +85,13 @@ fn valid_name(name: &Sp<String>, what: &str, diags: &mut Vec<Diagnostic>) -> boo
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if !ok {
         diags.push(
-            Diagnostic::at(Code::E0004, name.span, format!("`{}` is not a valid {what} name", name.value))
-                .label("invalid name")
-                .help("names use letters, digits, `_` and `-` (a `.` would be read as `node.port`)"),
+            Diagnostic::at(
+                Code::E0004,
+                name.span,
+                format!("`{}` is not a valid {what} name", name.value),
+            )
+            .label("invalid name")
+            .help("names use letters, digits, `_` and `-` (a `.` would be read as `node.port`)"),
         );
     }
     ok
@@ -111,7 +121,11 @@ fn named_tables<'a>(
                 Diagnostic::at(
                     Code::E0003,
                     node.span,
-                    format!("{what} `{}` must be a table, not {}", name.value, other.type_name()),
+                    format!(
+                        "{what} `{}` must be a table, not {}",
+                        name.value,
+                        other.type_name()
+                    ),
                 )
                 .label("expected a table")
                 .help(format!("write it as a section: `[{key}.{}]`", name.value)),
@@ -121,7 +135,11 @@ fn named_tables<'a>(
     out
 }
 
-fn decode_graph(t: &Table, span: Span, diags: &mut Vec<Diagnostic>) -> (Sp<String>, String, Option<String>, RestartPolicy) {
+fn decode_graph(
+    t: &Table,
+    span: Span,
+    diags: &mut Vec<Diagnostic>,
+) -> (Sp<String>, String, Option<String>, RestartPolicy) {
     let c = check(t, span, &[format::GRAPH], "[graph]", diags);
     let name = c.str("name").unwrap_or(Sp::new(String::new(), span));
     if c.str("name").is_some() {
@@ -133,12 +151,27 @@ fn decode_graph(t: &Table, span: Span, diags: &mut Vec<Diagnostic>) -> (Sp<Strin
     (name, namespace, description, restart)
 }
 
-fn restart_policy(parent: &Checked<'_>, base: &RestartPolicy, what: &str, diags: &mut Vec<Diagnostic>) -> RestartPolicy {
+fn restart_policy(
+    parent: &Checked<'_>,
+    base: &RestartPolicy,
+    what: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> RestartPolicy {
     let Some((t, span)) = parent.table("restart") else {
         return base.clone();
     };
-    let c = check(t, header_span(parent.table, "restart", span), &[format::RESTART], what, diags);
-    let dur = |k: &str, d: Duration| c.str(k).and_then(|s| humantime::parse_duration(&s.value).ok()).unwrap_or(d);
+    let c = check(
+        t,
+        header_span(parent.table, "restart", span),
+        &[format::RESTART],
+        what,
+        diags,
+    );
+    let dur = |k: &str, d: Duration| {
+        c.str(k)
+            .and_then(|s| humantime::parse_duration(&s.value).ok())
+            .unwrap_or(d)
+    };
     RestartPolicy {
         policy: match c.str("policy").as_ref().map(|s| s.value.as_str()) {
             Some("never") => RestartMode::Never,
@@ -146,7 +179,9 @@ fn restart_policy(parent: &Checked<'_>, base: &RestartPolicy, what: &str, diags:
             Some(_) => RestartMode::OnFailure,
             None => base.policy,
         },
-        max_restarts: c.int("max_restarts").map_or(base.max_restarts, |n| u32::try_from(n.value).unwrap_or(u32::MAX)),
+        max_restarts: c.int("max_restarts").map_or(base.max_restarts, |n| {
+            u32::try_from(n.value).unwrap_or(u32::MAX)
+        }),
         backoff: dur("backoff", base.backoff),
         max_backoff: dur("max_backoff", base.max_backoff),
     }
@@ -179,16 +214,26 @@ fn decode_model(name: Sp<String>, t: &Table, span: Span, diags: &mut Vec<Diagnos
         }
     };
     ModelSpec {
-        served_name: c.str("served_name").map_or_else(|| name.value.clone(), |s| s.value),
+        served_name: c
+            .str("served_name")
+            .map_or_else(|| name.value.clone(), |s| s.value),
         name,
         source,
         system_prompt: c.str("system_prompt").map(|s| s.value),
         chat_template: c.str("chat_template").map(|s| s.value),
-        context_length: c.int("context_length").map(|n| u32::try_from(n.value).unwrap_or(u32::MAX)),
+        context_length: c
+            .int("context_length")
+            .map(|n| u32::try_from(n.value).unwrap_or(u32::MAX)),
     }
 }
 
-fn decode_node(name: Sp<String>, t: &Table, span: Span, graph_restart: &RestartPolicy, diags: &mut Vec<Diagnostic>) -> NodeSpec {
+fn decode_node(
+    name: Sp<String>,
+    t: &Table,
+    span: Span,
+    graph_restart: &RestartPolicy,
+    diags: &mut Vec<Diagnostic>,
+) -> NodeSpec {
     let what = format!("node `{}`", name.value);
     let kind_node = t.get("kind");
     let kind = match kind_node.map(|n| &n.val) {
@@ -198,7 +243,12 @@ fn decode_node(name: Sp<String>, t: &Table, span: Span, graph_restart: &RestartP
     // With an unknown kind, check only keys that no kind knows, to avoid noise.
     let all_settings: Vec<Field> = kinds::KINDS
         .iter()
-        .flat_map(|k| k.settings.iter().map(|f| Field { required: false, ..*f }))
+        .flat_map(|k| {
+            k.settings.iter().map(|f| Field {
+                required: false,
+                ..*f
+            })
+        })
         .collect();
     let settings_fields: &[Field] = match kind {
         Some(k) => k.settings,
@@ -208,9 +258,13 @@ fn decode_node(name: Sp<String>, t: &Table, span: Span, graph_restart: &RestartP
     let kind_sp = c.str("kind").unwrap_or(Sp::new(String::new(), span));
     if let (Some(k), None) = (c.str("kind"), kind) {
         diags.push(
-            Diagnostic::at(Code::E0101, k.span, format!("unknown node kind `{}`", k.value))
-                .label("no such kind")
-                .maybe_help(suggest::help_for(&k.value, "kinds", kinds::kind_names())),
+            Diagnostic::at(
+                Code::E0101,
+                k.span,
+                format!("unknown node kind `{}`", k.value),
+            )
+            .label("no such kind")
+            .maybe_help(suggest::help_for(&k.value, "kinds", kinds::kind_names())),
         );
     }
     let u32_of = |key: &str, default: u32| {
@@ -220,7 +274,13 @@ fn decode_node(name: Sp<String>, t: &Table, span: Span, graph_restart: &RestartP
     };
     let placement = match c.table("placement") {
         Some((pt, ps)) => {
-            let pc = check(pt, header_span(t, "placement", ps), &[format::PLACEMENT], &format!("the placement of {what}"), diags);
+            let pc = check(
+                pt,
+                header_span(t, "placement", ps),
+                &[format::PLACEMENT],
+                &format!("the placement of {what}"),
+                diags,
+            );
             PlacementSpec {
                 machine: pc.str("machine"),
                 labels: pc.str_map("labels"),
@@ -241,7 +301,12 @@ fn decode_node(name: Sp<String>, t: &Table, span: Span, graph_restart: &RestartP
         replicas: u32_of("replicas", 1),
         gpus: u32_of("gpus", 0),
         process: c.str("process"),
-        restart: restart_policy(&c, graph_restart, &format!("the restart policy of {what}"), diags),
+        restart: restart_policy(
+            &c,
+            graph_restart,
+            &format!("the restart policy of {what}"),
+            diags,
+        ),
         placement,
         settings,
         kind: kind_sp,
@@ -258,7 +323,10 @@ fn decode_edges(root: &Table, diags: &mut Vec<Diagnostic>) -> Vec<EdgeSpec> {
         // `check` already reported the wrong type.
         _ => return Vec::new(),
     };
-    items.into_iter().filter_map(|n| decode_edge(n, diags)).collect()
+    items
+        .into_iter()
+        .filter_map(|n| decode_edge(n, diags))
+        .collect()
 }
 
 fn decode_edge(node: &Node, diags: &mut Vec<Diagnostic>) -> Option<EdgeSpec> {
@@ -268,29 +336,55 @@ fn decode_edge(node: &Node, diags: &mut Vec<Diagnostic>) -> Option<EdgeSpec> {
             let c = check(t, node.span, &[format::EDGE], "an edge", diags);
             let from = c.str("from")?;
             let to = c.str("to")?;
-            let kind = c.str("kind").map_or(Sp::new(EdgeKind::Call, node.span), |k| {
-                Sp::new(if k.value == "feedback" { EdgeKind::Feedback } else { EdgeKind::Call }, k.span)
-            });
-            let transport = c.str("transport").map_or(Sp::new(TransportChoice::Auto, node.span), |k| {
-                Sp::new(TransportChoice::parse(&k.value).unwrap_or(TransportChoice::Auto), k.span)
-            });
             // The edge is where its two ends are written.
-            let span = Span::new(from.span.start.min(to.span.start), from.span.end.max(to.span.end));
+            let span = Span::new(
+                from.span.start.min(to.span.start),
+                from.span.end.max(to.span.end),
+            );
+            let kind = c.str("kind").map_or(Sp::new(EdgeKind::Call, span), |k| {
+                Sp::new(
+                    if k.value == "feedback" {
+                        EdgeKind::Feedback
+                    } else {
+                        EdgeKind::Call
+                    },
+                    k.span,
+                )
+            });
+            let transport = c
+                .str("transport")
+                .map_or(Sp::new(TransportChoice::Auto, span), |k| {
+                    Sp::new(
+                        TransportChoice::parse(&k.value).unwrap_or(TransportChoice::Auto),
+                        k.span,
+                    )
+                });
             Some(EdgeSpec {
                 from,
                 to,
                 kind,
                 transport,
-                queue_size: c.int("queue_size").map_or(128, |n| u32::try_from(n.value).unwrap_or(u32::MAX)),
-                timeout: c.str("timeout").and_then(|s| humantime::parse_duration(&s.value).ok()),
+                queue_size: c
+                    .int("queue_size")
+                    .map_or(128, |n| u32::try_from(n.value).unwrap_or(u32::MAX)),
+                timeout: c
+                    .str("timeout")
+                    .and_then(|s| humantime::parse_duration(&s.value).ok()),
                 span,
             })
         }
         other => {
             diags.push(
-                Diagnostic::at(Code::E0003, node.span, format!("an edge must be a table or a string, not {}", other.type_name()))
-                    .label("expected an edge")
-                    .help("write `{ from = \"a.out\", to = \"b.in\" }` or `\"a.out -> b.in\"`"),
+                Diagnostic::at(
+                    Code::E0003,
+                    node.span,
+                    format!(
+                        "an edge must be a table or a string, not {}",
+                        other.type_name()
+                    ),
+                )
+                .label("expected an edge")
+                .help("write `{ from = \"a.out\", to = \"b.in\" }` or `\"a.out -> b.in\"`"),
             );
             None
         }
@@ -299,7 +393,11 @@ fn decode_edge(node: &Node, diags: &mut Vec<Diagnostic>) -> Option<EdgeSpec> {
 
 /// `"a.out -> b.in"` (a call) or `"a.events ~> b.events"` (feedback).
 fn edge_shorthand(s: &str, span: Span, diags: &mut Vec<Diagnostic>) -> Option<EdgeSpec> {
-    let (arrow, kind) = if s.contains("~>") { ("~>", EdgeKind::Feedback) } else { ("->", EdgeKind::Call) };
+    let (arrow, kind) = if s.contains("~>") {
+        ("~>", EdgeKind::Feedback)
+    } else {
+        ("->", EdgeKind::Call)
+    };
     let parts: Vec<&str> = s.split(arrow).collect();
     if parts.len() != 2 || parts.iter().any(|p| p.trim().is_empty()) {
         diags.push(
@@ -317,7 +415,10 @@ fn edge_shorthand(s: &str, span: Span, diags: &mut Vec<Diagnostic>) -> Option<Ed
         Span::new(start, start + part.trim().len())
     };
     let from = Sp::new(parts[0].trim().to_string(), end_span(parts[0], 0));
-    let to = Sp::new(parts[1].trim().to_string(), end_span(parts[1], parts[0].len() + arrow.len()));
+    let to = Sp::new(
+        parts[1].trim().to_string(),
+        end_span(parts[1], parts[0].len() + arrow.len()),
+    );
     Some(EdgeSpec {
         from,
         to,
@@ -336,23 +437,39 @@ fn decode_cluster(t: &Table, span: Span, diags: &mut Vec<Diagnostic>) -> Cluster
         for (name, node) in &mt.entries {
             let Val::Table(m) = &node.val else {
                 diags.push(
-                    Diagnostic::at(Code::E0003, node.span, format!("machine `{}` must be a table", name.value))
-                        .label("expected a table")
-                        .help(format!("write it as `[cluster.machines.{}]`", name.value)),
+                    Diagnostic::at(
+                        Code::E0003,
+                        node.span,
+                        format!("machine `{}` must be a table", name.value),
+                    )
+                    .label("expected a table")
+                    .help(format!("write it as `[cluster.machines.{}]`", name.value)),
                 );
                 continue;
             };
             if !valid_name(name, "machine", diags) {
                 continue;
             }
-            let mc = check(m, name.span, &[format::MACHINE], &format!("machine `{}`", name.value), diags);
+            let mc = check(
+                m,
+                name.span,
+                &[format::MACHINE],
+                &format!("machine `{}`", name.value),
+                diags,
+            );
             machines.push(MachineSpec {
-                address: mc.str("address").map_or("127.0.0.1".to_string(), |s| s.value),
+                address: mc
+                    .str("address")
+                    .map_or("127.0.0.1".to_string(), |s| s.value),
                 gpus: mc
                     .int("gpus")
                     .map(|n| Sp::new(u32::try_from(n.value).unwrap_or(u32::MAX), n.span))
                     .unwrap_or(Sp::new(0, name.span)),
-                labels: mc.str_map("labels").into_iter().map(|(k, v)| (k.value, v.value)).collect(),
+                labels: mc
+                    .str_map("labels")
+                    .into_iter()
+                    .map(|(k, v)| (k.value, v.value))
+                    .collect(),
                 name: name.clone(),
             });
         }

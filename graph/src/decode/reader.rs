@@ -121,16 +121,32 @@ fn check_value(f: &Field, key: &str, node: &Node, what: &str, diags: &mut Vec<Di
             Ok(_) => true,
             Err(e) => {
                 diags.push(
-                    Diagnostic::at(Code::E0004, node.span, format!("`{s}` is not a duration: {e}"))
-                        .label("expected a duration")
-                        .help("write a number with a unit, such as \"30s\", \"250ms\" or \"2m\""),
+                    Diagnostic::at(
+                        Code::E0004,
+                        node.span,
+                        format!("`{s}` is not a duration: {e}"),
+                    )
+                    .label("expected a duration")
+                    .help("write a number with a unit, such as \"30s\", \"250ms\" or \"2m\""),
                 );
                 false
             }
         },
-        (Ty::Int { min, max }, Val::Int(n)) => in_range(key, what, node.span, *n as f64, *min as f64, *max as f64, diags),
-        (Ty::Float { min, max }, Val::Float(x)) => in_range(key, what, node.span, *x, *min, *max, diags),
-        (Ty::Float { min, max }, Val::Int(n)) => in_range(key, what, node.span, *n as f64, *min, *max, diags),
+        (Ty::Int { min, max }, Val::Int(n)) => in_range(
+            key,
+            what,
+            node.span,
+            *n as f64,
+            *min as f64,
+            *max as f64,
+            diags,
+        ),
+        (Ty::Float { min, max }, Val::Float(x)) => {
+            in_range(key, what, node.span, *x, *min, *max, diags)
+        }
+        (Ty::Float { min, max }, Val::Int(n)) => {
+            in_range(key, what, node.span, *n as f64, *min, *max, diags)
+        }
         (Ty::StrMap, Val::Table(t)) => {
             let mut good = true;
             for (k, v) in &t.entries {
@@ -139,7 +155,11 @@ fn check_value(f: &Field, key: &str, node: &Node, what: &str, diags: &mut Vec<Di
                         Diagnostic::at(
                             Code::E0003,
                             v.span,
-                            format!("`{key}.{}` must be a string, not {}", k.value, v.val.type_name()),
+                            format!(
+                                "`{key}.{}` must be a string, not {}",
+                                k.value,
+                                v.val.type_name()
+                            ),
                         )
                         .label("expected a string"),
                     );
@@ -152,7 +172,15 @@ fn check_value(f: &Field, key: &str, node: &Node, what: &str, diags: &mut Vec<Di
     }
 }
 
-fn in_range(key: &str, what: &str, span: Span, x: f64, min: f64, max: f64, diags: &mut Vec<Diagnostic>) -> bool {
+fn in_range(
+    key: &str,
+    what: &str,
+    span: Span,
+    x: f64,
+    min: f64,
+    max: f64,
+    diags: &mut Vec<Diagnostic>,
+) -> bool {
     if x.is_nan() || x < min || x > max {
         let range = if max >= i64::MAX as f64 || max.is_infinite() {
             format!("at least {min}")
@@ -160,8 +188,12 @@ fn in_range(key: &str, what: &str, span: Span, x: f64, min: f64, max: f64, diags
             format!("between {min} and {max}")
         };
         diags.push(
-            Diagnostic::at(Code::E0007, span, format!("`{key}` in {what} must be {range}"))
-                .label(format!("must be {range}")),
+            Diagnostic::at(
+                Code::E0007,
+                span,
+                format!("`{key}` in {what} must be {range}"),
+            )
+            .label(format!("must be {range}")),
         );
         false
     } else {
@@ -170,7 +202,11 @@ fn in_range(key: &str, what: &str, span: Span, x: f64, min: f64, max: f64, diags
 }
 
 pub fn quote_list(items: &[&str]) -> String {
-    items.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|s| format!("`{s}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl<'a> Checked<'a> {
@@ -188,36 +224,54 @@ impl<'a> Checked<'a> {
 
     pub fn str(&self, key: &str) -> Option<Sp<String>> {
         match self.valid(key) {
-            Some(Node { span, val: Val::Str(s) }) => Some(Sp::new(s.clone(), *span)),
+            Some(Node {
+                span,
+                val: Val::Str(s),
+            }) => Some(Sp::new(s.clone(), *span)),
             _ => None,
         }
     }
 
     pub fn int(&self, key: &str) -> Option<Sp<i64>> {
         match self.valid(key) {
-            Some(Node { span, val: Val::Int(n) }) => Some(Sp::new(*n, *span)),
+            Some(Node {
+                span,
+                val: Val::Int(n),
+            }) => Some(Sp::new(*n, *span)),
             _ => None,
         }
     }
 
     pub fn float(&self, key: &str) -> Option<Sp<f64>> {
         match self.valid(key) {
-            Some(Node { span, val: Val::Float(x) }) => Some(Sp::new(*x, *span)),
-            Some(Node { span, val: Val::Int(n) }) => Some(Sp::new(*n as f64, *span)),
+            Some(Node {
+                span,
+                val: Val::Float(x),
+            }) => Some(Sp::new(*x, *span)),
+            Some(Node {
+                span,
+                val: Val::Int(n),
+            }) => Some(Sp::new(*n as f64, *span)),
             _ => None,
         }
     }
 
     pub fn bool(&self, key: &str) -> Option<Sp<bool>> {
         match self.valid(key) {
-            Some(Node { span, val: Val::Bool(b) }) => Some(Sp::new(*b, *span)),
+            Some(Node {
+                span,
+                val: Val::Bool(b),
+            }) => Some(Sp::new(*b, *span)),
             _ => None,
         }
     }
 
     pub fn table(&self, key: &str) -> Option<(&'a Table, Span)> {
         match self.valid(key) {
-            Some(Node { span, val: Val::Table(t) }) => Some((t, *span)),
+            Some(Node {
+                span,
+                val: Val::Table(t),
+            }) => Some((t, *span)),
             _ => None,
         }
     }
@@ -248,7 +302,9 @@ fn to_json(v: &Val) -> serde_json::Value {
         Val::Str(s) | Val::Datetime(s) => J::String(s.clone()),
         Val::Int(n) => J::from(*n),
         // JSON has no infinity: write it as the TOML spelling, `"inf"`.
-        Val::Float(x) => serde_json::Number::from_f64(*x).map_or_else(|| J::String(x.to_string()), J::Number),
+        Val::Float(x) => {
+            serde_json::Number::from_f64(*x).map_or_else(|| J::String(x.to_string()), J::Number)
+        }
         Val::Bool(b) => J::Bool(*b),
         Val::Array(a) => J::Array(a.iter().map(|n| to_json(&n.val)).collect()),
         Val::Table(t) => J::Object(

@@ -73,8 +73,7 @@ pub fn parse(text: &str) -> (Node, Vec<Diagnostic>) {
                 .label("defined again here")
                 .help("names of nodes, models, machines and keys must be unique; rename or merge one of them")
         } else {
-            Diagnostic::at(Code::E0001, span, format!("invalid TOML: {msg}"))
-                .label("here")
+            Diagnostic::at(Code::E0001, span, format!("invalid TOML: {msg}")).label("here")
         };
         diags.push(d);
     }

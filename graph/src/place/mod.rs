@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::decode::tree::{self, Val};
 use crate::diagnostic::{Code, Diagnostic};
-use crate::plan::{Plan, PlannedMachine, PlannedModel, PlannedNode, PlannedProcess, PlannedReplica, ReplicaId};
+use crate::plan::{
+    Plan, PlannedMachine, PlannedModel, PlannedNode, PlannedProcess, PlannedReplica, ReplicaId,
+};
 use crate::spec::{GraphSpec, NodeSpec};
 use crate::validate::resolve::Resolved;
 
@@ -103,7 +105,11 @@ fn colocation_order(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) -> Option<Vec
                 2 => break,
                 1 => {
                     let node = &r.spec.nodes[c];
-                    let span = node.placement.colocate_with.as_ref().map_or(node.name.span, |s| s.span);
+                    let span = node
+                        .placement
+                        .colocate_with
+                        .as_ref()
+                        .map_or(node.name.span, |s| s.span);
                     diags.push(
                         Diagnostic::at(Code::E0503, span, format!("colocation of `{}` goes round in a circle", node.name.value))
                             .label("each node here is colocated with the next")
@@ -128,7 +134,10 @@ fn colocation_order(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) -> Option<Vec
 }
 
 fn matches(node: &NodeSpec, m: &PlannedMachine) -> bool {
-    node.placement.machine.as_ref().is_none_or(|p| p.value == m.name)
+    node.placement
+        .machine
+        .as_ref()
+        .is_none_or(|p| p.value == m.name)
         && node
             .placement
             .labels
@@ -142,7 +151,10 @@ pub fn place(r: &Resolved<'_>, env: &Environment, diags: &mut Vec<Diagnostic>) -
     let machines = machines(spec, env);
     let order = colocation_order(r, diags)?;
     let mut st = State {
-        free: machines.iter().map(|m| vec![true; m.gpus as usize]).collect(),
+        free: machines
+            .iter()
+            .map(|m| vec![true; m.gpus as usize])
+            .collect(),
         free_count: machines.iter().map(|m| m.gpus).collect(),
         replicas_on: vec![0; machines.len()],
     };
@@ -153,7 +165,9 @@ pub fn place(r: &Resolved<'_>, env: &Environment, diags: &mut Vec<Diagnostic>) -
         if r.kind(i).is_none() {
             continue;
         }
-        let eligible: Vec<usize> = (0..machines.len()).filter(|&m| matches(node, &machines[m])).collect();
+        let eligible: Vec<usize> = (0..machines.len())
+            .filter(|&m| matches(node, &machines[m]))
+            .collect();
         if eligible.is_empty() {
             diags.push(no_machine(node, &machines));
             failed = true;
@@ -195,7 +209,14 @@ pub fn place(r: &Resolved<'_>, env: &Environment, diags: &mut Vec<Diagnostic>) -
                     failed = true;
                     break;
                 }
-                (tm, format!("colocated with {}/{}", c.value, rep as usize % placed[t].len().max(1)))
+                (
+                    tm,
+                    format!(
+                        "colocated with {}/{}",
+                        c.value,
+                        rep as usize % placed[t].len().max(1)
+                    ),
+                )
             } else {
                 let best = eligible
                     .iter()
@@ -268,8 +289,16 @@ pub fn place(r: &Resolved<'_>, env: &Environment, diags: &mut Vec<Diagnostic>) -
     let mut plan = Plan {
         graph: spec.name.value.clone(),
         namespace: spec.namespace.clone(),
-        nats: spec.cluster.as_ref().and_then(|c| c.nats.as_ref()).map(|s| s.value.clone()),
-        etcd: spec.cluster.as_ref().and_then(|c| c.etcd.as_ref()).map(|s| s.value.clone()),
+        nats: spec
+            .cluster
+            .as_ref()
+            .and_then(|c| c.nats.as_ref())
+            .map(|s| s.value.clone()),
+        etcd: spec
+            .cluster
+            .as_ref()
+            .and_then(|c| c.etcd.as_ref())
+            .map(|s| s.value.clone()),
         machines,
         models: spec
             .models
@@ -306,7 +335,12 @@ fn why_here(node: &NodeSpec, gpus: u32, m: &PlannedMachine, free: u32) -> String
         why.push("pinned".to_string());
     }
     if !node.placement.labels.is_empty() {
-        let l: Vec<String> = node.placement.labels.iter().map(|(k, v)| format!("{}={}", k.value, v.value)).collect();
+        let l: Vec<String> = node
+            .placement
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{}={}", k.value, v.value))
+            .collect();
         why.push(format!("labels {}", l.join(",")));
     }
     if gpus > 0 {
@@ -329,25 +363,51 @@ fn no_machine(node: &NodeSpec, machines: &[PlannedMachine]) -> Diagnostic {
         .iter()
         .map(|m| {
             let l: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("`{}` ({})", m.name, if l.is_empty() { "no labels".to_string() } else { l.join(", ") })
+            format!(
+                "`{}` ({})",
+                m.name,
+                if l.is_empty() {
+                    "no labels".to_string()
+                } else {
+                    l.join(", ")
+                }
+            )
         })
         .collect();
-    Diagnostic::at(Code::E0502, span, format!("no machine matches the placement of `{}`", node.name.value))
-        .label("no machine has all of this")
-        .help(format!("machines: {}", listing.join("; ")))
+    Diagnostic::at(
+        Code::E0502,
+        span,
+        format!("no machine matches the placement of `{}`", node.name.value),
+    )
+    .label("no machine has all of this")
+    .help(format!("machines: {}", listing.join("; ")))
 }
 
-fn no_gpus(node: &NodeSpec, rep: u32, eligible: &[usize], machines: &[PlannedMachine], st: &State) -> Diagnostic {
+fn no_gpus(
+    node: &NodeSpec,
+    rep: u32,
+    eligible: &[usize],
+    machines: &[PlannedMachine],
+    st: &State,
+) -> Diagnostic {
     let gpus = node.gpus.value;
     let (best, free) = eligible
         .iter()
         .map(|&m| (m, st.free_count(m)))
         .max_by_key(|&(m, f)| (f, std::cmp::Reverse(m)))
         .unwrap_or((0, 0));
-    let total = eligible.iter().map(|&m| machines[m].gpus).max().unwrap_or(0);
+    let total = eligible
+        .iter()
+        .map(|&m| machines[m].gpus)
+        .max()
+        .unwrap_or(0);
     let name = machines.get(best).map_or("?", |m| m.name.as_str());
     let msg = if total < gpus {
-        format!("`{}` needs {gpus} GPU{} per replica; the most any machine has is {total} (`{name}`)", node.name.value, plural(gpus))
+        format!(
+            "`{}` needs {gpus} GPU{} per replica; the most any machine has is {total} (`{name}`)",
+            node.name.value,
+            plural(gpus)
+        )
     } else if rep == 0 {
         format!("`{}` needs {gpus} GPU{} per replica; the most free on any machine is {free} (`{name}`)", node.name.value, plural(gpus))
     } else {
@@ -360,7 +420,14 @@ fn no_gpus(node: &NodeSpec, rep: u32, eligible: &[usize], machines: &[PlannedMac
     };
     Diagnostic::at(Code::E0501, node.gpus.span, msg)
         .label(format!("{gpus} GPU{} per replica", plural(gpus)))
-        .with_label(node.replicas.span, format!("{} replica{}", node.replicas.value, plural(node.replicas.value)))
+        .with_label(
+            node.replicas.span,
+            format!(
+                "{} replica{}",
+                node.replicas.value,
+                plural(node.replicas.value)
+            ),
+        )
         .help("lower `gpus` or `replicas`, or add machines with GPUs to [cluster]")
 }
 
@@ -368,12 +435,18 @@ fn no_gpus(node: &NodeSpec, rep: u32, eligible: &[usize], machines: &[PlannedMac
 fn check_http_ports(r: &Resolved<'_>, replicas: &[PlannedReplica], diags: &mut Vec<Diagnostic>) {
     let mut used: BTreeMap<(String, i64), String> = BTreeMap::new();
     for rep in replicas {
-        let Some(&i) = r.node_index.get(rep.id.node.as_str()) else { continue };
+        let Some(&i) = r.node_index.get(rep.id.node.as_str()) else {
+            continue;
+        };
         if r.kind(i).is_none_or(|k| k.name != "frontend") {
             continue;
         }
         let node = &r.spec.nodes[i];
-        let port = node.settings.get("port").and_then(|v| v.value.as_i64()).unwrap_or(8000);
+        let port = node
+            .settings
+            .get("port")
+            .and_then(|v| v.value.as_i64())
+            .unwrap_or(8000);
         if port == 0 {
             continue;
         }
@@ -430,7 +503,10 @@ fn default_value(literal: &str) -> Option<serde_json::Value> {
     Some(match &t.get("v")?.val {
         Val::Str(s) => serde_json::Value::String(s.clone()),
         Val::Int(n) => serde_json::Value::from(*n),
-        Val::Float(x) => serde_json::Number::from_f64(*x).map_or_else(|| serde_json::Value::String(x.to_string()), serde_json::Value::Number),
+        Val::Float(x) => serde_json::Number::from_f64(*x).map_or_else(
+            || serde_json::Value::String(x.to_string()),
+            serde_json::Value::Number,
+        ),
         Val::Bool(b) => serde_json::Value::Bool(*b),
         _ => return None,
     })

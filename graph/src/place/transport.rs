@@ -12,12 +12,20 @@ use crate::spec::TransportChoice;
 use crate::validate::resolve::Resolved;
 use crate::validate::types::memory_of;
 
-pub fn plan_edges(r: &Resolved<'_>, plan: &Plan, diags: &mut Vec<Diagnostic>) -> Option<Vec<PlannedEdge>> {
+pub fn plan_edges(
+    r: &Resolved<'_>,
+    plan: &Plan,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Vec<PlannedEdge>> {
     let mut by_node: HashMap<&str, Vec<&PlannedReplica>> = HashMap::new();
     for rep in &plan.replicas {
         by_node.entry(rep.id.node.as_str()).or_default().push(rep);
     }
-    let machine_gpus: HashMap<&str, u32> = plan.machines.iter().map(|m| (m.name.as_str(), m.gpus)).collect();
+    let machine_gpus: HashMap<&str, u32> = plan
+        .machines
+        .iter()
+        .map(|m| (m.name.as_str(), m.gpus))
+        .collect();
     let mut edges = Vec::with_capacity(r.edges.len());
     let mut ok = true;
     let mut sorted: Vec<_> = r.edges.iter().collect();
@@ -25,8 +33,12 @@ pub fn plan_edges(r: &Resolved<'_>, plan: &Plan, diags: &mut Vec<Diagnostic>) ->
     for e in sorted {
         let spec = &r.spec.edges[e.index];
         let (fnode, tnode) = (&r.spec.nodes[e.from.node], &r.spec.nodes[e.to.node]);
-        let from_reps = by_node.get(fnode.name.value.as_str()).map_or(&[][..], |v| v.as_slice());
-        let to_reps = by_node.get(tnode.name.value.as_str()).map_or(&[][..], |v| v.as_slice());
+        let from_reps = by_node
+            .get(fnode.name.value.as_str())
+            .map_or(&[][..], |v| v.as_slice());
+        let to_reps = by_node
+            .get(tnode.name.value.as_str())
+            .map_or(&[][..], |v| v.as_slice());
         let kv = e.from.port.schema == KV_BLOCKS;
         let memory = memory_of(e.from.port, fnode);
         let requested = spec.transport.value;
@@ -96,7 +108,9 @@ pub fn plan_edges(r: &Resolved<'_>, plan: &Plan, diags: &mut Vec<Diagnostic>) ->
             memory,
             requested,
             queue_size: spec.queue_size,
-            timeout_ms: spec.timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            timeout_ms: spec
+                .timeout
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             links,
             why,
         });
@@ -114,10 +128,23 @@ struct LinkCtx<'p> {
     nats: bool,
 }
 
-fn check_link(t: Transport, requested: TransportChoice, c: &LinkCtx<'_>, r: &Resolved<'_>, edge: usize) -> Option<Diagnostic> {
+fn check_link(
+    t: Transport,
+    requested: TransportChoice,
+    c: &LinkCtx<'_>,
+    r: &Resolved<'_>,
+    edge: usize,
+) -> Option<Diagnostic> {
     let spec = &r.spec.edges[edge];
-    let span = if requested == TransportChoice::Auto { spec.span } else { spec.transport.span };
-    let between = format!("`{}` (process `{}` on `{}`) and `{}` (process `{}` on `{}`)", c.a.id, c.a.process, c.a.machine, c.b.id, c.b.process, c.b.machine);
+    let span = if requested == TransportChoice::Auto {
+        spec.span
+    } else {
+        spec.transport.span
+    };
+    let between = format!(
+        "`{}` (process `{}` on `{}`) and `{}` (process `{}` on `{}`)",
+        c.a.id, c.a.process, c.a.machine, c.b.id, c.b.process, c.b.machine
+    );
     let same_machine = c.a.machine == c.b.machine;
     let d = match t {
         Transport::InProcess if c.a.process != c.b.process => Diagnostic::at(Code::E0401, span, format!("an in-process edge cannot connect {between}"))
@@ -150,7 +177,10 @@ fn check_link(t: Transport, requested: TransportChoice, c: &LinkCtx<'_>, r: &Res
 }
 
 fn spec_schema(r: &Resolved<'_>, edge: usize) -> &'static str {
-    r.edges.iter().find(|e| e.index == edge).map_or("?", |e| e.from.port.schema)
+    r.edges
+        .iter()
+        .find(|e| e.index == edge)
+        .map_or("?", |e| e.from.port.schema)
 }
 
 fn why(requested: TransportChoice, links: &[Link]) -> String {

@@ -10,11 +10,17 @@ use crate::spec::NodeSpec;
 use crate::validate::resolve::Resolved;
 
 fn block_size(n: &NodeSpec) -> i64 {
-    n.settings.get("block_size").and_then(|v| v.value.as_i64()).unwrap_or(16)
+    n.settings
+        .get("block_size")
+        .and_then(|v| v.value.as_i64())
+        .unwrap_or(16)
 }
 
 fn kv_events(n: &NodeSpec) -> bool {
-    n.settings.get("kv_events").and_then(|v| v.value.as_bool()).unwrap_or(true)
+    n.settings
+        .get("kv_events")
+        .and_then(|v| v.value.as_bool())
+        .unwrap_or(true)
 }
 
 pub fn check(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
@@ -34,7 +40,11 @@ fn routers(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
         let workers: BTreeSet<usize> = r
             .edges
             .iter()
-            .filter(|e| e.from.node == i && e.from.port.edge == EdgeKind::Call && r.kind(e.to.node).is_some_and(|k| k.engine))
+            .filter(|e| {
+                e.from.node == i
+                    && e.from.port.edge == EdgeKind::Call
+                    && r.kind(e.to.node).is_some_and(|k| k.engine)
+            })
             .map(|e| e.to.node)
             .collect();
         let feeds_events: BTreeSet<usize> = r
@@ -65,19 +75,32 @@ fn routers(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
             }
         } else if mode != "kv-approx" {
             for &w in &feeds_events {
-                let e = r.edges.iter().find(|e| e.from.node == w && e.to.node == i && e.to.port.name == "events");
+                let e = r
+                    .edges
+                    .iter()
+                    .find(|e| e.from.node == w && e.to.node == i && e.to.port.name == "events");
                 if let Some(e) = e {
                     diags.push(
-                        Diagnostic::at(Code::W0001, r.spec.edges[e.index].span, format!("router `{}` ignores KV events in mode `{mode}`", router.name.value))
-                            .label("these events are never read")
-                            .with_label(mode_span, format!("mode `{mode}`"))
-                            .help("use `mode = \"kv\"` to route by them, or remove the edge"),
+                        Diagnostic::at(
+                            Code::W0001,
+                            r.spec.edges[e.index].span,
+                            format!(
+                                "router `{}` ignores KV events in mode `{mode}`",
+                                router.name.value
+                            ),
+                        )
+                        .label("these events are never read")
+                        .with_label(mode_span, format!("mode `{mode}`"))
+                        .help("use `mode = \"kv\"` to route by them, or remove the edge"),
                     );
                 }
             }
         }
         if mode == "kv" || mode == "kv-approx" {
-            let sizes: BTreeSet<i64> = workers.iter().map(|&w| block_size(&r.spec.nodes[w])).collect();
+            let sizes: BTreeSet<i64> = workers
+                .iter()
+                .map(|&w| block_size(&r.spec.nodes[w]))
+                .collect();
             if sizes.len() > 1 {
                 let mut ws = workers.iter();
                 if let Some(&first) = ws.next() {
@@ -85,12 +108,22 @@ fn routers(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
                     let mut d = Diagnostic::at(
                         Code::E0302,
                         f.setting_span("block_size").unwrap_or(f.name.span),
-                        format!("workers behind router `{}` use different block sizes", router.name.value),
+                        format!(
+                            "workers behind router `{}` use different block sizes",
+                            router.name.value
+                        ),
                     )
-                    .label(format!("`{}` uses {}", f.name.value, block_size(f)));
+                    .label(format!(
+                        "`{}` uses {}",
+                        f.name.value,
+                        block_size(f)
+                    ));
                     for &w in ws {
                         let n = &r.spec.nodes[w];
-                        d = d.with_label(n.setting_span("block_size").unwrap_or(n.name.span), format!("`{}` uses {}", n.name.value, block_size(n)));
+                        d = d.with_label(
+                            n.setting_span("block_size").unwrap_or(n.name.span),
+                            format!("`{}` uses {}", n.name.value, block_size(n)),
+                        );
                     }
                     diags.push(d.help("KV overlap is counted in blocks: give every worker behind one KV router the same `block_size`"));
                 }
@@ -100,24 +133,48 @@ fn routers(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
 }
 
 fn kv_handoff(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
-    for e in r.edges.iter().filter(|e| e.from.port.name == "kv" && e.to.port.name == "kv") {
+    for e in r
+        .edges
+        .iter()
+        .filter(|e| e.from.port.name == "kv" && e.to.port.name == "kv")
+    {
         let (p, d) = (&r.spec.nodes[e.from.node], &r.spec.nodes[e.to.node]);
         if let (Some(pm), Some(dm)) = (p.setting_str("model"), d.setting_str("model")) {
             if pm != dm {
                 diags.push(
-                    Diagnostic::at(Code::E0303, d.setting_span("model").unwrap_or(d.name.span), format!("`{}` receives KV blocks of model `{pm}` but serves `{dm}`", d.name.value))
-                        .label(format!("serves `{dm}`"))
-                        .with_label(p.setting_span("model").unwrap_or(p.name.span), format!("`{}` computes KV for `{pm}`", p.name.value))
-                        .help("a prefill worker and its decode worker must serve the same model"),
+                    Diagnostic::at(
+                        Code::E0303,
+                        d.setting_span("model").unwrap_or(d.name.span),
+                        format!(
+                            "`{}` receives KV blocks of model `{pm}` but serves `{dm}`",
+                            d.name.value
+                        ),
+                    )
+                    .label(format!("serves `{dm}`"))
+                    .with_label(
+                        p.setting_span("model").unwrap_or(p.name.span),
+                        format!("`{}` computes KV for `{pm}`", p.name.value),
+                    )
+                    .help("a prefill worker and its decode worker must serve the same model"),
                 );
             }
         }
         if block_size(p) != block_size(d) {
             diags.push(
-                Diagnostic::at(Code::E0302, d.setting_span("block_size").unwrap_or(d.name.span), format!("`{}` and `{}` exchange KV blocks of different sizes", p.name.value, d.name.value))
-                    .label(format!("`{}` uses {}", d.name.value, block_size(d)))
-                    .with_label(p.setting_span("block_size").unwrap_or(p.name.span), format!("`{}` uses {}", p.name.value, block_size(p)))
-                    .help("give both the same `block_size`"),
+                Diagnostic::at(
+                    Code::E0302,
+                    d.setting_span("block_size").unwrap_or(d.name.span),
+                    format!(
+                        "`{}` and `{}` exchange KV blocks of different sizes",
+                        p.name.value, d.name.value
+                    ),
+                )
+                .label(format!("`{}` uses {}", d.name.value, block_size(d)))
+                .with_label(
+                    p.setting_span("block_size").unwrap_or(p.name.span),
+                    format!("`{}` uses {}", p.name.value, block_size(p)),
+                )
+                .help("give both the same `block_size`"),
             );
         }
     }
@@ -127,14 +184,20 @@ fn kv_handoff(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
 fn models(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
     let n = r.spec.nodes.len();
     let mut out: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for e in r.edges.iter().filter(|e| e.from.port.edge == EdgeKind::Call) {
+    for e in r
+        .edges
+        .iter()
+        .filter(|e| e.from.port.edge == EdgeKind::Call)
+    {
         out[e.from.node].push(e.to.node);
     }
     for (i, pre) in r.spec.nodes.iter().enumerate() {
         if r.kind(i).is_none_or(|k| k.name != "preprocessor") {
             continue;
         }
-        let Some(model) = pre.setting_str("model") else { continue };
+        let Some(model) = pre.setting_str("model") else {
+            continue;
+        };
         let mut seen = vec![false; n];
         let mut stack = vec![i];
         seen[i] = true;
@@ -170,10 +233,17 @@ fn engine_settings(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
         if kind.engine {
             if node.setting_str("device") == Some("cuda") && node.gpus.value == 0 {
                 diags.push(
-                    Diagnostic::at(Code::E0008, node.setting_span("device").unwrap_or(node.name.span), format!("`{}` keeps its KV cache on a GPU but asks for no GPUs", node.name.value))
-                        .label("`device = \"cuda\"`")
-                        .with_label(node.gpus.span, "gpus is 0")
-                        .help("set `gpus = 1` (or more), or `device = \"cpu\"`"),
+                    Diagnostic::at(
+                        Code::E0008,
+                        node.setting_span("device").unwrap_or(node.name.span),
+                        format!(
+                            "`{}` keeps its KV cache on a GPU but asks for no GPUs",
+                            node.name.value
+                        ),
+                    )
+                    .label("`device = \"cuda\"`")
+                    .with_label(node.gpus.span, "gpus is 0")
+                    .help("set `gpus = 1` (or more), or `device = \"cpu\"`"),
                 );
             }
             let engine = node.setting_str("engine").unwrap_or(ENGINES[0]);
@@ -184,9 +254,13 @@ fn engine_settings(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
             for key in useless {
                 if let Some(span) = node.setting_span(key) {
                     diags.push(
-                        Diagnostic::at(Code::W0002, span, format!("`{key}` has no effect on the {engine} engine"))
-                            .label("ignored")
-                            .help(format!("remove it, or use an engine that reads `{key}`")),
+                        Diagnostic::at(
+                            Code::W0002,
+                            span,
+                            format!("`{key}` has no effect on the {engine} engine"),
+                        )
+                        .label("ignored")
+                        .help(format!("remove it, or use an engine that reads `{key}`")),
                     );
                 }
             }
@@ -194,9 +268,13 @@ fn engine_settings(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
         if kind.name == "router" && node.setting_str("mode") != Some("kv-approx") {
             if let Some(span) = node.setting_span("ttl") {
                 diags.push(
-                    Diagnostic::at(Code::W0002, span, "`ttl` only applies to `mode = \"kv-approx\"`")
-                        .label("ignored")
-                        .help("remove it, or set `mode = \"kv-approx\"`"),
+                    Diagnostic::at(
+                        Code::W0002,
+                        span,
+                        "`ttl` only applies to `mode = \"kv-approx\"`",
+                    )
+                    .label("ignored")
+                    .help("remove it, or set `mode = \"kv-approx\"`"),
                 );
             }
         }

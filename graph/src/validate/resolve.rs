@@ -40,12 +40,19 @@ impl<'a> Resolved<'a> {
     }
 
     pub fn node_name(&self, node: usize) -> &'a str {
-        self.spec.nodes.get(node).map_or("?", |n| n.name.value.as_str())
+        self.spec
+            .nodes
+            .get(node)
+            .map_or("?", |n| n.name.value.as_str())
     }
 }
 
 pub fn resolve<'a>(spec: &'a GraphSpec, diags: &mut Vec<Diagnostic>) -> Resolved<'a> {
-    let kinds: Vec<_> = spec.nodes.iter().map(|n| kinds::kind(&n.kind.value)).collect();
+    let kinds: Vec<_> = spec
+        .nodes
+        .iter()
+        .map(|n| kinds::kind(&n.kind.value))
+        .collect();
     let node_index: HashMap<&str, usize> = spec
         .nodes
         .iter()
@@ -68,10 +75,17 @@ pub fn resolve<'a>(spec: &'a GraphSpec, diags: &mut Vec<Diagnostic>) -> Resolved
             if let Some(&first) = seen.get(&key) {
                 let first_span = spec.edges[first].span;
                 diags.push(
-                    Diagnostic::at(Code::E0109, e.span, format!("the edge `{}` -> `{}` is declared twice", e.from.value, e.to.value))
-                        .label("declared again here")
-                        .with_label(first_span, "first declared here")
-                        .help("remove one of them"),
+                    Diagnostic::at(
+                        Code::E0109,
+                        e.span,
+                        format!(
+                            "the edge `{}` -> `{}` is declared twice",
+                            e.from.value, e.to.value
+                        ),
+                    )
+                    .label("declared again here")
+                    .with_label(first_span, "first declared here")
+                    .help("remove one of them"),
                 );
                 continue;
             }
@@ -87,26 +101,51 @@ fn node_names(spec: &GraphSpec) -> impl Iterator<Item = &str> + Clone {
 }
 
 /// Resolve `node.port` (or `node` for its default port).
-fn end(r: &Resolved<'_>, text: &Sp<String>, dir: Direction, diags: &mut Vec<Diagnostic>) -> Option<End> {
-    let side = if dir == Direction::Out { "source" } else { "target" };
+fn end(
+    r: &Resolved<'_>,
+    text: &Sp<String>,
+    dir: Direction,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<End> {
+    let side = if dir == Direction::Out {
+        "source"
+    } else {
+        "target"
+    };
     let (node_name, port_name) = match text.value.split_once('.') {
         Some((n, p)) => (n, Some(p)),
         None => (text.value.as_str(), None),
     };
     if node_name.is_empty() || port_name.is_some_and(|p| p.is_empty() || p.contains('.')) {
         diags.push(
-            Diagnostic::at(Code::E0107, text.span, format!("edge {side} `{}` is not a port reference", text.value))
-                .label("expected `node.port` or `node`")
-                .help("name a node and one of its ports, such as `router.decode`"),
+            Diagnostic::at(
+                Code::E0107,
+                text.span,
+                format!("edge {side} `{}` is not a port reference", text.value),
+            )
+            .label("expected `node.port` or `node`")
+            .help("name a node and one of its ports, such as `router.decode`"),
         );
         return None;
     }
     let Some(&node) = r.node_index.get(node_name) else {
-        let mut d = Diagnostic::at(Code::E0102, text.span, format!("edge {side} `{}` names unknown node `{node_name}`", text.value))
-            .label(format!("no node named `{node_name}`"))
-            .maybe_help(suggest::help_for(node_name, "nodes", node_names(r.spec)));
-        if let Some(near) = suggest::closest(node_name, node_names(r.spec)).and_then(|n| r.spec.node(n)) {
-            d = d.with_label(near.name.span, format!("`{}` is defined here", near.name.value));
+        let mut d = Diagnostic::at(
+            Code::E0102,
+            text.span,
+            format!(
+                "edge {side} `{}` names unknown node `{node_name}`",
+                text.value
+            ),
+        )
+        .label(format!("no node named `{node_name}`"))
+        .maybe_help(suggest::help_for(node_name, "nodes", node_names(r.spec)));
+        if let Some(near) =
+            suggest::closest(node_name, node_names(r.spec)).and_then(|n| r.spec.node(n))
+        {
+            d = d.with_label(
+                near.name.span,
+                format!("`{}` is defined here", near.name.value),
+            );
         }
         diags.push(d);
         return None;
@@ -118,9 +157,13 @@ fn end(r: &Resolved<'_>, text: &Sp<String>, dir: Direction, diags: &mut Vec<Diag
             None => {
                 let names = kind.ports.iter().map(|p| p.name);
                 diags.push(
-                    Diagnostic::at(Code::E0103, text.span, format!("{} `{node_name}` has no port `{p}`", kind.name))
-                        .label(format!("no port `{p}` on a {}", kind.name))
-                        .maybe_help(suggest::help_for(p, "ports", names)),
+                    Diagnostic::at(
+                        Code::E0103,
+                        text.span,
+                        format!("{} `{node_name}` has no port `{p}`", kind.name),
+                    )
+                    .label(format!("no port `{p}` on a {}", kind.name))
+                    .maybe_help(suggest::help_for(p, "ports", names)),
                 );
                 return None;
             }
@@ -128,16 +171,32 @@ fn end(r: &Resolved<'_>, text: &Sp<String>, dir: Direction, diags: &mut Vec<Diag
         None => match kind.default_port(dir) {
             Some(port) => port,
             None => {
-                let names: Vec<_> = kind.ports.iter().filter(|p| p.dir == dir).map(|p| p.name).collect();
-                let what = if dir == Direction::Out { "output" } else { "input" };
+                let names: Vec<_> = kind
+                    .ports
+                    .iter()
+                    .filter(|p| p.dir == dir)
+                    .map(|p| p.name)
+                    .collect();
+                let what = if dir == Direction::Out {
+                    "output"
+                } else {
+                    "input"
+                };
                 diags.push(
-                    Diagnostic::at(Code::E0107, text.span, format!("a {} has no default {what} port", kind.name))
-                        .label("name the port: `node.port`")
-                        .help(if names.is_empty() {
-                            format!("a {} has no {what} ports at all", kind.name)
-                        } else {
-                            format!("its {what} ports: {}", crate::decode::reader::quote_list(&names))
-                        }),
+                    Diagnostic::at(
+                        Code::E0107,
+                        text.span,
+                        format!("a {} has no default {what} port", kind.name),
+                    )
+                    .label("name the port: `node.port`")
+                    .help(if names.is_empty() {
+                        format!("a {} has no {what} ports at all", kind.name)
+                    } else {
+                        format!(
+                            "its {what} ports: {}",
+                            crate::decode::reader::quote_list(&names)
+                        )
+                    }),
                 );
                 return None;
             }
@@ -149,9 +208,13 @@ fn end(r: &Resolved<'_>, text: &Sp<String>, dir: Direction, diags: &mut Vec<Diag
             Direction::In => ("an output", "`to` must name an input port"),
         };
         diags.push(
-            Diagnostic::at(Code::E0108, text.span, format!("`{node_name}.{}` is {is} port", port.name))
-                .label(format!("{is} port"))
-                .help(format!("{want}; did you swap `from` and `to`?")),
+            Diagnostic::at(
+                Code::E0108,
+                text.span,
+                format!("`{node_name}.{}` is {is} port", port.name),
+            )
+            .label(format!("{is} port"))
+            .help(format!("{want}; did you swap `from` and `to`?")),
         );
         return None;
     }
@@ -171,14 +234,20 @@ fn check_references(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
         if let (Some(model), Some(span)) = (n.setting_str("model"), n.setting_span("model")) {
             if spec.model(model).is_none() {
                 let help = if spec.models.is_empty() {
-                    Some(format!("define it: `[models.{model}]` with `path` or `package`"))
+                    Some(format!(
+                        "define it: `[models.{model}]` with `path` or `package`"
+                    ))
                 } else {
                     suggest::help_for(model, "models", model_names())
                 };
                 diags.push(
-                    Diagnostic::at(Code::E0105, span, format!("node `{}` uses unknown model `{model}`", n.name.value))
-                        .label(format!("no model named `{model}`"))
-                        .maybe_help(help),
+                    Diagnostic::at(
+                        Code::E0105,
+                        span,
+                        format!("node `{}` uses unknown model `{model}`", n.name.value),
+                    )
+                    .label(format!("no model named `{model}`"))
+                    .maybe_help(help),
                 );
             }
         }
@@ -190,24 +259,46 @@ fn check_references(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
                     suggest::help_for(&m.value, "machines", machine_names.iter().copied())
                 };
                 diags.push(
-                    Diagnostic::at(Code::E0104, m.span, format!("node `{}` is pinned to unknown machine `{}`", n.name.value, m.value))
-                        .label("not a machine of the cluster")
-                        .maybe_help(help),
+                    Diagnostic::at(
+                        Code::E0104,
+                        m.span,
+                        format!(
+                            "node `{}` is pinned to unknown machine `{}`",
+                            n.name.value, m.value
+                        ),
+                    )
+                    .label("not a machine of the cluster")
+                    .maybe_help(help),
                 );
             }
         }
         if let Some(c) = &n.placement.colocate_with {
             if c.value == n.name.value {
                 diags.push(
-                    Diagnostic::at(Code::E0106, c.span, format!("node `{}` is colocated with itself", n.name.value))
-                        .label("names this node")
-                        .help("name another node, or remove `colocate_with`"),
+                    Diagnostic::at(
+                        Code::E0106,
+                        c.span,
+                        format!("node `{}` is colocated with itself", n.name.value),
+                    )
+                    .label("names this node")
+                    .help("name another node, or remove `colocate_with`"),
                 );
             } else if !r.node_index.contains_key(c.value.as_str()) {
                 diags.push(
-                    Diagnostic::at(Code::E0106, c.span, format!("node `{}` is colocated with unknown node `{}`", n.name.value, c.value))
-                        .label(format!("no node named `{}`", c.value))
-                        .maybe_help(suggest::help_for(&c.value, "nodes", node_names(spec))),
+                    Diagnostic::at(
+                        Code::E0106,
+                        c.span,
+                        format!(
+                            "node `{}` is colocated with unknown node `{}`",
+                            n.name.value, c.value
+                        ),
+                    )
+                    .label(format!("no node named `{}`", c.value))
+                    .maybe_help(suggest::help_for(
+                        &c.value,
+                        "nodes",
+                        node_names(spec),
+                    )),
                 );
             }
         }

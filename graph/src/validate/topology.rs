@@ -18,9 +18,9 @@ pub fn check(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
 }
 
 fn call_edges<'r>(r: &'r Resolved<'_>) -> impl Iterator<Item = &'r ResolvedEdge> {
-    r.edges
-        .iter()
-        .filter(move |e| r.spec.edges[e.index].kind.value == EdgeKind::Call && e.from.port.edge == EdgeKind::Call)
+    r.edges.iter().filter(move |e| {
+        r.spec.edges[e.index].kind.value == EdgeKind::Call && e.from.port.edge == EdgeKind::Call
+    })
 }
 
 /// Every strongly connected component of call edges is one diagnostic naming each edge.
@@ -50,7 +50,10 @@ fn cycles(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
             continue;
         }
         inner.sort_unstable();
-        let names: Vec<String> = comp.iter().map(|&n| format!("`{}`", r.node_name(n))).collect();
+        let names: Vec<String> = comp
+            .iter()
+            .map(|&n| format!("`{}`", r.node_name(n)))
+            .collect();
         let first = &r.spec.edges[inner[0]];
         let mut d = Diagnostic::at(
             Code::E0205,
@@ -105,9 +108,18 @@ fn reachability(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
     for (i, node) in r.spec.nodes.iter().enumerate() {
         if !seen[i] && r.kind(i).is_some() {
             diags.push(
-                Diagnostic::at(Code::E0206, node.name.span, format!("node `{}` cannot be reached from any frontend", node.name.value))
-                    .label("no request ever gets here")
-                    .help("connect it with a call edge from a node that a frontend reaches, or remove it"),
+                Diagnostic::at(
+                    Code::E0206,
+                    node.name.span,
+                    format!(
+                        "node `{}` cannot be reached from any frontend",
+                        node.name.value
+                    ),
+                )
+                .label("no request ever gets here")
+                .help(
+                    "connect it with a call edge from a node that a frontend reaches, or remove it",
+                ),
             );
         }
     }
@@ -116,7 +128,9 @@ fn reachability(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
 fn required_ports(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
     let mut connected: BTreeMap<(usize, &str), usize> = BTreeMap::new();
     for e in &r.edges {
-        *connected.entry((e.from.node, e.from.port.name)).or_default() += 1;
+        *connected
+            .entry((e.from.node, e.from.port.name))
+            .or_default() += 1;
         *connected.entry((e.to.node, e.to.port.name)).or_default() += 1;
     }
     for (i, node) in r.spec.nodes.iter().enumerate() {
@@ -125,22 +139,39 @@ fn required_ports(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
             if !connected.contains_key(&(i, p.name)) {
                 let (dir, example) = match p.dir {
                     Direction::In => ("input", format!("to = \"{}.{}\"", node.name.value, p.name)),
-                    Direction::Out => ("output", format!("from = \"{}.{}\"", node.name.value, p.name)),
+                    Direction::Out => (
+                        "output",
+                        format!("from = \"{}.{}\"", node.name.value, p.name),
+                    ),
                 };
                 diags.push(
-                    Diagnostic::at(Code::E0207, node.name.span, format!("required {dir} port `{}.{}` is not connected", node.name.value, p.name))
-                        .label(format!("`{}` ({}) is never connected", p.name, p.doc))
-                        .help(format!("add an edge with `{example}`")),
+                    Diagnostic::at(
+                        Code::E0207,
+                        node.name.span,
+                        format!(
+                            "required {dir} port `{}.{}` is not connected",
+                            node.name.value, p.name
+                        ),
+                    )
+                    .label(format!("`{}` ({}) is never connected", p.name, p.doc))
+                    .help(format!("add an edge with `{example}`")),
                 );
             }
         }
         for group in kind.require_any {
             if !group.iter().any(|p| connected.contains_key(&(i, *p))) {
-                let ports: Vec<String> = group.iter().map(|p| format!("`{}.{p}`", node.name.value)).collect();
+                let ports: Vec<String> = group
+                    .iter()
+                    .map(|p| format!("`{}.{p}`", node.name.value))
+                    .collect();
                 diags.push(
-                    Diagnostic::at(Code::E0207, node.name.span, format!("{} `{}` sends requests nowhere", kind.name, node.name.value))
-                        .label(format!("connect one of {}", ports.join(" or ")))
-                        .help("connect the router to the workers it chooses among"),
+                    Diagnostic::at(
+                        Code::E0207,
+                        node.name.span,
+                        format!("{} `{}` sends requests nowhere", kind.name, node.name.value),
+                    )
+                    .label(format!("connect one of {}", ports.join(" or ")))
+                    .help("connect the router to the workers it chooses among"),
                 );
             }
         }
@@ -151,7 +182,10 @@ fn fan_out(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
     let mut by_port: BTreeMap<(usize, &str), Vec<usize>> = BTreeMap::new();
     for e in call_edges(r) {
         if !e.from.port.fan_out {
-            by_port.entry((e.from.node, e.from.port.name)).or_default().push(e.index);
+            by_port
+                .entry((e.from.node, e.from.port.name))
+                .or_default()
+                .push(e.index);
         }
     }
     for ((node, port), edges) in by_port {
@@ -159,12 +193,17 @@ fn fan_out(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
             continue;
         }
         let name = r.node_name(node);
-        let mut d = Diagnostic::at(Code::E0209, r.spec.edges[edges[1]].span, format!("output `{name}.{port}` feeds {} edges", edges.len()))
-            .label("second edge from the same output")
-            .with_label(r.spec.edges[edges[0]].span, "first edge");
+        let mut d = Diagnostic::at(
+            Code::E0209,
+            r.spec.edges[edges[1]].span,
+            format!("output `{name}.{port}` feeds {} edges", edges.len()),
+        )
+        .label("second edge from the same output")
+        .with_label(r.spec.edges[edges[0]].span, "first edge");
         for &i in &edges[2..] {
             d = d.with_label(r.spec.edges[i].span, "another edge");
         }
-        diags.push(d.help("only a router chooses among several targets; put a router between them"));
+        diags
+            .push(d.help("only a router chooses among several targets; put a router between them"));
     }
 }

@@ -5,7 +5,9 @@ use super::{safe_id, Drawing};
 use crate::kinds::EdgeKind;
 
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn shape(kind: &str) -> &'static str {
@@ -36,11 +38,18 @@ pub fn render(d: &Drawing) -> String {
         }
     } else {
         for (i, m) in d.machines.iter().enumerate() {
-            let inside: Vec<_> = d.nodes.iter().filter(|n| n.machine.as_deref() == Some(m)).collect();
+            let inside: Vec<_> = d
+                .nodes
+                .iter()
+                .filter(|n| n.machine.as_deref() == Some(m))
+                .collect();
             if inside.is_empty() {
                 continue;
             }
-            out.push_str(&format!("  subgraph cluster_{i} {{\n    label=\"{}\";\n    style=rounded;\n", esc(m)));
+            out.push_str(&format!(
+                "  subgraph cluster_{i} {{\n    label=\"{}\";\n    style=rounded;\n",
+                esc(m)
+            ));
             for n in inside {
                 out.push_str(&node_line(n, "    "));
             }
@@ -55,7 +64,11 @@ pub fn render(d: &Drawing) -> String {
         if e.broken {
             attrs.push_str(", color=red, fontcolor=red");
         }
-        out.push_str(&format!("  {} -> {} [{attrs}];\n", safe_id(&e.from), safe_id(&e.to)));
+        out.push_str(&format!(
+            "  {} -> {} [{attrs}];\n",
+            safe_id(&e.from),
+            safe_id(&e.to)
+        ));
     }
     out.push_str("}\n");
     out

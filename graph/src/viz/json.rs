@@ -3,7 +3,8 @@
 use super::Drawing;
 
 pub fn render(d: &Drawing) -> String {
-    let mut s = serde_json::to_string_pretty(d).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    let mut s =
+        serde_json::to_string_pretty(d).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     s.push('\n');
     s
 }

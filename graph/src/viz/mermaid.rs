@@ -16,7 +16,11 @@ pub fn render(d: &Drawing) -> String {
         }
     } else {
         for (i, m) in d.machines.iter().enumerate() {
-            let inside: Vec<_> = d.nodes.iter().filter(|n| n.machine.as_deref() == Some(m)).collect();
+            let inside: Vec<_> = d
+                .nodes
+                .iter()
+                .filter(|n| n.machine.as_deref() == Some(m))
+                .collect();
             if inside.is_empty() {
                 continue;
             }
@@ -33,7 +37,12 @@ pub fn render(d: &Drawing) -> String {
             EdgeKind::Call => "-->",
             EdgeKind::Feedback => "-.->",
         };
-        out.push_str(&format!("    {} {arrow}|\"{}\"| {}\n", safe_id(&e.from), esc(&e.label()), safe_id(&e.to)));
+        out.push_str(&format!(
+            "    {} {arrow}|\"{}\"| {}\n",
+            safe_id(&e.from),
+            esc(&e.label()),
+            safe_id(&e.to)
+        ));
         if e.broken {
             broken_edges.push(i.to_string());
         }
@@ -48,7 +57,10 @@ pub fn render(d: &Drawing) -> String {
         }
     }
     if !broken_edges.is_empty() {
-        out.push_str(&format!("    linkStyle {} stroke:#d00,color:#d00\n", broken_edges.join(",")));
+        out.push_str(&format!(
+            "    linkStyle {} stroke:#d00,color:#d00\n",
+            broken_edges.join(",")
+        ));
     }
     out
 }

@@ -93,17 +93,31 @@ impl Drawing {
             .filter(|d| d.is_error())
             .filter_map(|d| d.span)
             .collect();
-        let is_broken = |spans: &[Span]| spans.iter().any(|s| error_spans.iter().any(|e| overlaps(*s, *e)));
+        let is_broken = |spans: &[Span]| {
+            spans
+                .iter()
+                .any(|s| error_spans.iter().any(|e| overlaps(*s, *e)))
+        };
         match &c.plan {
             Some(plan) => {
                 // One box per (node, machine).
                 let mut boxes: BTreeMap<(usize, String), DrawNode> = BTreeMap::new();
-                let order: BTreeMap<&str, usize> = plan.nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
+                let order: BTreeMap<&str, usize> = plan
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (n.name.as_str(), i))
+                    .collect();
                 let split: BTreeMap<&str, bool> = plan
                     .nodes
                     .iter()
                     .map(|n| {
-                        let mut ms: Vec<&str> = plan.replicas.iter().filter(|r| r.id.node == n.name).map(|r| r.machine.as_str()).collect();
+                        let mut ms: Vec<&str> = plan
+                            .replicas
+                            .iter()
+                            .filter(|r| r.id.node == n.name)
+                            .map(|r| r.machine.as_str())
+                            .collect();
                         ms.sort_unstable();
                         ms.dedup();
                         (n.name.as_str(), ms.len() > 1)
@@ -117,21 +131,27 @@ impl Drawing {
                     } else {
                         r.id.node.clone()
                     };
-                    let b = boxes.entry((i, r.machine.clone())).or_insert_with(|| DrawNode {
-                        id,
-                        node: r.id.node.clone(),
-                        kind,
-                        replicas: Vec::new(),
-                        machine: Some(r.machine.clone()),
-                        gpus: String::new(),
-                        broken: false,
-                        missing: false,
-                    });
+                    let b = boxes
+                        .entry((i, r.machine.clone()))
+                        .or_insert_with(|| DrawNode {
+                            id,
+                            node: r.id.node.clone(),
+                            kind,
+                            replicas: Vec::new(),
+                            machine: Some(r.machine.clone()),
+                            gpus: String::new(),
+                            broken: false,
+                            missing: false,
+                        });
                     b.replicas.push(r.id.index);
                     let mut g: Vec<u32> = Vec::new();
                     g.extend(&r.gpus);
                     if !g.is_empty() {
-                        b.gpus = if b.gpus.is_empty() || b.gpus == "-" { gpu_list(&g) } else { format!("{},{}", b.gpus, gpu_list(&g)) };
+                        b.gpus = if b.gpus.is_empty() || b.gpus == "-" {
+                            gpu_list(&g)
+                        } else {
+                            format!("{},{}", b.gpus, gpu_list(&g))
+                        };
                     } else if b.gpus.is_empty() {
                         b.gpus = "-".into();
                     }
@@ -140,8 +160,10 @@ impl Drawing {
                 let mut edges = Vec::new();
                 for e in &plan.edges {
                     let transports: Vec<&str> = e.transports().iter().map(|t| t.as_str()).collect();
-                    let froms: Vec<&DrawNode> = nodes.iter().filter(|n| n.node == e.from.node).collect();
-                    let tos: Vec<&DrawNode> = nodes.iter().filter(|n| n.node == e.to.node).collect();
+                    let froms: Vec<&DrawNode> =
+                        nodes.iter().filter(|n| n.node == e.from.node).collect();
+                    let tos: Vec<&DrawNode> =
+                        nodes.iter().filter(|n| n.node == e.to.node).collect();
                     for a in &froms {
                         for b in &tos {
                             edges.push(DrawEdge {
@@ -171,7 +193,8 @@ impl Drawing {
                     .nodes
                     .iter()
                     .map(|n| {
-                        let mut spans = vec![n.name.span, n.kind.span, n.replicas.span, n.gpus.span];
+                        let mut spans =
+                            vec![n.name.span, n.kind.span, n.replicas.span, n.gpus.span];
                         spans.extend(n.settings.values().map(|v| v.span));
                         DrawNode {
                             id: n.name.value.clone(),
@@ -179,7 +202,11 @@ impl Drawing {
                             kind: n.kind.value.clone(),
                             replicas: (0..n.replicas.value.min(1_000)).collect(),
                             machine: None,
-                            gpus: if n.gpus.value == 0 { "-".into() } else { format!("{}/replica", n.gpus.value) },
+                            gpus: if n.gpus.value == 0 {
+                                "-".into()
+                            } else {
+                                format!("{}/replica", n.gpus.value)
+                            },
                             broken: is_broken(&spans),
                             missing: false,
                         }
@@ -187,29 +214,36 @@ impl Drawing {
                     .collect();
                 let mut edges = Vec::new();
                 for e in &spec.edges {
-                    let end = |text: &str, nodes: &mut Vec<DrawNode>, out: bool| -> (String, String) {
-                        let (node, port) = text.split_once('.').unwrap_or((text, ""));
-                        if !nodes.iter().any(|n| n.node == node) {
-                            nodes.push(DrawNode {
-                                id: node.to_string(),
-                                node: node.to_string(),
-                                kind: String::new(),
-                                replicas: Vec::new(),
-                                machine: None,
-                                gpus: "-".into(),
-                                broken: true,
-                                missing: true,
-                            });
-                        }
-                        let port = if port.is_empty() {
-                            let kind = spec.node(node).and_then(|n| kinds::kind(&n.kind.value));
-                            let dir = if out { kinds::Direction::Out } else { kinds::Direction::In };
-                            kind.and_then(|k| k.default_port(dir)).map_or("?", |p| p.name).to_string()
-                        } else {
-                            port.to_string()
+                    let end =
+                        |text: &str, nodes: &mut Vec<DrawNode>, out: bool| -> (String, String) {
+                            let (node, port) = text.split_once('.').unwrap_or((text, ""));
+                            if !nodes.iter().any(|n| n.node == node) {
+                                nodes.push(DrawNode {
+                                    id: node.to_string(),
+                                    node: node.to_string(),
+                                    kind: String::new(),
+                                    replicas: Vec::new(),
+                                    machine: None,
+                                    gpus: "-".into(),
+                                    broken: true,
+                                    missing: true,
+                                });
+                            }
+                            let port = if port.is_empty() {
+                                let kind = spec.node(node).and_then(|n| kinds::kind(&n.kind.value));
+                                let dir = if out {
+                                    kinds::Direction::Out
+                                } else {
+                                    kinds::Direction::In
+                                };
+                                kind.and_then(|k| k.default_port(dir))
+                                    .map_or("?", |p| p.name)
+                                    .to_string()
+                            } else {
+                                port.to_string()
+                            };
+                            (node.to_string(), port)
                         };
-                        (node.to_string(), port)
-                    };
                     let (from, from_port) = end(&e.from.value, &mut nodes, true);
                     let (to, to_port) = end(&e.to.value, &mut nodes, false);
                     let schema = spec
@@ -243,13 +277,21 @@ impl Drawing {
 
 /// An identifier safe in DOT and Mermaid: letters, digits and `_`.
 pub fn safe_id(id: &str) -> String {
-    let mut s: String = id.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let mut s: String = id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
     if s.starts_with(|c: char| c.is_ascii_digit()) || s.is_empty() {
         s.insert(0, 'n');
     }
     // Keep ids distinct when two names differ only in punctuation.
     if s != id {
-        s.push_str(&format!("_{:x}", id.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))) & 0xffff));
+        s.push_str(&format!(
+            "_{:x}",
+            id.bytes()
+                .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+                & 0xffff
+        ));
     }
     s
 }

@@ -9,7 +9,9 @@ use super::{safe_id, Drawing};
 use crate::kinds::EdgeKind;
 
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', " ")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', " ")
 }
 
 /// A plain DOT subset that layout-rs understands.
@@ -23,7 +25,11 @@ fn simple_dot(d: &Drawing) -> String {
             }
         }
         let color = if n.broken { ", color=\"red\"" } else { "" };
-        out.push_str(&format!("  {} [label=\"{}\", shape=box{color}];\n", safe_id(&n.id), esc(&label)));
+        out.push_str(&format!(
+            "  {} [label=\"{}\", shape=box{color}];\n",
+            safe_id(&n.id),
+            esc(&label)
+        ));
     }
     for e in &d.edges {
         let mut label = format!("{}→{}", e.from_port, e.to_port);
@@ -35,7 +41,12 @@ fn simple_dot(d: &Drawing) -> String {
             (EdgeKind::Feedback, false) => ", style=\"dashed\"",
             _ => "",
         };
-        out.push_str(&format!("  {} -> {} [label=\"{}\"{style}];\n", safe_id(&e.from), safe_id(&e.to), esc(&label)));
+        out.push_str(&format!(
+            "  {} -> {} [label=\"{}\"{style}];\n",
+            safe_id(&e.from),
+            safe_id(&e.to),
+            esc(&label)
+        ));
     }
     out.push_str("}\n");
     out
