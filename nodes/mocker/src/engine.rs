@@ -144,6 +144,7 @@ impl Service<TokenRequest, TokenDelta> for MockerEngine {
             .seed
             .unwrap_or_else(|| self.config.seed.wrapping_add(id));
         let (tx, rx) = mpsc::unbounded_channel();
+        let cancel = ctx.cancellation_token();
         let seq = NewSequence {
             id,
             prompt: req.token_ids,
@@ -153,18 +154,34 @@ impl Service<TokenRequest, TokenDelta> for MockerEngine {
             seed,
         };
         tracing::debug!(request_id = %ctx.request_id, seq = id, "mocker: request queued");
-        if self.control.send(Control::Submit { seq, tx }).is_err() {
+        let submit = Control::Submit {
+            seq,
+            tx,
+            cancel: cancel.clone(),
+        };
+        if self.control.send(submit).is_err() {
             return self.refuse(ServeError::unavailable("the mocker engine is shut down"));
         }
         Box::pin(DeltaStream {
             id,
             rx,
-            cancelled: Box::pin(ctx.cancellation_token().cancelled_owned()),
+            cancelled: Box::pin(cancel.cancelled_owned()),
             control: self.control.clone(),
             done: false,
         })
     }
 }
+
+/// Where a request's deltas go, and its cancellation, which the loop checks itself so a
+/// cancelled request is dropped even when nobody polls or drops its stream.
+struct Caller {
+    tx: mpsc::UnboundedSender<DeltaResult>,
+    cancel: CancellationToken,
+}
+
+/// Every this many steps the loop looks for cancelled requests that are not producing
+/// tokens (waiting, or in a long chunked prefill).
+const CANCEL_SWEEP_STEPS: u64 = 64;
 
 /// The task that owns the scheduler.
 struct StepLoop {
@@ -174,7 +191,7 @@ struct StepLoop {
     stats: Arc<StatsCell>,
     stop: CancellationToken,
     speedup: f64,
-    streams: HashMap<SeqId, mpsc::UnboundedSender<DeltaResult>>,
+    streams: HashMap<SeqId, Caller>,
     outputs: Vec<SeqOutput>,
     kv_events: Vec<KvEvent>,
     steps: u64,
@@ -220,6 +237,9 @@ impl StepLoop {
 
             let started = self.step_start();
             self.outputs.clear();
+            if self.steps % CANCEL_SWEEP_STEPS == 0 {
+                self.sweep_cancelled();
+            }
             let work = self.core.step(&mut self.outputs);
             self.steps += 1;
             self.publish();
@@ -272,41 +292,59 @@ impl StepLoop {
 
     fn handle(&mut self, msg: Control) {
         match msg {
-            Control::Submit { seq, tx } => {
+            Control::Submit { seq, tx, cancel } => {
                 let id = seq.id;
                 match self.core.add(seq) {
                     Ok(()) => {
-                        self.streams.insert(id, tx);
+                        self.streams.insert(id, Caller { tx, cancel });
                     }
                     Err(err) => {
                         let _ = tx.send(Err(ServeError::invalid(err.to_string())));
                     }
                 }
             }
-            Control::Abort(id) => {
-                if self.streams.remove(&id).is_some() {
-                    self.core.abort(id);
-                    tracing::debug!(seq = id, "mocker: request aborted, blocks released");
-                }
-            }
+            Control::Abort(id) => self.abort(id),
             Control::ClearCache => self.core.clear_cache(),
         }
+    }
+
+    /// Removes a request and frees its blocks, if it is still here.
+    fn abort(&mut self, id: SeqId) {
+        if self.streams.remove(&id).is_some() {
+            self.core.abort(id);
+            tracing::debug!(seq = id, "mocker: request aborted, blocks released");
+        }
+    }
+
+    /// Drops every cancelled request, producing tokens or not.
+    fn sweep_cancelled(&mut self) {
+        let core = &mut self.core;
+        self.streams.retain(|&id, caller| {
+            let keep = !caller.cancel.is_cancelled();
+            if !keep {
+                core.abort(id);
+            }
+            keep
+        });
     }
 
     /// One delta per sequence that produced a token this step.
     fn send_outputs(&mut self) {
         for out in self.outputs.drain(..) {
-            let Some(tx) = self.streams.get(&out.id) else {
+            let Some(caller) = self.streams.get(&out.id) else {
                 continue; // aborted while the step ran
             };
-            let delta = TokenDelta {
-                token_ids: vec![out.token],
-                finish_reason: out.finish,
-                cached_tokens: out.cached_tokens,
+            // A cancelled caller gets no more tokens; its stream ends itself when polled.
+            let gone = caller.cancel.is_cancelled() || {
+                let delta = TokenDelta {
+                    token_ids: vec![out.token],
+                    finish_reason: out.finish,
+                    cached_tokens: out.cached_tokens,
+                };
+                caller.tx.send(Ok(delta)).is_err()
             };
-            let gone = tx.send(Ok(delta)).is_err();
             if gone && out.finish.is_none() {
-                // The caller went away without a word: free its blocks now.
+                // Cancelled, or the stream was dropped: free its blocks now.
                 self.core.abort(out.id);
             }
             if gone || out.finish.is_some() {
@@ -327,9 +365,11 @@ impl StepLoop {
     }
 
     fn close_streams(&mut self) {
-        for (id, tx) in self.streams.drain() {
+        for (id, caller) in self.streams.drain() {
             self.core.abort(id);
-            let _ = tx.send(Err(ServeError::unavailable("the mocker engine shut down")));
+            let _ = caller
+                .tx
+                .send(Err(ServeError::unavailable("the mocker engine shut down")));
         }
         self.publish();
     }

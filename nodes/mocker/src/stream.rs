@@ -9,7 +9,7 @@ use dynamo_protocol::{FinishReason, TokenDelta};
 use dynamo_runtime::ServeError;
 use futures::Stream;
 use tokio::sync::mpsc;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::sequence::SeqId;
 
@@ -21,6 +21,7 @@ pub(crate) enum Control {
     Submit {
         seq: crate::sequence::NewSequence,
         tx: mpsc::UnboundedSender<DeltaResult>,
+        cancel: CancellationToken,
     },
     Abort(SeqId),
     ClearCache,

@@ -150,6 +150,45 @@ async fn cancelling_mid_stream_frees_every_block() {
 }
 
 #[tokio::test]
+async fn a_cancelled_request_is_dropped_even_if_nobody_polls_its_stream() {
+    let engine = MockerEngine::start(MockerConfig {
+        speedup: 10.0,
+        ..MockerConfig::default()
+    })
+    .unwrap();
+    let ctx = RequestContext::new("cancel-me");
+    let mut stream = engine.call(request((3..300).collect(), 10_000), ctx.clone());
+    stream.next().await.unwrap().unwrap();
+    ctx.cancel();
+    let s = wait_for(&engine, |s| s.blocks_active == 0).await;
+    assert_eq!((s.running, s.waiting), (0, 0));
+    // The stream, polled at last, says why it ended.
+    let last = stream.next().await.unwrap().unwrap();
+    assert_eq!(last.finish_reason, Some(FinishReason::Cancelled));
+}
+
+#[tokio::test]
+async fn a_cancelled_waiting_request_leaves_the_queue() {
+    let engine = MockerEngine::start(MockerConfig {
+        speedup: 10.0,
+        max_num_seqs: 1,
+        ..MockerConfig::default()
+    })
+    .unwrap();
+    let mut running = engine.call(
+        request((3..300).collect(), 10_000),
+        RequestContext::new("a"),
+    );
+    running.next().await.unwrap().unwrap();
+    let ctx = RequestContext::new("b");
+    let _waiting = engine.call(request((400..500).collect(), 10), ctx.clone());
+    wait_for(&engine, |s| s.waiting == 1).await;
+    ctx.cancel();
+    let s = wait_for(&engine, |s| s.waiting == 0).await;
+    assert_eq!(s.running, 1);
+}
+
+#[tokio::test]
 async fn dropping_the_stream_frees_every_block() {
     let engine = MockerEngine::start(MockerConfig {
         speedup: 10.0,
