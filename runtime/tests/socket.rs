@@ -154,6 +154,52 @@ async fn two_hundred_concurrent_streams_share_one_connection() {
 }
 
 #[tokio::test]
+async fn a_stalled_consumer_holds_back_only_its_own_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.sock");
+    let (_stop, _) = serve_here(&path);
+    let config = SocketClientConfig {
+        stream_window: 8,
+        ..Default::default()
+    };
+    let client = SocketClient::connect_with(&path, config)
+        .await
+        .expect("connect");
+    let count = client.endpoint::<Count, u32>("count");
+    // Read one item, then never poll it again (but keep it alive).
+    let mut stalled = count.call(
+        Count {
+            from: 0,
+            n: 100_000,
+            delay_ms: 0,
+        },
+        RequestContext::new("stalled"),
+    );
+    assert_eq!(
+        tokio::time::timeout(LIMIT, stalled.next())
+            .await
+            .expect("first"),
+        Some(Ok(0))
+    );
+    let got = collect(count.call(
+        Count {
+            from: 0,
+            n: 5_000,
+            delay_ms: 0,
+        },
+        RequestContext::new("busy"),
+    ))
+    .await;
+    assert_eq!(got.len(), 5_000);
+    assert!(got.iter().enumerate().all(|(i, r)| r == &Ok(i as u32)));
+    // The stalled stream resumes where it was, nothing lost.
+    let next: Vec<_> = tokio::time::timeout(LIMIT, (&mut stalled).take(20).collect::<Vec<_>>())
+        .await
+        .expect("resume");
+    assert_eq!(next, (1..21).map(Ok).collect::<Vec<_>>());
+}
+
+#[tokio::test]
 async fn dropping_the_client_stream_cancels_the_server_context() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("s.sock");

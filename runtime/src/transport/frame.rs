@@ -6,6 +6,11 @@
 //! frame is the postcard-encoded payload. Keeping the payload outside the header means it
 //! is encoded straight into the outgoing buffer and decoded straight from the received one:
 //! no intermediate copy in either direction.
+//!
+//! Flow control is per stream, by credit: a `Request` says how many `Response` frames the
+//! server may send before it waits (`window`), and the client returns `Credit` as its
+//! consumer takes items. A slow consumer therefore holds back only its own stream, never
+//! the connection it shares with other streams.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -18,6 +23,9 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024 * 1024;
 
 const LEN_PREFIX: usize = 4;
 
+/// Largest per-stream flow-control window (responses in flight) either side uses.
+pub const MAX_WINDOW: u32 = 4096;
+
 /// Identifies one request stream on a connection; chosen by the client.
 pub type StreamId = u64;
 
@@ -27,6 +35,8 @@ pub enum Header<'a> {
     /// Opens a stream; the request payload follows the header.
     Request {
         stream_id: StreamId,
+        /// Response frames the server may send before it needs more credit.
+        window: u32,
         endpoint: &'a str,
         request_id: &'a str,
         #[serde(borrow)]
@@ -43,6 +53,8 @@ pub enum Header<'a> {
     },
     /// The client dropped the stream; the server cancels the request.
     Cancel { stream_id: StreamId },
+    /// The client consumed `n` more responses; the server may send `n` more.
+    Credit { stream_id: StreamId, n: u32 },
 }
 
 impl Header<'_> {
@@ -52,7 +64,8 @@ impl Header<'_> {
             | Header::Response { stream_id }
             | Header::End { stream_id }
             | Header::Error { stream_id, .. }
-            | Header::Cancel { stream_id } => *stream_id,
+            | Header::Cancel { stream_id }
+            | Header::Credit { stream_id, .. } => *stream_id,
         }
     }
 }
@@ -153,6 +166,7 @@ mod tests {
         roundtrip(
             Header::Request {
                 stream_id: 7,
+                window: 64,
                 endpoint: "generate",
                 request_id: "req-1",
                 traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
@@ -174,6 +188,13 @@ mod tests {
             None,
         );
         roundtrip(Header::Cancel { stream_id: 3 }, None);
+        roundtrip(
+            Header::Credit {
+                stream_id: 4,
+                n: 32,
+            },
+            None,
+        );
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! `Arc<dyn Service<Req, Resp>>`, so a node calls its output port the same way whichever
 //! transport the plan picked.
 
+mod client_stream;
 pub mod frame;
 pub mod in_process;
+mod server_stream;
 pub mod socket_client;
 pub mod socket_server;
 mod writer;

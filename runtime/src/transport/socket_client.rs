@@ -6,26 +6,23 @@
 //! call reconnects (bounded by the connect timeout).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
-use futures::future::BoxFuture;
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, StreamExt};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
-use super::frame::{self, Header, StreamId};
+use super::client_stream::{ClientStream, Incoming, Open, StreamGuard};
+use super::frame::{self, Header, StreamId, MAX_WINDOW};
 use super::writer::write_frames;
 use crate::edge::{error_stream, Message, RequestContext, ResponseStream, Service};
 use crate::error::ServeError;
@@ -34,9 +31,9 @@ use crate::error::ServeError;
 pub struct SocketClientConfig {
     /// Longest a (re)connect may take before the call fails with `Unavailable`.
     pub connect_timeout: Duration,
-    /// Response items buffered per stream before the connection's reader waits for the
-    /// consumer (backpressure; a stalled consumer stalls its whole connection).
-    pub stream_buffer: usize,
+    /// Responses the server may send on one stream ahead of its consumer (flow-control
+    /// window, at most 4096). A slow consumer holds back only its own stream.
+    pub stream_window: usize,
     /// Frames queued for the writer before callers wait.
     pub write_queue: usize,
 }
@@ -45,7 +42,7 @@ impl Default for SocketClientConfig {
     fn default() -> Self {
         SocketClientConfig {
             connect_timeout: Duration::from_secs(2),
-            stream_buffer: 64,
+            stream_window: 64,
             write_queue: 256,
         }
     }
@@ -70,6 +67,8 @@ pub struct SocketClient {
 
 struct ClientInner {
     path: PathBuf,
+    /// The path as text, for error messages.
+    display: Arc<str>,
     config: SocketClientConfig,
     current: ArcSwapOption<Connection>,
     reconnect: tokio::sync::Mutex<()>,
@@ -104,6 +103,7 @@ impl SocketClient {
         SocketClient {
             inner: Arc::new(ClientInner {
                 path: path.as_ref().to_path_buf(),
+                display: path.as_ref().display().to_string().into(),
                 config,
                 current: ArcSwapOption::empty(),
                 reconnect: tokio::sync::Mutex::new(()),
@@ -160,6 +160,12 @@ impl ClientInner {
         Ok(conn)
     }
 
+    fn window(&self) -> u32 {
+        u32::try_from(self.config.stream_window)
+            .unwrap_or(MAX_WINDOW)
+            .clamp(1, MAX_WINDOW)
+    }
+
     fn live(&self) -> Option<Arc<Connection>> {
         self.current
             .load_full()
@@ -167,17 +173,11 @@ impl ClientInner {
     }
 }
 
-enum Incoming {
-    Item(Bytes),
-    End,
-    Error(ServeError),
-}
-
-struct Connection {
-    out: mpsc::Sender<Bytes>,
+/// One live connection: the writer's queue and the streams waiting for frames.
+pub(super) struct Connection {
+    pub(super) out: mpsc::Sender<Bytes>,
     streams: Mutex<HashMap<StreamId, mpsc::Sender<Incoming>>>,
-    closed: CancellationToken,
-    stream_buffer: usize,
+    pub(super) closed: CancellationToken,
 }
 
 impl Connection {
@@ -188,28 +188,35 @@ impl Connection {
             out,
             streams: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
-            stream_buffer: config.stream_buffer.max(1),
         });
         tokio::spawn(write_frames(wr, queue, conn.closed.clone()));
         tokio::spawn(read_frames(rd, conn.clone()));
         conn
     }
 
-    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<StreamId, mpsc::Sender<Incoming>>> {
+    pub(super) fn streams(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<StreamId, mpsc::Sender<Incoming>>> {
         self.streams
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn deliver(&self, id: StreamId, item: Incoming, last: bool) {
-        let tx = if last {
-            self.streams().remove(&id)
+    /// Hands a frame to its stream without waiting: the stream's channel holds its whole
+    /// window plus the final frame, so only a server ignoring flow control can fill it.
+    fn deliver(&self, id: StreamId, item: Incoming, last: bool) -> Result<(), String> {
+        let mut streams = self.streams();
+        let sent = if last {
+            streams.remove(&id).map(|tx| tx.try_send(item))
         } else {
-            self.streams().get(&id).cloned()
+            streams.get(&id).map(|tx| tx.try_send(item))
         };
-        // No entry: the caller dropped the stream and a Cancel is on its way.
-        if let Some(tx) = tx {
-            let _ = tx.send(item).await;
+        match sent {
+            Some(Err(mpsc::error::TrySendError::Full(_))) => Err(format!(
+                "server overran the flow-control window of stream {id}"
+            )),
+            // Closed or absent: the caller dropped the stream and a Cancel is on its way.
+            _ => Ok(()),
         }
     }
 }
@@ -238,19 +245,20 @@ async fn read_frames(rd: OwnedReadHalf, conn: Arc<Connection>) {
                 break;
             }
         };
-        match header {
+        let delivered = match header {
             Header::Response { stream_id } => {
                 let item = bytes.slice(bytes.len() - payload.len()..);
-                conn.deliver(stream_id, Incoming::Item(item), false).await;
+                conn.deliver(stream_id, Incoming::Item(item), false)
             }
-            Header::End { stream_id } => conn.deliver(stream_id, Incoming::End, true).await,
+            Header::End { stream_id } => conn.deliver(stream_id, Incoming::End, true),
             Header::Error { stream_id, error } => {
-                conn.deliver(stream_id, Incoming::Error(error), true).await
+                conn.deliver(stream_id, Incoming::Error(error), true)
             }
-            other => {
-                tracing::error!(frame = ?other, "unexpected frame from a server; closing socket connection");
-                break;
-            }
+            other => Err(format!("unexpected frame from a server: {other:?}")),
+        };
+        if let Err(e) = delivered {
+            tracing::error!(error = %e, "closing socket connection");
+            break;
         }
     }
     conn.closed.cancel();
@@ -266,8 +274,10 @@ struct Endpoint<Req, Resp> {
 impl<Req: Message, Resp: Message> Service<Req, Resp> for Endpoint<Req, Resp> {
     fn call(&self, req: Req, ctx: RequestContext) -> ResponseStream<Resp> {
         let stream_id = self.client.next_stream.fetch_add(1, Ordering::Relaxed);
+        let window = self.client.window();
         let header = Header::Request {
             stream_id,
+            window,
             endpoint: &self.name,
             request_id: &ctx.request_id,
             traceparent: ctx.traceparent.as_deref(),
@@ -281,137 +291,21 @@ impl<Req: Message, Resp: Message> Service<Req, Resp> for Endpoint<Req, Resp> {
         let client = self.client.clone();
         let open = async move {
             let conn = client.connection().await?;
-            let (tx, rx) = mpsc::channel(conn.stream_buffer);
+            // Room for the whole window plus the final End or Error frame.
+            let (tx, rx) = mpsc::channel(window as usize + 1);
             conn.streams().insert(stream_id, tx);
-            let guard = StreamGuard {
-                conn,
-                stream_id,
-                finished: false,
-            };
+            let guard = StreamGuard::new(conn, stream_id);
             if guard.conn.out.send(request).await.is_err() {
                 return Err(ServeError::unavailable(
                     "connection closed before the request was sent",
                 ));
             }
-            Ok(Open { rx, guard })
+            Ok(Open::new(rx, guard, window))
         };
-        Box::pin(ClientStream::<Resp> {
-            state: State::Opening(open.boxed()),
-            cancelled: Box::pin(ctx.cancellation_token().cancelled_owned()),
-            path: self.client.clone(),
-            _types: PhantomData,
-        })
-    }
-}
-
-struct Open {
-    rx: mpsc::Receiver<Incoming>,
-    guard: StreamGuard,
-}
-
-/// Unregisters a stream and, unless it ended on its own, tells the server to cancel it.
-struct StreamGuard {
-    conn: Arc<Connection>,
-    stream_id: StreamId,
-    finished: bool,
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.conn.streams().remove(&self.stream_id);
-        if self.finished || self.conn.closed.is_cancelled() {
-            return;
-        }
-        let header = Header::Cancel {
-            stream_id: self.stream_id,
-        };
-        let Ok(frame) = frame::encode(&mut BytesMut::new(), &header, None::<&()>) else {
-            return;
-        };
-        if let Err(mpsc::error::TrySendError::Full(frame)) = self.conn.out.try_send(frame) {
-            // The writer is busy: queue the cancel behind the frames already waiting.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let out = self.conn.out.clone();
-                rt.spawn(async move { out.send(frame).await });
-            }
-        }
-    }
-}
-
-enum State {
-    Opening(BoxFuture<'static, Result<Open, ServeError>>),
-    Open(Open),
-    Done,
-}
-
-struct ClientStream<Resp> {
-    state: State,
-    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
-    path: Arc<ClientInner>,
-    _types: PhantomData<fn() -> Resp>,
-}
-
-impl<Resp: Message> ClientStream<Resp> {
-    fn finish(
-        &mut self,
-        item: Option<Result<Resp, ServeError>>,
-        ended_by_server: bool,
-    ) -> Poll<Option<Result<Resp, ServeError>>> {
-        if let State::Open(open) = &mut self.state {
-            open.guard.finished = ended_by_server;
-        }
-        self.state = State::Done;
-        Poll::Ready(item)
-    }
-}
-
-impl<Resp: Message> Stream for ClientStream<Resp> {
-    type Item = Result<Resp, ServeError>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        loop {
-            match &mut this.state {
-                State::Done => return Poll::Ready(None),
-                State::Opening(open) => match open.as_mut().poll(cx) {
-                    Poll::Ready(Ok(o)) => this.state = State::Open(o),
-                    Poll::Ready(Err(e)) => return this.finish(Some(Err(e)), true),
-                    Poll::Pending => {
-                        if this.cancelled.as_mut().poll(cx).is_ready() {
-                            return this.finish(Some(Err(ServeError::cancelled())), false);
-                        }
-                        return Poll::Pending;
-                    }
-                },
-                State::Open(open) => {
-                    return match open.rx.poll_recv(cx) {
-                        Poll::Ready(Some(Incoming::Item(bytes))) => {
-                            match frame::decode_payload(&bytes) {
-                                Ok(item) => Poll::Ready(Some(Ok(item))),
-                                Err(e) => {
-                                    let msg = format!("cannot decode response: {e}");
-                                    this.finish(Some(Err(ServeError::internal(msg))), false)
-                                }
-                            }
-                        }
-                        Poll::Ready(Some(Incoming::End)) => this.finish(None, true),
-                        Poll::Ready(Some(Incoming::Error(e))) => this.finish(Some(Err(e)), true),
-                        Poll::Ready(None) => {
-                            let msg = format!(
-                                "connection to {} lost mid-stream",
-                                this.path.path.display()
-                            );
-                            this.finish(Some(Err(ServeError::unavailable(msg))), true)
-                        }
-                        Poll::Pending => {
-                            if this.cancelled.as_mut().poll(cx).is_ready() {
-                                return this.finish(Some(Err(ServeError::cancelled())), false);
-                            }
-                            Poll::Pending
-                        }
-                    };
-                }
-            }
-        }
+        Box::pin(ClientStream::<Resp>::new(
+            open.boxed(),
+            &ctx,
+            self.client.display.clone(),
+        ))
     }
 }

@@ -9,17 +9,17 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use serde::Serialize;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::frame::{self, FrameError, Header, StreamId};
+use super::frame::{self, Header, StreamId, MAX_WINDOW};
+use super::server_stream::{Endpoint, Outbox, Typed};
 use super::writer::write_frames;
 use crate::drain::{Drain, InFlight};
-use crate::edge::{Message, RequestContext, ResponseStream, Service};
+use crate::edge::{Message, RequestContext, Service};
 use crate::error::{ErrorKind, ServeError};
 
 /// Frames queued for one connection's writer before response streams wait (backpressure).
@@ -155,7 +155,14 @@ struct Shared {
 struct Conn {
     out: mpsc::Sender<Bytes>,
     token: CancellationToken,
-    streams: Mutex<HashMap<StreamId, CancellationToken>>,
+    streams: Mutex<HashMap<StreamId, StreamEntry>>,
+}
+
+/// A request stream in flight: how to cancel it and how much it may still send.
+struct StreamEntry {
+    cancel: CancellationToken,
+    credits: Arc<Semaphore>,
+    window: u32,
 }
 
 async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
@@ -192,6 +199,7 @@ async fn handle_frame(bytes: &[u8], conn: &Arc<Conn>, shared: &Shared) -> Result
     match header {
         Header::Request {
             stream_id,
+            window,
             endpoint,
             request_id,
             traceparent,
@@ -218,11 +226,22 @@ async fn handle_frame(bytes: &[u8], conn: &Arc<Conn>, shared: &Shared) -> Result
             );
             let span =
                 tracing::info_span!("serve", endpoint, request_id = %ctx.request_id, stream_id);
-            match handler.open(stream_id, payload, ctx, conn.out.clone()) {
+            let window = window.clamp(1, MAX_WINDOW);
+            let credits = Arc::new(Semaphore::new(window as usize));
+            let out = Outbox {
+                frames: conn.out.clone(),
+                credits: credits.clone(),
+            };
+            match handler.open(stream_id, payload, ctx, out) {
                 Ok(pump) => {
-                    let replaced = lock(&conn.streams).insert(stream_id, token);
+                    let entry = StreamEntry {
+                        cancel: token,
+                        credits,
+                        window,
+                    };
+                    let replaced = lock(&conn.streams).insert(stream_id, entry);
                     if let Some(old) = replaced {
-                        old.cancel();
+                        old.cancel.cancel();
                     }
                     tokio::spawn(finish(pump, conn.clone(), stream_id, in_flight).instrument(span));
                     Ok(())
@@ -234,8 +253,18 @@ async fn handle_frame(bytes: &[u8], conn: &Arc<Conn>, shared: &Shared) -> Result
             }
         }
         Header::Cancel { stream_id } => {
-            if let Some(token) = lock(&conn.streams).remove(&stream_id) {
-                token.cancel();
+            if let Some(entry) = lock(&conn.streams).remove(&stream_id) {
+                entry.cancel.cancel();
+            }
+            Ok(())
+        }
+        Header::Credit { stream_id, n } => {
+            if let Some(entry) = lock(&conn.streams).get(&stream_id) {
+                // Never beyond the window: a confused client cannot unbound the stream.
+                let available =
+                    u32::try_from(entry.credits.available_permits()).unwrap_or(u32::MAX);
+                let n = n.min(entry.window.saturating_sub(available));
+                entry.credits.add_permits(n as usize);
             }
             Ok(())
         }
@@ -260,95 +289,4 @@ async fn send_error(conn: &Conn, stream_id: StreamId, error: ServeError) -> Resu
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// An endpoint with its types erased, so one server holds endpoints of any types.
-trait Endpoint: Send + Sync {
-    /// Decodes the request, calls the service and returns the task that streams its
-    /// responses into `out`.
-    fn open(
-        &self,
-        stream_id: StreamId,
-        payload: &[u8],
-        ctx: RequestContext,
-        out: mpsc::Sender<Bytes>,
-    ) -> Result<BoxFuture<'static, ()>, FrameError>;
-}
-
-struct Typed<Req, Resp> {
-    service: Arc<dyn Service<Req, Resp>>,
-}
-
-impl<Req: Message, Resp: Message> Endpoint for Typed<Req, Resp> {
-    fn open(
-        &self,
-        stream_id: StreamId,
-        payload: &[u8],
-        ctx: RequestContext,
-        out: mpsc::Sender<Bytes>,
-    ) -> Result<BoxFuture<'static, ()>, FrameError> {
-        let req: Req = frame::decode_payload(payload)?;
-        let token = ctx.cancellation_token();
-        let stream = self.service.call(req, ctx);
-        Ok(Box::pin(pump(stream_id, stream, token, out)))
-    }
-}
-
-/// Moves one response stream onto the connection until it ends or is cancelled.
-async fn pump<Resp: Serialize>(
-    stream_id: StreamId,
-    mut stream: ResponseStream<Resp>,
-    cancel: CancellationToken,
-    out: mpsc::Sender<Bytes>,
-) {
-    let mut buf = BytesMut::with_capacity(256);
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            next = stream.next() => next,
-        };
-        let (frame, last) = match next {
-            Some(Ok(item)) => {
-                match frame::encode(&mut buf, &Header::Response { stream_id }, Some(&item)) {
-                    Ok(f) => (Some(f), false),
-                    Err(e) => {
-                        let error = ServeError::internal(format!("cannot encode response: {e}"));
-                        (
-                            encode_end(&mut buf, Header::Error { stream_id, error }),
-                            true,
-                        )
-                    }
-                }
-            }
-            Some(Err(error)) => (
-                encode_end(&mut buf, Header::Error { stream_id, error }),
-                true,
-            ),
-            None => (encode_end(&mut buf, Header::End { stream_id }), true),
-        };
-        let Some(frame) = frame else { return };
-        let sent = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            r = out.send(frame) => r.is_ok(),
-        };
-        if last || !sent {
-            return;
-        }
-    }
-}
-
-/// Encodes a frame that carries no payload. Only an error message too large for a frame
-/// can fail; a short internal error goes instead, and if even that fails the stream stops.
-fn encode_end(buf: &mut BytesMut, header: Header<'_>) -> Option<Bytes> {
-    let stream_id = header.stream_id();
-    match frame::encode(buf, &header, None::<&()>) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot encode end-of-stream frame");
-            let error = ServeError::internal("error message too large to send");
-            frame::encode(buf, &Header::Error { stream_id, error }, None::<&()>).ok()
-        }
-    }
 }
