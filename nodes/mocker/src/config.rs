@@ -20,7 +20,9 @@ pub struct MockerConfig {
     pub max_batched_tokens: usize,
     /// Reuse KV blocks of equal prefixes and publish KV events.
     pub enable_prefix_caching: bool,
-    /// Time divisor of the timing model; `inf` is instant mode: the step loop never sleeps.
+    /// Time divisor of the timing model; infinite is instant mode: the step loop never
+    /// sleeps. In a file: a positive number, or `"instant"` (also `inf` in TOML).
+    #[serde(with = "speedup_serde")]
     pub speedup: f64,
     /// Output tokens are drawn from `0..vocab_size`.
     pub vocab_size: u32,
@@ -148,6 +150,55 @@ impl MockerConfig {
     }
 }
 
+/// `speedup` as a number, or the word `"instant"` for infinity (JSON has no infinity).
+mod speedup_serde {
+    use std::fmt;
+
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(speedup: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if *speedup == f64::INFINITY {
+            s.serialize_str("instant")
+        } else {
+            s.serialize_f64(*speedup)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        d.deserialize_any(SpeedupVisitor)
+    }
+
+    struct SpeedupVisitor;
+
+    impl Visitor<'_> for SpeedupVisitor {
+        type Value = f64;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a positive number or \"instant\"")
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<f64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<f64, E> {
+            match v {
+                "instant" | "inf" | "infinity" => Ok(f64::INFINITY),
+                other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +262,17 @@ mod tests {
         assert_eq!(config.max_num_seqs, MockerConfig::default().max_num_seqs);
         let err = serde_json::from_str::<MockerConfig>(r#"{"blok_size": 64}"#).unwrap_err();
         assert!(err.to_string().contains("blok_size"), "{err}");
+    }
+
+    #[test]
+    fn instant_speedup_round_trips_through_json() {
+        let json = serde_json::to_string(&MockerConfig::instant()).unwrap();
+        assert!(json.contains(r#""speedup":"instant""#), "{json}");
+        let back: MockerConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, MockerConfig::instant());
+        let c: MockerConfig = serde_json::from_str(r#"{"speedup": 4}"#).unwrap();
+        assert_eq!(c.speedup, 4.0);
+        let err = serde_json::from_str::<MockerConfig>(r#"{"speedup": "fast"}"#).unwrap_err();
+        assert!(err.to_string().contains("instant"), "{err}");
     }
 }
