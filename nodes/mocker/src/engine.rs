@@ -232,6 +232,8 @@ impl StepLoop {
                         None => break,
                     },
                 }
+                // Work that arrives after an idle spell starts now, not at the last step's end.
+                self.clock = Instant::now();
                 continue;
             }
 
