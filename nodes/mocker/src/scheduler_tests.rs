@@ -320,3 +320,63 @@ fn events_replay_to_the_cached_set_under_load() {
     assert!(next_event > 10);
     assert!(st.prefix_hit_tokens > 0);
 }
+
+/// Random settings and workloads, with aborts: every request that is not aborted gets
+/// exactly its tokens, the pool always adds up, and nothing leaks at the end.
+#[test]
+fn random_workloads_complete_without_leaks() {
+    use rand::rngs::Xoshiro256PlusPlus;
+    use rand::{RngExt, SeedableRng};
+
+    let mut preempted_somewhere = false;
+    for seed in 0..40 {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let cfg = MockerConfig {
+            max_num_seqs: rng.random_range(1..8),
+            max_batched_tokens: rng.random_range(1..80),
+            enable_prefix_caching: rng.random_bool(0.8),
+            ..config(rng.random_range(1..6), rng.random_range(20..60))
+        };
+        let mut s = Scheduler::new(&cfg).unwrap();
+        let mut expected = BTreeMap::new();
+        let mut got: BTreeMap<SeqId, usize> = BTreeMap::new();
+        let mut out = Vec::new();
+        for id in 0..30u64 {
+            let len = rng.random_range(1..40u32);
+            let prompt: Vec<u32> = (0..len).map(|t| 3 + (t + (id as u32 % 3) * 50)).collect();
+            let max_tokens = rng.random_range(1..30);
+            if s.add(req(id, prompt, max_tokens)).is_ok() {
+                expected.insert(id, max_tokens as usize);
+            }
+            for _ in 0..rng.random_range(0..4) {
+                out.clear();
+                s.step(&mut out);
+                for o in &out {
+                    *got.entry(o.id).or_default() += 1;
+                }
+                let c = s.stats().blocks;
+                assert_eq!(c.active + c.cached_inactive + c.free, c.total);
+            }
+            if rng.random_bool(0.1) {
+                let victim = rng.random_range(0..=id);
+                if s.abort(victim) {
+                    expected.remove(&victim);
+                    got.remove(&victim);
+                }
+            }
+        }
+        let (rest, _) = run(&mut s);
+        for (id, outs) in rest {
+            *got.entry(id).or_default() += outs.len();
+        }
+        got.retain(|id, _| expected.contains_key(id));
+        assert_eq!(got, expected, "seed {seed}");
+        let st = s.stats();
+        assert_eq!(st.blocks.active, 0, "seed {seed}");
+        preempted_somewhere |= st.preemptions > 0;
+    }
+    assert!(
+        preempted_somewhere,
+        "the workloads should exercise preemption"
+    );
+}
