@@ -13,6 +13,10 @@ use serde_json::Value;
 use crate::error::ApiError;
 pub use params::MAX_STOP_STRINGS;
 
+/// `max_tokens` of a `/v1/completions` request that sets none (OpenAI's and vLLM's default).
+/// Chat requests without one may run to the context limit.
+pub const COMPLETIONS_DEFAULT_MAX_TOKENS: u32 = 16;
+
 /// The generation endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
@@ -111,7 +115,10 @@ pub fn parse_request(
             model: served_models[model_index].clone(),
             prompt,
             sampling: shared.sampling,
-            max_tokens: shared.max_tokens,
+            max_tokens: match endpoint {
+                Endpoint::ChatCompletions => shared.max_tokens,
+                Endpoint::Completions => shared.max_tokens.or(Some(COMPLETIONS_DEFAULT_MAX_TOKENS)),
+            },
             stop: shared.stop,
             ignore_eos: shared.ignore_eos,
         },
@@ -164,6 +171,22 @@ mod tests {
                 content: "hi".into()
             }])
         );
+    }
+
+    #[test]
+    fn completions_default_to_sixteen_tokens_and_chat_to_none() {
+        let body = br#"{"model":"m","prompt":"x"}"#;
+        let parsed = parse_request(Endpoint::Completions, body, &served()).unwrap();
+        assert_eq!(
+            parsed.request.max_tokens,
+            Some(COMPLETIONS_DEFAULT_MAX_TOKENS)
+        );
+        let body = br#"{"model":"m","prompt":"x","max_tokens":3}"#;
+        let parsed = parse_request(Endpoint::Completions, body, &served()).unwrap();
+        assert_eq!(parsed.request.max_tokens, Some(3));
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#;
+        let parsed = parse_request(Endpoint::ChatCompletions, body, &served()).unwrap();
+        assert_eq!(parsed.request.max_tokens, None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Happy paths (streamed and whole, chat and completions), mid-stream errors, and a client
 //! that disconnects mid-stream cancelling the downstream.
 
+use dynamo_frontend::openai::COMPLETIONS_DEFAULT_MAX_TOKENS;
 use dynamo_protocol::Prompt;
 use serde_json::{json, Value};
 
@@ -204,8 +205,12 @@ async fn completions_whole_and_streamed() {
     assert!(value["id"]
         .as_str()
         .is_some_and(|id| id.starts_with("cmpl-")));
-    assert_eq!(value["choices"][0]["text"], expected_text(3));
-    assert_eq!(value["choices"][0]["finish_reason"], "stop");
+    // No max_tokens: OpenAI's default of 16 for completions.
+    assert_eq!(
+        value["choices"][0]["text"],
+        expected_text(COMPLETIONS_DEFAULT_MAX_TOKENS)
+    );
+    assert_eq!(value["choices"][0]["finish_reason"], "length");
     assert_eq!(
         server.fake.last_request().map(|r| r.prompt),
         Some(Prompt::Tokens(vec![5, 6, 7]))
@@ -316,4 +321,38 @@ async fn a_completed_request_is_not_cancelled() {
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_before_the_first_token_cancels_the_downstream() {
+    let server = start(config()).await;
+    for stream in [false, true] {
+        let mut body = chat("hold");
+        body["stream"] = json!(stream);
+        let impatient = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_millis(300))
+            .build()
+            .expect("client");
+        let result = impatient
+            .post(server.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await;
+        assert!(
+            result.is_err(),
+            "the fake holds until cancelled, so the client times out"
+        );
+        drop(impatient);
+        let n = if stream { 2 } else { 1 };
+        assert!(
+            server.fake.wait_cancelled(n).await,
+            "stream={stream}: a request whose client left while waiting was not cancelled"
+        );
+    }
+    assert!(
+        server
+            .wait_metric("dynamo_frontend_inflight_requests", 0.0)
+            .await
+    );
+    assert_eq!(server.requests_total("chat_completions", 499).await, 2);
 }
