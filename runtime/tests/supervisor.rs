@@ -209,6 +209,10 @@ async fn a_missing_program_and_a_readiness_timeout_are_start_errors() {
         .expect("in time")
         .expect_err("never ready");
     assert!(matches!(err.cause, FailureCause::NotReady(..)), "{err:?}");
+    assert!(
+        err.to_string().contains("`mute`") && err.to_string().contains("DYNAMO_READY"),
+        "{err}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -339,4 +343,39 @@ async fn ready_when_the_socket_accepts() {
     );
     assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
     sup.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn stopping_one_process_leaves_the_others_and_does_not_restart_it() {
+    let (sup, mut events, _) = supervisor();
+    let always =
+        RestartPolicy::always(5).with_backoff(Duration::from_millis(10), Duration::from_millis(20));
+    let script = "echo DYNAMO_READY; exec sleep 30";
+    for name in ["decode/0", "decode/1"] {
+        let spec = sh(name, script)
+            .readiness(ready_line())
+            .restart(always.clone());
+        tokio::time::timeout(LIMIT, sup.start(spec))
+            .await
+            .expect("in time")
+            .expect("ready");
+    }
+    assert!(sup.stop("decode/0", Duration::from_secs(2)).await);
+    assert!(
+        !sup.stop("decode/9", Duration::from_secs(2)).await,
+        "unknown name"
+    );
+    assert_eq!(sup.processes(), vec!["decode/1".to_string()]);
+    let seen = events_until(&mut events, |k| matches!(k, EventKind::Stopped { .. })).await;
+    assert!(
+        matches!(seen.last(), Some(EventKind::Stopped { killed: false, .. })),
+        "{seen:?}"
+    );
+    // Give a wrongful restart time to show up, then check none did.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while let Ok(ev) = events.try_recv() {
+        assert_ne!(ev.process, "decode/0", "stopped process came back: {ev:?}");
+    }
+    let report = sup.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(report.stopped, vec!["decode/1".to_string()]);
 }

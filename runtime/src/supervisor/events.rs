@@ -115,7 +115,7 @@ pub enum FailureCause {
     },
     #[error("{0} before it was ready")]
     ExitedBeforeReady(ExitInfo),
-    #[error("not ready after {0:?} (readiness check: {1})")]
+    #[error("not ready after {0:?} (waited until it {1})")]
     NotReady(Duration, String),
     #[error("{0}")]
     Exited(ExitInfo),

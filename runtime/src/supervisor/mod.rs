@@ -27,7 +27,7 @@ pub use events::{
 };
 pub use spec::{ProcessSpec, Readiness, ReadinessCheck, RestartMode, RestartPolicy};
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,10 +48,20 @@ struct Shared {
     sink: Arc<dyn LogSink>,
     events: mpsc::UnboundedSender<ProcessEvent>,
     shutdown: CancellationToken,
-    grace: Mutex<Duration>,
-    names: Mutex<BTreeSet<String>>,
-    monitors: Mutex<Vec<JoinHandle<()>>>,
+    processes: Mutex<BTreeMap<String, Supervised>>,
     report: Mutex<ShutdownReport>,
+}
+
+/// One process under supervision, as the supervisor's handle sees it.
+struct Supervised {
+    stop: Arc<StopSignal>,
+    monitor: Option<JoinHandle<()>>,
+}
+
+/// Tells one monitor to stop its process, and how long SIGTERM may take.
+struct StopSignal {
+    token: CancellationToken,
+    grace: Mutex<Duration>,
 }
 
 impl Shared {
@@ -72,9 +82,7 @@ impl Supervisor {
             sink,
             events,
             shutdown: CancellationToken::new(),
-            grace: Mutex::new(Duration::from_secs(10)),
-            names: Mutex::new(BTreeSet::new()),
-            monitors: Mutex::new(Vec::new()),
+            processes: Mutex::new(BTreeMap::new()),
             report: Mutex::new(ShutdownReport::default()),
         });
         (Supervisor { shared }, rx)
@@ -92,13 +100,27 @@ impl Supervisor {
         if self.shared.shutdown.is_cancelled() {
             return Err(fail(FailureCause::ShuttingDown));
         }
-        if !lock(&self.shared.names).insert(spec.name.clone()) {
-            return Err(fail(FailureCause::DuplicateName));
+        let stop = Arc::new(StopSignal {
+            token: self.shared.shutdown.child_token(),
+            grace: Mutex::new(Duration::from_secs(10)),
+        });
+        {
+            let mut processes = lock(&self.shared.processes);
+            if processes.contains_key(&spec.name) {
+                return Err(fail(FailureCause::DuplicateName));
+            }
+            let entry = Supervised {
+                stop: stop.clone(),
+                monitor: None,
+            };
+            processes.insert(spec.name.clone(), entry);
         }
         let name = spec.name.clone();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let handle = tokio::spawn(monitor(spec, self.shared.clone(), ready_tx));
-        lock(&self.shared.monitors).push(handle);
+        let handle = tokio::spawn(monitor(spec, self.shared.clone(), stop, ready_tx));
+        if let Some(entry) = lock(&self.shared.processes).get_mut(&name) {
+            entry.monitor = Some(handle);
+        }
         match ready_rx.await {
             Ok(result) => result,
             Err(_) => Err(StartError {
@@ -111,28 +133,55 @@ impl Supervisor {
 
     /// Names of the processes under supervision (running, starting or backing off).
     pub fn processes(&self) -> Vec<String> {
-        lock(&self.shared.names).iter().cloned().collect()
+        lock(&self.shared.processes).keys().cloned().collect()
+    }
+
+    /// Stops one process (SIGTERM, SIGKILL after `grace`) without restarting it; the
+    /// `Stopped` event says how it went. Returns whether it was supervised.
+    pub async fn stop(&self, name: &str, grace: Duration) -> bool {
+        let (stop, monitor) = {
+            let mut processes = lock(&self.shared.processes);
+            let Some(entry) = processes.get_mut(name) else {
+                return false;
+            };
+            (entry.stop.clone(), entry.monitor.take())
+        };
+        *lock(&stop.grace) = grace;
+        stop.token.cancel();
+        if let Some(m) = monitor {
+            await_monitor(m, grace).await;
+        }
+        true
     }
 
     /// Stops restarting, sends SIGTERM to every process group, waits up to `grace`, then
     /// sends SIGKILL to what is left.
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
-        *lock(&self.shared.grace) = grace;
+        let monitors: Vec<_> = lock(&self.shared.processes)
+            .values_mut()
+            .filter_map(|entry| {
+                *lock(&entry.stop.grace) = grace;
+                entry.monitor.take()
+            })
+            .collect();
         self.shared.shutdown.cancel();
-        let monitors: Vec<_> = lock(&self.shared.monitors).drain(..).collect();
         for m in monitors {
-            // Bounded: a monitor only waits for SIGKILL to take effect after the grace.
-            if tokio::time::timeout(grace + Duration::from_secs(5), m)
-                .await
-                .is_err()
-            {
-                tracing::error!("a supervised process did not die after SIGKILL");
-            }
+            await_monitor(m, grace).await;
         }
         let mut report = std::mem::take(&mut *lock(&self.shared.report));
         report.stopped.sort();
         report.killed.sort();
         report
+    }
+}
+
+/// Bounded: after the grace a monitor only waits for SIGKILL to take effect.
+async fn await_monitor(monitor: JoinHandle<()>, grace: Duration) {
+    if tokio::time::timeout(grace + Duration::from_secs(5), monitor)
+        .await
+        .is_err()
+    {
+        tracing::error!("a supervised process did not die after SIGKILL");
     }
 }
 
@@ -149,7 +198,12 @@ enum RunEnd {
     },
 }
 
-async fn monitor(spec: ProcessSpec, shared: Arc<Shared>, ready: ReadySender) {
+async fn monitor(
+    spec: ProcessSpec,
+    shared: Arc<Shared>,
+    stop: Arc<StopSignal>,
+    ready: ReadySender,
+) {
     let mut ready = Some(ready);
     let mut restarts: VecDeque<Instant> = VecDeque::new();
     let mut attempt = 0u32;
@@ -157,7 +211,7 @@ async fn monitor(spec: ProcessSpec, shared: Arc<Shared>, ready: ReadySender) {
         attempt += 1;
         shared.emit(&spec.name, EventKind::Starting { attempt });
         let (cause, succeeded, stderr_tail) =
-            match run_once(&spec, attempt, &shared, &mut ready).await {
+            match run_once(&spec, attempt, &shared, &stop, &mut ready).await {
                 RunEnd::Stopped => break,
                 RunEnd::Failed {
                     cause,
@@ -165,7 +219,7 @@ async fn monitor(spec: ProcessSpec, shared: Arc<Shared>, ready: ReadySender) {
                     stderr_tail,
                 } => (cause, succeeded, stderr_tail),
             };
-        if shared.shutdown.is_cancelled() {
+        if stop.token.is_cancelled() {
             break;
         }
         let policy = &spec.restart;
@@ -214,17 +268,18 @@ async fn monitor(spec: ProcessSpec, shared: Arc<Shared>, ready: ReadySender) {
             },
         );
         tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
+            _ = stop.token.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
         }
     }
-    lock(&shared.names).remove(&spec.name);
+    lock(&shared.processes).remove(&spec.name);
 }
 
 async fn run_once(
     spec: &ProcessSpec,
     attempt: u32,
     shared: &Shared,
+    signal: &StopSignal,
     ready: &mut Option<ReadySender>,
 ) -> RunEnd {
     let mut running = match Running::spawn(spec, shared.sink.clone()) {
@@ -238,7 +293,7 @@ async fn run_once(
         }
     };
     let readiness = tokio::select! {
-        _ = shared.shutdown.cancelled() => return stop(spec, &mut running, shared).await,
+        _ = signal.token.cancelled() => return stop_process(spec, &mut running, shared, signal).await,
         r = running.wait_ready(spec) => r,
     };
     let not_ready = match readiness {
@@ -246,7 +301,7 @@ async fn run_once(
         Err(NotReady::Exited(status)) => Some((FailureCause::ExitedBeforeReady(status), status)),
         Err(NotReady::Timeout) => {
             let status = running.kill().await;
-            let check = format!("{:?}", spec.readiness.check);
+            let check = spec.readiness.check.to_string();
             Some((
                 FailureCause::NotReady(spec.readiness.timeout, check),
                 status,
@@ -274,7 +329,7 @@ async fn run_once(
         let _ = tx.send(Ok(()));
     }
     let status = tokio::select! {
-        _ = shared.shutdown.cancelled() => return stop(spec, &mut running, shared).await,
+        _ = signal.token.cancelled() => return stop_process(spec, &mut running, shared, signal).await,
         s = running.wait() => s,
     };
     let stderr_tail = running.stderr_tail();
@@ -292,10 +347,19 @@ async fn run_once(
     }
 }
 
-async fn stop(spec: &ProcessSpec, running: &mut Running, shared: &Shared) -> RunEnd {
-    let grace = *lock(&shared.grace);
+async fn stop_process(
+    spec: &ProcessSpec,
+    running: &mut Running,
+    shared: &Shared,
+    signal: &StopSignal,
+) -> RunEnd {
+    let grace = *lock(&signal.grace);
     let (status, killed) = running.terminate(grace).await;
     shared.emit(&spec.name, EventKind::Stopped { status, killed });
+    if !shared.shutdown.is_cancelled() {
+        // Stopped one by one with `stop`: the event is the report.
+        return RunEnd::Stopped;
+    }
     let mut report = lock(&shared.report);
     if killed {
         report.killed.push(spec.name.clone());

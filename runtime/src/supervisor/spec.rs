@@ -154,6 +154,16 @@ pub enum ReadinessCheck {
     Socket(PathBuf),
 }
 
+impl std::fmt::Display for ReadinessCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadinessCheck::Immediate => write!(f, "started"),
+            ReadinessCheck::StdoutLine(line) => write!(f, "prints `{line}` on stdout"),
+            ReadinessCheck::Socket(path) => write!(f, "accepts on {}", path.display()),
+        }
+    }
+}
+
 impl Readiness {
     pub fn immediate() -> Self {
         Readiness {
