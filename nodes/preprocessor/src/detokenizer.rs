@@ -8,6 +8,11 @@
 //! the new ids stay pending until a later id completes the character. Decoding a
 //! window rather than single tokens also keeps the leading spaces that SentencePiece
 //! decoders strip from the first token of a text.
+//!
+//! One refinement over TGI: while ids are pending, the text before the trailing U+FFFD
+//! run is final (later bytes only complete the incomplete tail), so it is emitted at
+//! once. A chain of tokens that each end inside a character (common in CJK text) then
+//! streams, and a genuine U+FFFD is held only until the next token.
 
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -28,10 +33,12 @@ impl TokenDecoder for Tokenizer {
 /// The state of one response stream.
 #[derive(Debug, Clone, Default)]
 pub struct Detokenizer {
-    /// Ids from `prefix_offset` on (older ones are dropped).
+    /// Ids from the start of the context window on (older ones are dropped).
     ids: Vec<u32>,
-    /// Start of `ids[..read_offset]`, the already-emitted context window.
+    /// End of the already-emitted context window `ids[..read_offset]`.
     read_offset: usize,
+    /// Bytes of text after the window already emitted while ids are pending.
+    emitted: usize,
 }
 
 impl Detokenizer {
@@ -45,6 +52,7 @@ impl Detokenizer {
         Detokenizer {
             ids: context.to_vec(),
             read_offset: context.len(),
+            emitted: 0,
         }
     }
 
@@ -60,18 +68,24 @@ impl Detokenizer {
         }
         let prefix = decoder.decode_text(&self.ids[..self.read_offset])?;
         let full = decoder.decode_text(&self.ids)?;
-        if full.len() <= prefix.len() || full.ends_with(REPLACEMENT) {
-            // Either nothing visible yet (special tokens, pending bytes) or the last
-            // character is incomplete: wait for more ids.
-            if full.len() <= prefix.len() && !full.ends_with(REPLACEMENT) {
-                // Nothing pending: the new ids decode to nothing (special tokens).
-                self.advance();
+        if full.ends_with(REPLACEMENT) {
+            // The last character may be incomplete: keep the ids pending, but let out
+            // the final text before the trailing U+FFFD run.
+            let start = prefix.len() + self.emitted;
+            let stable = full.trim_end_matches(REPLACEMENT);
+            if !full.starts_with(&prefix) || stable.len() <= start {
+                return Ok(String::new());
             }
+            let text = stable.get(start..).unwrap_or_default().to_string();
+            self.emitted += text.len();
+            return Ok(text);
+        }
+        if full.len() <= prefix.len() {
+            // The new ids decode to nothing (special tokens).
+            self.advance();
             return Ok(String::new());
         }
-        let text = suffix_after(&full, &prefix);
-        self.advance();
-        Ok(text)
+        Ok(self.emit_rest(&full, &prefix))
     }
 
     /// Everything still pending, at the end of the stream. An incomplete character
@@ -85,9 +99,15 @@ impl Detokenizer {
         }
         let prefix = decoder.decode_text(&self.ids[..self.read_offset])?;
         let full = decoder.decode_text(&self.ids)?;
-        let text = suffix_after(&full, &prefix);
+        Ok(self.emit_rest(&full, &prefix))
+    }
+
+    /// The text after the window not emitted yet; then every id counts as emitted.
+    fn emit_rest(&mut self, full: &str, prefix: &str) -> String {
+        let rest = suffix_after(full, prefix);
+        let text = rest.get(self.emitted..).unwrap_or_default().to_string();
         self.advance();
-        Ok(text)
+        text
     }
 
     /// Everything pushed so far is emitted: the pushed ids become the new context
@@ -96,6 +116,7 @@ impl Detokenizer {
         let prefix_offset = self.read_offset;
         self.ids.drain(..prefix_offset);
         self.read_offset = self.ids.len();
+        self.emitted = 0;
     }
 }
 
@@ -195,6 +216,41 @@ mod tests {
         let mut d = Detokenizer::with_context(&[b'a' as u32, 0xE4, 0xB8]);
         let out = d.push(&Bytes, &[0xAD, b'b' as u32]).unwrap();
         assert_eq!(out, "中b");
+    }
+
+    /// Tokens of several bytes that may end inside a character, like byte-level BPE
+    /// merges across character boundaries in CJK text.
+    struct Table(&'static [&'static [u8]]);
+
+    impl TokenDecoder for Table {
+        fn decode_text(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+            let bytes: Vec<u8> = ids
+                .iter()
+                .flat_map(|&i| self.0[i as usize].iter().copied())
+                .collect();
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        }
+    }
+
+    #[test]
+    fn a_chain_of_split_characters_still_streams() {
+        // "a中文字b" where every token ends inside the next character.
+        let t = Table(&[b"a\xe4", b"\xb8\xad\xe6", b"\x96\x87\xe5", b"\xad\x97b"]);
+        let mut d = Detokenizer::new();
+        let chunks: Vec<String> = (0..4).map(|i| d.push(&t, &[i]).unwrap()).collect();
+        assert_eq!(chunks, ["a", "中", "文", "字b"]);
+        assert_eq!(d.flush(&t).unwrap(), "");
+    }
+
+    #[test]
+    fn a_genuine_replacement_character_is_held_one_token_at_most() {
+        let t = Table(&[b"x\xef\xbf\xbd", b"y", b"\xff"]);
+        let mut d = Detokenizer::new();
+        assert_eq!(d.push(&t, &[0]).unwrap(), "x");
+        assert_eq!(d.push(&t, &[1]).unwrap(), "\u{FFFD}y");
+        // An invalid byte at the very end comes out at the flush.
+        assert_eq!(d.push(&t, &[2]).unwrap(), "");
+        assert_eq!(d.flush(&t).unwrap(), "\u{FFFD}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use dynamo_protocol::{ChatRequest, FinishReason, TextDelta, TokenDelta, TokenRequest, Usage};
 use dynamo_runtime::{RequestContext, ResponseStream, ServeError, Service};
 use futures::StreamExt;
+use tracing::Instrument;
 
 use crate::detokenizer::Detokenizer;
 use crate::preprocess::Preprocessor;
@@ -65,9 +66,11 @@ impl Service<ChatRequest, TextDelta> for PreprocessorService {
             unreported_tokens: 0,
             ctx,
             upstream: Some(upstream),
+            span: span.clone(),
         };
-        Box::pin(futures::stream::unfold(state, |mut s| async move {
-            s.next().await.map(|item| (item, s))
+        Box::pin(futures::stream::unfold(state, |mut s| {
+            let span = s.span.clone();
+            async move { s.next().await.map(|item| (item, s)) }.instrument(span)
         }))
     }
 }
@@ -85,6 +88,7 @@ struct TextStream {
     ctx: RequestContext,
     /// `None` once the stream is over; dropping it cancels the downstream call.
     upstream: Option<ResponseStream<TokenDelta>>,
+    span: tracing::Span,
 }
 
 impl TextStream {
@@ -102,6 +106,7 @@ impl TextStream {
             let delta = match item {
                 Some(Ok(delta)) => delta,
                 Some(Err(e)) => {
+                    tracing::debug!(error = %e, "downstream failed");
                     self.upstream = None;
                     return Some(Err(e));
                 }
@@ -173,6 +178,11 @@ impl TextStream {
     /// The last delta; drops the upstream so nothing more is read.
     fn finish(&mut self, text: String, reason: FinishReason) -> TextDelta {
         self.upstream = None;
+        tracing::debug!(
+            finish_reason = reason.as_openai(),
+            completion_tokens = self.completion_tokens,
+            "finished"
+        );
         TextDelta {
             text,
             tokens: std::mem::take(&mut self.unreported_tokens),
