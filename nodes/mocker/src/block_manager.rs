@@ -23,6 +23,8 @@ pub type BlockId = u32;
 struct Block {
     refcount: u32,
     hash: Option<BlockHash>,
+    /// The hash of the block before this one in its chain, while `hash` is set.
+    parent: Option<BlockHash>,
     /// Key in the LRU while the block is inactive.
     stamp: u64,
 }
@@ -51,6 +53,19 @@ pub struct PrefixMatch {
     pub blocks: usize,
     /// Of those, the ones now inactive (taking them makes them unavailable for eviction).
     pub inactive: usize,
+}
+
+/// A worker's whole cache as events, for a router that saw a gap in the `event_id`s or
+/// joined late.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvSnapshot {
+    pub worker_id: u64,
+    /// The last event the snapshot includes; events with a higher id come after it.
+    /// `None` when no event was published yet.
+    pub last_event_id: Option<u64>,
+    /// Applied in order, these rebuild the cache from any state: `Cleared`, then one
+    /// `Stored` per cached block, every cached parent before its children.
+    pub events: Vec<KvEventData>,
 }
 
 #[derive(Debug)]
@@ -207,6 +222,7 @@ impl BlockManager {
                         run_parent = prev;
                     }
                     self.blocks[own as usize].hash = Some(hash);
+                    self.blocks[own as usize].parent = prev;
                     self.by_hash.insert(hash, own);
                     run.push(StoredBlock { hash });
                 }
@@ -248,6 +264,41 @@ impl BlockManager {
         let mut hashes: Vec<BlockHash> = self.by_hash.keys().copied().collect();
         hashes.sort_unstable();
         hashes
+    }
+
+    /// The cache as events that rebuild it; includes every event published so far (drain
+    /// them before handing the snapshot out).
+    pub fn snapshot(&self) -> KvSnapshot {
+        let mut children: HashMap<Option<BlockHash>, Vec<BlockHash>> = HashMap::new();
+        for (&hash, &id) in &self.by_hash {
+            let parent = self.blocks[id as usize].parent;
+            // A block whose parent was evicted starts a chain of its own.
+            let key = parent.filter(|p| self.by_hash.contains_key(p));
+            children.entry(key).or_default().push(hash);
+        }
+        let mut events = vec![KvEventData::Cleared];
+        let mut level = children.remove(&None).unwrap_or_default();
+        while !level.is_empty() {
+            level.sort_unstable();
+            let mut next = Vec::new();
+            for hash in level {
+                let parent = self
+                    .by_hash
+                    .get(&hash)
+                    .and_then(|&id| self.blocks[id as usize].parent);
+                events.push(KvEventData::Stored {
+                    parent,
+                    blocks: vec![StoredBlock { hash }],
+                });
+                next.extend(children.remove(&Some(hash)).unwrap_or_default());
+            }
+            level = next;
+        }
+        KvSnapshot {
+            worker_id: self.worker_id,
+            last_event_id: self.next_event_id.checked_sub(1),
+            events,
+        }
     }
 
     fn take_ref(&mut self, id: BlockId) {

@@ -316,3 +316,70 @@ fn replaying_events_reproduces_the_cache() {
         assert_eq!(bm.counts().active, 0);
     }
 }
+
+fn apply(view: &mut BTreeSet<BlockHash>, data: &KvEventData) {
+    match data {
+        KvEventData::Stored { blocks, .. } => view.extend(blocks.iter().map(|b| b.hash)),
+        KvEventData::Removed { blocks } => {
+            for h in blocks {
+                view.remove(h);
+            }
+        }
+        KvEventData::Cleared => view.clear(),
+    }
+}
+
+/// A snapshot rebuilds the cache from any stale view, parents first, and continues
+/// seamlessly with the events published after it.
+#[test]
+fn snapshots_rebuild_the_cache_and_continue_with_later_events() {
+    for seed in 0..10 {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let mut bm = BlockManager::new(5, 16, true);
+        let mut live: Vec<Vec<BlockId>> = Vec::new();
+        let mut late_view: Option<(u64, BTreeSet<BlockHash>)> = None;
+        for step in 0..200 {
+            if rng.random_bool(0.6) {
+                let root = rng.random_range(0..3u32);
+                let tokens: Vec<u32> = (0..rng.random_range(1..24u32))
+                    .map(|i| root * 1000 + i)
+                    .collect();
+                let m = bm.peek_prefix(&hashes_of(&tokens));
+                if tokens.len().div_ceil(BS) - m.blocks <= bm.available() - m.inactive {
+                    live.push(prefill(&mut bm, &tokens));
+                }
+            } else if !live.is_empty() {
+                let i = rng.random_range(0..live.len());
+                bm.release(&live.swap_remove(i));
+            }
+            let mut published = Vec::new();
+            bm.drain_events(&mut published);
+            if step == 50 {
+                let snap = bm.snapshot();
+                assert_eq!(snap.worker_id, 5);
+                assert_eq!(snap.events[0], KvEventData::Cleared);
+                // Start from garbage: the leading Cleared wipes it.
+                let mut view: BTreeSet<BlockHash> = [1, 2, 3].into_iter().collect();
+                for e in &snap.events {
+                    if let KvEventData::Stored {
+                        parent: Some(p), ..
+                    } = e
+                    {
+                        let cached = bm.by_hash.contains_key(p);
+                        assert!(!cached || view.contains(p), "child before its parent");
+                    }
+                    apply(&mut view, e);
+                }
+                assert_eq!(view.iter().copied().collect::<Vec<_>>(), bm.cached_hashes());
+                let last = snap.last_event_id.expect("events were published");
+                late_view = Some((last, view));
+            } else if let Some((last, view)) = late_view.as_mut() {
+                for e in published.iter().filter(|e| e.event_id > *last) {
+                    apply(view, &e.data);
+                }
+                assert_eq!(view.iter().copied().collect::<Vec<_>>(), bm.cached_hashes());
+            }
+        }
+        assert!(late_view.is_some());
+    }
+}

@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use dynamo_protocol::{KvEvent, TokenDelta, TokenRequest};
 use dynamo_runtime::{RequestContext, ResponseStream, ServeError, Service};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::block_manager::KvSnapshot;
 use crate::config::{ConfigError, MockerConfig};
 use crate::scheduler::{RequestLimits, Scheduler, SeqOutput};
 use crate::sequence::{NewSequence, SeqId};
@@ -103,6 +104,18 @@ impl MockerEngine {
     /// Drops the prefix cache; publishes `Cleared`.
     pub fn clear_cache(&self) {
         let _ = self.control.send(Control::ClearCache);
+    }
+
+    /// The whole cache as events (`Cleared`, then `Stored` parents first) and the id of
+    /// the last event it includes: what a router replays after a gap in `event_id`s or
+    /// when it subscribes late.
+    pub async fn kv_snapshot(&self) -> Result<KvSnapshot, ServeError> {
+        let (tx, rx) = oneshot::channel();
+        let stopped = || ServeError::unavailable("the mocker engine is shut down");
+        self.control
+            .send(Control::Snapshot(tx))
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
     }
 
     /// Stops the step loop and waits for it; open streams end with `Unavailable`.
@@ -307,6 +320,11 @@ impl StepLoop {
             }
             Control::Abort(id) => self.abort(id),
             Control::ClearCache => self.core.clear_cache(),
+            Control::Snapshot(reply) => {
+                // Publish first, so the snapshot's last event id is one subscribers saw.
+                self.publish();
+                let _ = reply.send(self.core.kv_snapshot());
+            }
         }
     }
 

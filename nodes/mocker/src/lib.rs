@@ -16,7 +16,7 @@ pub mod stats;
 mod stream;
 pub mod timing;
 
-pub use block_manager::{BlockCounts, BlockId, BlockManager, OutOfBlocks, PrefixMatch};
+pub use block_manager::{BlockCounts, BlockId, BlockManager, KvSnapshot, OutOfBlocks, PrefixMatch};
 pub use config::{ConfigError, MockerConfig};
 pub use engine::{EngineError, MockerEngine};
 pub use scheduler::{AdmitError, RequestLimits, Scheduler, SchedulerStats, SeqOutput};

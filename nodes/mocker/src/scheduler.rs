@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use dynamo_protocol::{FinishReason, KvEvent};
 
-use crate::block_manager::{BlockCounts, BlockManager};
+use crate::block_manager::{BlockCounts, BlockManager, KvSnapshot};
 use crate::config::{ConfigError, MockerConfig};
 use crate::sampler::Vocabulary;
 use crate::sequence::{NewSequence, SeqId, Sequence};
@@ -192,6 +192,11 @@ impl Scheduler {
     /// Moves the KV events published since the last call to `out`.
     pub fn drain_events(&mut self, out: &mut Vec<KvEvent>) {
         self.blocks.drain_events(out);
+    }
+
+    /// The whole cache as events, for a router that lost track (drain events first).
+    pub fn kv_snapshot(&self) -> KvSnapshot {
+        self.blocks.snapshot()
     }
 
     /// Forgets the prefix cache (publishes `Cleared`).

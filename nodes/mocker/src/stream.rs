@@ -25,6 +25,7 @@ pub(crate) enum Control {
     },
     Abort(SeqId),
     ClearCache,
+    Snapshot(tokio::sync::oneshot::Sender<crate::block_manager::KvSnapshot>),
 }
 
 pub(crate) struct DeltaStream {

@@ -261,3 +261,60 @@ fn starting_outside_a_runtime_is_an_error_not_a_panic() {
     let err = MockerEngine::start(MockerConfig::default()).err().unwrap();
     assert_eq!(err, EngineError::NoRuntime);
 }
+
+fn apply(view: &mut std::collections::BTreeSet<u64>, data: &KvEventData) {
+    match data {
+        KvEventData::Stored { blocks, .. } => view.extend(blocks.iter().map(|b| b.hash)),
+        KvEventData::Removed { blocks } => {
+            for h in blocks {
+                view.remove(h);
+            }
+        }
+        KvEventData::Cleared => view.clear(),
+    }
+}
+
+/// A router that subscribes late: a snapshot, then the events after it, track the cache
+/// exactly (checked against a second snapshot), evictions and a reset included.
+#[tokio::test]
+async fn a_late_subscriber_catches_up_with_a_snapshot() {
+    let engine = MockerEngine::start(MockerConfig {
+        num_blocks: 24,
+        block_size: 4,
+        ..MockerConfig::instant()
+    })
+    .unwrap();
+    let prompt = |k: u32| (0..30).map(|t| 10 + k * 100 + t).collect::<Vec<u32>>();
+    for k in 0..3 {
+        collect(&engine, request(prompt(k), 5)).await;
+    }
+    let mut events = engine.subscribe_events();
+    let snap = engine.kv_snapshot().await.unwrap();
+    let mut view = std::collections::BTreeSet::new();
+    for e in &snap.events {
+        apply(&mut view, e);
+    }
+    assert!(!view.is_empty());
+    // More traffic: the pool of 24 blocks must evict to serve it.
+    for k in 3..6 {
+        collect(&engine, request(prompt(k), 5)).await;
+    }
+    engine.clear_cache();
+    collect(&engine, request(prompt(0), 5)).await;
+    let after = engine.kv_snapshot().await.unwrap();
+    let last = snap.last_event_id.unwrap();
+    let mut saw_removed = false;
+    while let Ok(e) = events.try_recv() {
+        if e.event_id > last {
+            saw_removed |= matches!(e.data, KvEventData::Removed { .. });
+            apply(&mut view, &e.data);
+        }
+    }
+    assert!(saw_removed, "the workload should evict");
+    let mut expected = std::collections::BTreeSet::new();
+    for e in &after.events {
+        apply(&mut expected, e);
+    }
+    assert_eq!(view, expected);
+    assert!(!expected.is_empty());
+}
