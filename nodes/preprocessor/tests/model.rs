@@ -9,8 +9,18 @@ use dynamo_preprocessor::gguf::{GgmlType, GgufError, GgufFile, GgufValue};
 use dynamo_preprocessor::tokenizer::{Tokenizer, TokenizerError};
 use dynamo_preprocessor::{Preprocessor, PreprocessorConfig};
 use dynamo_protocol::{ChatMessage, ChatRequest, Prompt, SamplingOptions};
+use std::path::PathBuf;
 
-use common::{golden, model_or_skip};
+use common::model_or_skip;
+
+fn golden(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
 
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
