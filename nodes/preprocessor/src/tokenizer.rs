@@ -98,7 +98,9 @@ impl Tokenizer {
             return Err(TokenizerError::UnsupportedModel(model.to_string()));
         }
         // Check the pre-tokenizer before the expensive part.
-        let pre = pre_tokenizer_for(gguf.opt_str("tokenizer.ggml.pre")?.unwrap_or("gpt-2"))?;
+        // A file without the key gets llama.cpp's "default" pre-tokenizer, which is not
+        // GPT-2's regex; refusing it beats guessing.
+        let pre = pre_tokenizer_for(gguf.opt_str("tokenizer.ggml.pre")?.unwrap_or("default"))?;
         let tokens = gguf.str_array("tokenizer.ggml.tokens")?;
         let mut vocab = Vocab::with_capacity(tokens.len());
         for (index, token) in tokens.iter().enumerate() {
