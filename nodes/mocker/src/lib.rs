@@ -13,6 +13,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
 pub mod stats;
+mod step_loop;
 mod stream;
 pub mod timing;
 

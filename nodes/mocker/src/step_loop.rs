@@ -1,0 +1,253 @@
+//! The step loop: the one task that owns the scheduler. It takes requests and aborts
+//! from one channel, runs a step, sleeps as long as the timing model says (never in
+//! instant mode), then hands each request the token its step produced.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dynamo_protocol::{KvEvent, TokenDelta};
+use dynamo_runtime::ServeError;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::scheduler::{Scheduler, SeqOutput};
+use crate::sequence::SeqId;
+use crate::stats::StatsCell;
+use crate::stream::{Control, DeltaResult};
+use crate::timing::step_duration;
+
+/// Where a request's deltas go, and its cancellation, which the loop checks itself so a
+/// cancelled request is dropped even when nobody polls or drops its stream.
+struct Caller {
+    tx: mpsc::UnboundedSender<DeltaResult>,
+    cancel: CancellationToken,
+}
+
+/// Every this many steps the loop looks for cancelled requests that are not producing
+/// tokens (waiting, or in a long chunked prefill).
+const CANCEL_SWEEP_STEPS: u64 = 64;
+
+/// The task that owns the scheduler.
+pub(crate) struct StepLoop {
+    core: Scheduler,
+    rx: mpsc::UnboundedReceiver<Control>,
+    events: broadcast::Sender<KvEvent>,
+    stats: Arc<StatsCell>,
+    stop: CancellationToken,
+    speedup: f64,
+    streams: HashMap<SeqId, Caller>,
+    outputs: Vec<SeqOutput>,
+    kv_events: Vec<KvEvent>,
+    steps: u64,
+    published: u64,
+    /// When the last step ended on the model's timeline.
+    clock: Instant,
+}
+
+/// How late a step may start (timer granularity, scheduling) and still be counted from
+/// the end of the previous one, so that the timer's lateness does not add up over steps.
+const CATCH_UP: Duration = Duration::from_millis(2);
+
+impl StepLoop {
+    pub(crate) fn new(
+        core: Scheduler,
+        rx: mpsc::UnboundedReceiver<Control>,
+        events: broadcast::Sender<KvEvent>,
+        stats: Arc<StatsCell>,
+        stop: CancellationToken,
+        speedup: f64,
+    ) -> Self {
+        StepLoop {
+            core,
+            rx,
+            events,
+            stats,
+            stop,
+            speedup,
+            streams: HashMap::new(),
+            outputs: Vec::new(),
+            kv_events: Vec::new(),
+            steps: 0,
+            published: 0,
+            clock: Instant::now(),
+        }
+    }
+
+    /// Where the next step starts on the model's timeline: right after the previous one
+    /// when the loop is only a little late, now after an idle spell.
+    fn step_start(&self) -> Instant {
+        let now = Instant::now();
+        if now <= self.clock + CATCH_UP {
+            self.clock.min(now)
+        } else {
+            now
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let instant = self.speedup == f64::INFINITY;
+        while !self.stop.is_cancelled() {
+            if !self.take_pending() {
+                break;
+            }
+            if self.core.is_idle() {
+                self.publish();
+                tokio::select! {
+                    biased;
+                    _ = self.stop.cancelled() => break,
+                    msg = self.rx.recv() => match msg {
+                        Some(msg) => self.handle(msg),
+                        None => break,
+                    },
+                }
+                // Work that arrives after an idle spell starts now, not at the last step's end.
+                self.clock = Instant::now();
+                continue;
+            }
+
+            let started = self.step_start();
+            self.outputs.clear();
+            if self.steps % CANCEL_SWEEP_STEPS == 0 {
+                self.sweep_cancelled();
+            }
+            let work = self.core.step(&mut self.outputs);
+            self.steps += 1;
+            self.publish();
+
+            if instant {
+                self.send_outputs();
+                // Let the consumers (and the rest of the pipeline) run between steps.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let mut duration = step_duration(&work, self.speedup);
+            if self.outputs.is_empty() && work.prefill_tokens == 0 && work.decode_seqs == 0 {
+                // Nothing could be scheduled: do not spin.
+                duration = Duration::from_millis(1);
+            }
+            self.clock = started + duration;
+            if !self.sleep_until(self.clock).await {
+                break;
+            }
+            self.send_outputs();
+        }
+        self.close_streams();
+    }
+
+    /// Handles what has arrived without waiting; false when every sender is gone.
+    fn take_pending(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(msg) => self.handle(msg),
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Sleeps while the step "runs", still taking requests and aborts; false on stop.
+    async fn sleep_until(&mut self, deadline: Instant) -> bool {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return false,
+                _ = tokio::time::sleep_until(deadline) => return true,
+                msg = self.rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Control) {
+        match msg {
+            Control::Submit { seq, tx, cancel } => {
+                let id = seq.id;
+                match self.core.add(seq) {
+                    Ok(()) => {
+                        self.streams.insert(id, Caller { tx, cancel });
+                    }
+                    Err(err) => {
+                        let _ = tx.send(Err(ServeError::invalid(err.to_string())));
+                    }
+                }
+            }
+            Control::Abort(id) => self.abort(id),
+            Control::ClearCache => self.core.clear_cache(),
+            Control::Snapshot(reply) => {
+                // Publish first, so the snapshot's last event id is one subscribers saw.
+                self.publish();
+                let _ = reply.send(self.core.kv_snapshot());
+            }
+        }
+    }
+
+    /// Removes a request and frees its blocks, if it is still here.
+    fn abort(&mut self, id: SeqId) {
+        if self.streams.remove(&id).is_some() {
+            self.core.abort(id);
+            tracing::debug!(seq = id, "mocker: request aborted, blocks released");
+        }
+    }
+
+    /// Drops every cancelled request, producing tokens or not.
+    fn sweep_cancelled(&mut self) {
+        let core = &mut self.core;
+        self.streams.retain(|&id, caller| {
+            let keep = !caller.cancel.is_cancelled();
+            if !keep {
+                core.abort(id);
+            }
+            keep
+        });
+    }
+
+    /// One delta per sequence that produced a token this step.
+    fn send_outputs(&mut self) {
+        for out in self.outputs.drain(..) {
+            let Some(caller) = self.streams.get(&out.id) else {
+                continue; // aborted while the step ran
+            };
+            // A cancelled caller gets no more tokens; its stream ends itself when polled.
+            let gone = caller.cancel.is_cancelled() || {
+                let delta = TokenDelta {
+                    token_ids: vec![out.token],
+                    finish_reason: out.finish,
+                    cached_tokens: out.cached_tokens,
+                };
+                caller.tx.send(Ok(delta)).is_err()
+            };
+            if gone && out.finish.is_none() {
+                // Cancelled, or the stream was dropped: free its blocks now.
+                self.core.abort(out.id);
+            }
+            if gone || out.finish.is_some() {
+                self.streams.remove(&out.id);
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.core.drain_events(&mut self.kv_events);
+        for event in self.kv_events.drain(..) {
+            self.published += 1;
+            // No subscriber is fine: nobody routes on this worker's cache.
+            let _ = self.events.send(event);
+        }
+        self.stats
+            .store(&self.core.stats(), self.steps, self.published);
+    }
+
+    fn close_streams(&mut self) {
+        for (id, caller) in self.streams.drain() {
+            self.core.abort(id);
+            let _ = caller
+                .tx
+                .send(Err(ServeError::unavailable("the mocker engine shut down")));
+        }
+        self.publish();
+    }
+}
