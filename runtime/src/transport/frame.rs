@@ -97,6 +97,17 @@ pub fn encode<P: Serialize + ?Sized>(
     header: &Header<'_>,
     payload: Option<&P>,
 ) -> Result<Bytes, FrameError> {
+    append(buf, header, payload)?;
+    Ok(buf.split().freeze())
+}
+
+/// Encodes a whole frame at the end of `buf`, after any frames already there, so several
+/// frames can go out in one write. On error `buf` is left as it was before the call.
+pub fn append<P: Serialize + ?Sized>(
+    buf: &mut BytesMut,
+    header: &Header<'_>,
+    payload: Option<&P>,
+) -> Result<(), FrameError> {
     let start = buf.len();
     buf.put_u32(0);
     let result = write_body(buf, header, payload);
@@ -111,7 +122,7 @@ pub fn encode<P: Serialize + ?Sized>(
     }
     // `body_len <= MAX_FRAME_LEN` so it fits in a u32.
     buf[start..start + LEN_PREFIX].copy_from_slice(&(body_len as u32).to_be_bytes());
-    Ok(buf.split().freeze())
+    Ok(())
 }
 
 fn write_body<P: Serialize + ?Sized>(
@@ -202,6 +213,24 @@ mod tests {
         assert!(decode(&[0xff, 0xff, 0xff]).is_err());
         assert!(decode(&[]).is_err());
         assert!(decode_payload::<String>(&[0x05, b'a']).is_err());
+    }
+
+    #[test]
+    fn appended_frames_read_back_in_order() {
+        let mut buf = BytesMut::new();
+        append(&mut buf, &Header::Response { stream_id: 1 }, Some(&"a")).expect("a");
+        append(&mut buf, &Header::End { stream_id: 1 }, None::<&()>).expect("end");
+        let mut codec = codec();
+        let first = codec.decode(&mut buf).expect("codec").expect("first");
+        let (h, rest) = decode(&first).expect("first");
+        assert_eq!(h, Header::Response { stream_id: 1 });
+        assert_eq!(decode_payload::<&str>(rest).expect("payload"), "a");
+        let second = codec.decode(&mut buf).expect("codec").expect("second");
+        assert_eq!(
+            decode(&second).expect("second").0,
+            Header::End { stream_id: 1 }
+        );
+        assert!(buf.is_empty());
     }
 
     #[test]

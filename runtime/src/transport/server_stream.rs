@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 use super::frame::{self, FrameError, Header, StreamId};
 use crate::edge::{Message, RequestContext, ResponseStream, Service};
 use crate::error::ServeError;
+
+/// Ready responses coalesced into one queue send, up to this many bytes.
+const BATCH_BYTES: usize = 16 * 1024;
 
 /// An endpoint with its types erased, so one server holds endpoints of any types.
 pub(super) trait Endpoint: Send + Sync {
@@ -52,7 +55,9 @@ pub(super) struct Outbox {
     pub(super) credits: Arc<Semaphore>,
 }
 
-/// Moves one response stream onto the connection until it ends or is cancelled.
+/// Moves one response stream onto the connection until it ends or is cancelled. Items the
+/// stream already has ready (and credit allows) go out together, in one queue send and
+/// one write: a unary call's response and its End travel as one.
 async fn pump<Resp: Serialize>(
     stream_id: StreamId,
     mut stream: ResponseStream<Resp>,
@@ -66,27 +71,7 @@ async fn pump<Resp: Serialize>(
             _ = cancel.cancelled() => return,
             next = stream.next() => next,
         };
-        let (frame, last) = match next {
-            Some(Ok(item)) => {
-                match frame::encode(&mut buf, &Header::Response { stream_id }, Some(&item)) {
-                    Ok(f) => (Some(f), false),
-                    Err(e) => {
-                        let error = ServeError::internal(format!("cannot encode response: {e}"));
-                        (
-                            encode_end(&mut buf, Header::Error { stream_id, error }),
-                            true,
-                        )
-                    }
-                }
-            }
-            Some(Err(error)) => (
-                encode_end(&mut buf, Header::Error { stream_id, error }),
-                true,
-            ),
-            None => (encode_end(&mut buf, Header::End { stream_id }), true),
-        };
-        let Some(frame) = frame else { return };
-        if !last {
+        if matches!(next, Some(Ok(_))) {
             // Wait for the client to make room; End and Error frames need no credit.
             let credit = tokio::select! {
                 biased;
@@ -98,10 +83,28 @@ async fn pump<Resp: Serialize>(
                 Err(_) => return,
             }
         }
+        let mut last = append_item(&mut buf, stream_id, next);
+        while !last && buf.len() < BATCH_BYTES {
+            let Ok(permit) = out.credits.try_acquire() else {
+                break;
+            };
+            // Not ready: the unused permit goes back when dropped.
+            let Some(next) = stream.next().now_or_never() else {
+                break;
+            };
+            if matches!(next, Some(Ok(_))) {
+                permit.forget();
+            }
+            last = append_item(&mut buf, stream_id, next);
+        }
+        if buf.is_empty() {
+            return;
+        }
+        let frames = buf.split().freeze();
         let sent = tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
-            r = out.frames.send(frame) => r.is_ok(),
+            r = out.frames.send(frames) => r.is_ok(),
         };
         if last || !sent {
             return;
@@ -109,16 +112,39 @@ async fn pump<Resp: Serialize>(
     }
 }
 
-/// Encodes a frame that carries no payload. Only an error message too large for a frame
-/// can fail; a short internal error goes instead, and if even that fails the stream stops.
-fn encode_end(buf: &mut BytesMut, header: Header<'_>) -> Option<Bytes> {
-    let stream_id = header.stream_id();
-    match frame::encode(buf, &header, None::<&()>) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot encode end-of-stream frame");
-            let error = ServeError::internal("error message too large to send");
-            frame::encode(buf, &Header::Error { stream_id, error }, None::<&()>).ok()
+/// Appends the frame for one item of the service's stream; returns whether it ends it.
+fn append_item<Resp: Serialize>(
+    buf: &mut BytesMut,
+    stream_id: StreamId,
+    next: Option<Result<Resp, ServeError>>,
+) -> bool {
+    match next {
+        Some(Ok(item)) => match frame::append(buf, &Header::Response { stream_id }, Some(&item)) {
+            Ok(()) => false,
+            Err(e) => {
+                let error = ServeError::internal(format!("cannot encode response: {e}"));
+                append_end(buf, Header::Error { stream_id, error });
+                true
+            }
+        },
+        Some(Err(error)) => {
+            append_end(buf, Header::Error { stream_id, error });
+            true
         }
+        None => {
+            append_end(buf, Header::End { stream_id });
+            true
+        }
+    }
+}
+
+/// Appends a frame that carries no payload. Only an error message too large for a frame
+/// can fail; a short internal error goes instead.
+fn append_end(buf: &mut BytesMut, header: Header<'_>) {
+    let stream_id = header.stream_id();
+    if let Err(e) = frame::append(buf, &header, None::<&()>) {
+        tracing::warn!(error = %e, "cannot encode end-of-stream frame");
+        let error = ServeError::internal("error message too large to send");
+        let _ = frame::append(buf, &Header::Error { stream_id, error }, None::<&()>);
     }
 }
