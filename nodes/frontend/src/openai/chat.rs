@@ -105,7 +105,7 @@ fn one_message(i: usize, message: &mut Value) -> Result<ChatMessage, ApiError> {
             format!("each message must be an object, got {}", kind_of(message)),
         ));
     };
-    reject_unknown(message, MESSAGE_FIELDS, &format!("messages[{i}]"))?;
+    reject_unknown(message, MESSAGE_FIELDS, || format!("messages[{i}]"))?;
     let role = role(i, message)?;
     if let Some(name) = get(message, "name") {
         if !name.is_string() {
@@ -200,7 +200,7 @@ fn text_parts(i: usize, parts: &mut [Value]) -> Result<String, ApiError> {
                 ))
             }
         }
-        reject_unknown(part, &["type", "text"], &param(""))?;
+        reject_unknown(part, &["type", "text"], || param(""))?;
         let Some(Value::String(text)) = part.get("text") else {
             return Err(ApiError::invalid_param(
                 param(".text"),

@@ -33,15 +33,16 @@ fn wrong_type(param: &str, expected: &str, value: &Value) -> ApiError {
 }
 
 /// Rejects any key not in `known`, naming the first one in the map's order (stable for
-/// a given body).
+/// a given body). `prefix` is the object's own path, built only when there is an error.
 pub(crate) fn reject_unknown(
     object: &Object,
     known: &[&str],
-    prefix: &str,
+    prefix: impl FnOnce() -> String,
 ) -> Result<(), ApiError> {
     match object.keys().find(|key| !known.contains(&key.as_str())) {
         None => Ok(()),
         Some(key) => {
+            let prefix = prefix();
             let param = if prefix.is_empty() {
                 key.clone()
             } else {
@@ -143,9 +144,9 @@ mod tests {
     fn unknown_keys_are_named_with_their_path() {
         let object = json!({"a": 1, "zz": 2});
         let object = object.as_object().unwrap();
-        let error = reject_unknown(object, &["a"], "messages[0]").unwrap_err();
+        let error = reject_unknown(object, &["a"], || "messages[0]".into()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("messages[0].zz"));
-        assert!(reject_unknown(object, &["a", "zz"], "").is_ok());
+        assert!(reject_unknown(object, &["a", "zz"], String::new).is_ok());
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub(crate) const SHARED_FIELDS: &[&str] = &[
     "ignore_eos",
     "logprobs",
     "logit_bias",
+    "nvext",
 ];
 
 /// What both endpoints parse the same way.
@@ -95,7 +96,8 @@ pub(crate) fn shared(object: &Object) -> Result<SharedParams, ApiError> {
     let ignore_eos = get(object, "ignore_eos")
         .map(|v| as_bool(v, "ignore_eos"))
         .transpose()?
-        .unwrap_or(false);
+        .unwrap_or(false)
+        || nvext_ignore_eos(object)?;
 
     Ok(SharedParams {
         stream,
@@ -105,6 +107,20 @@ pub(crate) fn shared(object: &Object) -> Result<SharedParams, ApiError> {
         stop,
         ignore_eos,
     })
+}
+
+/// `nvext`: NVIDIA Dynamo's extension object, as benchmark clients (genai-perf, aiperf)
+/// send it. Only `ignore_eos` is understood.
+fn nvext_ignore_eos(object: &Object) -> Result<bool, ApiError> {
+    let Some(nvext) = get(object, "nvext") else {
+        return Ok(false);
+    };
+    let nvext = as_object(nvext, "nvext")?;
+    reject_unknown(nvext, &["ignore_eos"], || "nvext".into())?;
+    get(nvext, "ignore_eos")
+        .map(|v| as_bool(v, "nvext.ignore_eos"))
+        .transpose()
+        .map(|flag| flag.unwrap_or(false))
 }
 
 /// `stream_options`: only with `stream: true`, and only `include_usage`.
@@ -119,7 +135,7 @@ fn stream_options(object: &Object, stream: bool) -> Result<bool, ApiError> {
         ));
     }
     let options = as_object(options, "stream_options")?;
-    reject_unknown(options, &["include_usage"], "stream_options")?;
+    reject_unknown(options, &["include_usage"], || "stream_options".into())?;
     get(options, "include_usage")
         .map(|v| as_bool(v, "stream_options.include_usage"))
         .transpose()
@@ -259,6 +275,16 @@ mod tests {
     }
 
     #[test]
+    fn nvext_ignore_eos_is_understood() {
+        assert!(
+            parse(json!({"nvext": {"ignore_eos": true}}))
+                .unwrap()
+                .ignore_eos
+        );
+        assert!(!parse(json!({"nvext": {}})).unwrap().ignore_eos);
+    }
+
+    #[test]
     fn names_the_offending_parameter() {
         let cases = [
             (json!({"temperature": 2.5}), "temperature"),
@@ -281,6 +307,9 @@ mod tests {
             (json!({"frequency_penalty": -2.01}), "frequency_penalty"),
             (json!({"max_tokens": 0}), "max_tokens"),
             (json!({"logit_bias": {"1": 5}}), "logit_bias"),
+            (json!({"nvext": {"min_tokens": 5}}), "nvext.min_tokens"),
+            (json!({"nvext": {"ignore_eos": 1}}), "nvext.ignore_eos"),
+            (json!({"nvext": []}), "nvext"),
         ];
         for (body, param) in cases {
             let error = parse(body.clone()).expect_err(&body.to_string());
