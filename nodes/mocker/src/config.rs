@@ -4,6 +4,12 @@
 use dynamo_protocol::DEFAULT_BLOCK_HASH_SEED;
 use serde::{Deserialize, Serialize};
 
+/// Limits that keep the pool's bookkeeping (and a typo) from exhausting memory: 16M
+/// blocks is over a thousand times a large GPU's pool.
+pub const MAX_NUM_BLOCKS: usize = 1 << 24;
+pub const MAX_BLOCK_SIZE: usize = 1 << 16;
+pub const MAX_EVENT_BUFFER: usize = 1 << 20;
+
 /// Settings of one mocker worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -73,8 +79,12 @@ pub enum ConfigError {
          below it are skipped"
     )]
     NoOrdinaryTokens { vocab_size: u32, special: usize },
-    #[error("`num_blocks` × `block_size` = {0} tokens does not fit in memory indices")]
-    PoolTooLarge(u128),
+    #[error("`{field}` = {value} is more than this engine supports ({max})")]
+    TooLarge {
+        field: &'static str,
+        value: usize,
+        max: usize,
+    },
 }
 
 impl MockerConfig {
@@ -97,7 +107,7 @@ impl MockerConfig {
         self.num_blocks.saturating_mul(self.block_size)
     }
 
-    /// Every problem with these settings, in field order; empty when they can work.
+    /// Every problem with these settings, in a stable order; `Ok` when they can work.
     pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
         let mut errors = Vec::new();
         for (field, value) in [
@@ -111,10 +121,14 @@ impl MockerConfig {
                 errors.push(ConfigError::Zero { field });
             }
         }
-        // Block ids are u32 in the block manager.
-        let pool = self.num_blocks as u128 * self.block_size as u128;
-        if self.num_blocks as u128 > u32::MAX as u128 || pool > usize::MAX as u128 {
-            errors.push(ConfigError::PoolTooLarge(pool));
+        for (field, value, max) in [
+            ("block_size", self.block_size, MAX_BLOCK_SIZE),
+            ("num_blocks", self.num_blocks, MAX_NUM_BLOCKS),
+            ("event_buffer", self.event_buffer, MAX_EVENT_BUFFER),
+        ] {
+            if value > max {
+                errors.push(ConfigError::TooLarge { field, value, max });
+            }
         }
         if self.speedup.is_nan() || self.speedup <= 0.0 {
             errors.push(ConfigError::Speedup(self.speedup));
@@ -236,6 +250,31 @@ mod tests {
                 ConfigError::NoOrdinaryTokens {
                     vocab_size: 3,
                     special: 3
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn absurd_sizes_are_rejected() {
+        let config = MockerConfig {
+            num_blocks: MAX_NUM_BLOCKS + 1,
+            event_buffer: usize::MAX,
+            ..MockerConfig::default()
+        };
+        let errors = config.validate().unwrap_err();
+        assert_eq!(
+            errors,
+            vec![
+                ConfigError::TooLarge {
+                    field: "num_blocks",
+                    value: MAX_NUM_BLOCKS + 1,
+                    max: MAX_NUM_BLOCKS
+                },
+                ConfigError::TooLarge {
+                    field: "event_buffer",
+                    value: usize::MAX,
+                    max: MAX_EVENT_BUFFER
                 },
             ]
         );
