@@ -71,7 +71,8 @@ struct ClientInner {
     display: Arc<str>,
     config: SocketClientConfig,
     current: ArcSwapOption<Connection>,
-    reconnect: tokio::sync::Mutex<()>,
+    /// Serialises connect attempts; holds when and how the last one failed.
+    reconnect: tokio::sync::Mutex<Option<(tokio::time::Instant, ServeError)>>,
     next_stream: AtomicU64,
 }
 
@@ -106,7 +107,7 @@ impl SocketClient {
                 display: path.as_ref().display().to_string().into(),
                 config,
                 current: ArcSwapOption::empty(),
-                reconnect: tokio::sync::Mutex::new(()),
+                reconnect: tokio::sync::Mutex::new(None),
                 next_stream: AtomicU64::new(1),
             }),
         }
@@ -127,37 +128,50 @@ impl SocketClient {
 }
 
 impl ClientInner {
+    /// The live connection, or a new one. Callers queue behind one connect attempt at a
+    /// time; if the attempt they waited for failed, they get its error rather than trying
+    /// again one after another, so no call waits much longer than one connect timeout.
     async fn connection(&self) -> Result<Arc<Connection>, ServeError> {
         if let Some(conn) = self.live() {
             return Ok(conn);
         }
-        let _one_at_a_time = self.reconnect.lock().await;
+        let asked = tokio::time::Instant::now();
+        let mut last_failure = self.reconnect.lock().await;
         if let Some(conn) = self.live() {
             return Ok(conn);
         }
-        let path = self.path.display();
-        let stream = match tokio::time::timeout(
-            self.config.connect_timeout,
-            UnixStream::connect(&self.path),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(ServeError::unavailable(format!(
-                    "cannot connect to {path}: {e}"
-                )))
+        if let Some((at, error)) = last_failure.as_ref() {
+            if *at >= asked {
+                return Err(error.clone());
             }
-            Err(_) => {
-                let t = self.config.connect_timeout;
-                return Err(ServeError::unavailable(format!(
-                    "connecting to {path} timed out after {t:?}"
-                )));
+        }
+        match self.dial().await {
+            Ok(stream) => {
+                let conn = Connection::start(stream, &self.config);
+                self.current.store(Some(conn.clone()));
+                *last_failure = None;
+                Ok(conn)
             }
-        };
-        let conn = Connection::start(stream, &self.config);
-        self.current.store(Some(conn.clone()));
-        Ok(conn)
+            Err(e) => {
+                *last_failure = Some((tokio::time::Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(&self) -> Result<UnixStream, ServeError> {
+        let timeout = self.config.connect_timeout;
+        match tokio::time::timeout(timeout, UnixStream::connect(&self.path)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(ServeError::unavailable(format!(
+                "cannot connect to {}: {e}",
+                self.display
+            ))),
+            Err(_) => Err(ServeError::unavailable(format!(
+                "connecting to {} timed out after {timeout:?}",
+                self.display
+            ))),
+        }
     }
 
     fn window(&self) -> u32 {
