@@ -27,7 +27,12 @@ impl Vocabulary {
         Vocabulary {
             special,
             ordinary,
-            eos_probability: eos_probability.clamp(0.0, 1.0),
+            // NaN means never: `random_bool` must get a number in 0..=1.
+            eos_probability: if eos_probability.is_nan() {
+                0.0
+            } else {
+                eos_probability.clamp(0.0, 1.0)
+            },
         }
     }
 
@@ -78,6 +83,18 @@ mod tests {
         for id in [1, 2, 4, 5, 6] {
             assert!(seen[id] > 700, "id {id} drawn {} times", seen[id]);
         }
+    }
+
+    #[test]
+    fn out_of_range_eos_probabilities_do_not_panic() {
+        let mut s = TokenSampler::new(3);
+        for p in [f64::NAN, -1.0, 7.0] {
+            let vocab = Vocabulary::new(100, vec![], p);
+            let t = s.next_token(&vocab, &[5], false);
+            assert!(t < 100);
+        }
+        let always = Vocabulary::new(100, vec![], 7.0);
+        assert_eq!(s.next_token(&always, &[5], false), 5);
     }
 
     #[test]
