@@ -4,7 +4,7 @@
 
 pub mod transport;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::decode::tree::{self, Val};
 use crate::diagnostic::{Code, Diagnostic};
@@ -58,6 +58,10 @@ struct State {
     free: Vec<Vec<bool>>,
     free_count: Vec<u32>,
     replicas_on: Vec<u32>,
+    /// Machines by (replicas placed, index) and by (most free GPUs, index), so an
+    /// unconstrained replica finds its machine in O(log machines).
+    by_load: BTreeSet<(u32, usize)>,
+    by_free: BTreeSet<(std::cmp::Reverse<u32>, usize)>,
 }
 
 impl State {
@@ -65,7 +69,41 @@ impl State {
         self.free_count[m]
     }
 
+    fn new(machines: &[PlannedMachine]) -> Self {
+        State {
+            free: machines
+                .iter()
+                .map(|m| vec![true; m.gpus as usize])
+                .collect(),
+            free_count: machines.iter().map(|m| m.gpus).collect(),
+            replicas_on: vec![0; machines.len()],
+            by_load: (0..machines.len()).map(|m| (0, m)).collect(),
+            by_free: machines
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (std::cmp::Reverse(m.gpus), i))
+                .collect(),
+        }
+    }
+
+    /// The best machine for a replica that may go anywhere: the most free GPUs when it
+    /// needs some, else the fewest replicas; ties to the first machine.
+    fn best_anywhere(&self, gpus: u32) -> Option<usize> {
+        if gpus > 0 {
+            self.by_free
+                .iter()
+                .next()
+                .filter(|(std::cmp::Reverse(f), _)| *f >= gpus)
+                .map(|&(_, m)| m)
+        } else {
+            self.by_load.iter().next().map(|&(_, m)| m)
+        }
+    }
+
     fn take(&mut self, m: usize, n: u32) -> Vec<u32> {
+        self.by_load.remove(&(self.replicas_on[m], m));
+        self.by_free
+            .remove(&(std::cmp::Reverse(self.free_count[m]), m));
         let mut got = Vec::with_capacity(n as usize);
         for (i, f) in self.free[m].iter_mut().enumerate() {
             if got.len() as u32 == n {
@@ -78,6 +116,9 @@ impl State {
         }
         self.replicas_on[m] += 1;
         self.free_count[m] -= got.len() as u32;
+        self.by_load.insert((self.replicas_on[m], m));
+        self.by_free
+            .insert((std::cmp::Reverse(self.free_count[m]), m));
         got
     }
 }
@@ -150,14 +191,7 @@ pub fn place(r: &Resolved<'_>, env: &Environment, diags: &mut Vec<Diagnostic>) -
     let spec = r.spec;
     let machines = machines(spec, env);
     let order = colocation_order(r, diags)?;
-    let mut st = State {
-        free: machines
-            .iter()
-            .map(|m| vec![true; m.gpus as usize])
-            .collect(),
-        free_count: machines.iter().map(|m| m.gpus).collect(),
-        replicas_on: vec![0; machines.len()],
-    };
+    let mut st = State::new(&machines);
     let mut placed: Vec<Vec<(usize, Vec<u32>, String)>> = vec![Vec::new(); spec.nodes.len()];
     let mut failed = false;
     for &i in &order {
@@ -165,6 +199,7 @@ pub fn place(r: &Resolved<'_>, env: &Environment, diags: &mut Vec<Diagnostic>) -
         if r.kind(i).is_none() {
             continue;
         }
+        let unconstrained = node.placement.machine.is_none() && node.placement.labels.is_empty();
         let eligible: Vec<usize> = (0..machines.len())
             .filter(|&m| matches(node, &machines[m]))
             .collect();
@@ -218,18 +253,29 @@ pub fn place(r: &Resolved<'_>, env: &Environment, diags: &mut Vec<Diagnostic>) -
                     ),
                 )
             } else {
-                let best = eligible
-                    .iter()
-                    .copied()
-                    .filter(|&m| st.free_count(m) >= gpus)
-                    .min_by_key(|&m| {
-                        let mine = count_on.get(&m).copied().unwrap_or(0);
-                        if gpus > 0 {
-                            (mine, u32::MAX - st.free_count(m), m)
-                        } else {
-                            (mine, st.replicas_on[m], m)
-                        }
-                    });
+                let fast = if unconstrained && count_on.is_empty() {
+                    st.best_anywhere(gpus)
+                } else {
+                    None
+                };
+                let best = fast.or_else(|| {
+                    eligible
+                        .iter()
+                        .copied()
+                        .filter(|&m| st.free_count(m) >= gpus)
+                        .min_by_key(|&m| {
+                            let mine = if count_on.is_empty() {
+                                0
+                            } else {
+                                count_on.get(&m).copied().unwrap_or(0)
+                            };
+                            if gpus > 0 {
+                                (mine, u32::MAX - st.free_count(m), m)
+                            } else {
+                                (mine, st.replicas_on[m], m)
+                            }
+                        })
+                });
                 let Some(m) = best else {
                     diags.push(no_gpus(node, rep, &eligible, &machines, &st));
                     failed = true;
@@ -465,6 +511,8 @@ fn check_http_ports(r: &Resolved<'_>, replicas: &[PlannedReplica], diags: &mut V
 
 /// Settings with defaults filled in, so the plan says everything explicitly.
 fn planned_nodes(r: &Resolved<'_>) -> Vec<PlannedNode> {
+    // Parse each catalogue default once, not once per node.
+    let mut defaults: HashMap<&'static str, Option<serde_json::Value>> = HashMap::new();
     r.spec
         .nodes
         .iter()
@@ -475,7 +523,12 @@ fn planned_nodes(r: &Resolved<'_>) -> Vec<PlannedNode> {
             for f in kind.settings {
                 let v = match n.settings.get(f.key) {
                     Some(v) => Some(v.value.clone()),
-                    None => f.default.and_then(default_value),
+                    None => f.default.and_then(|d| {
+                        defaults
+                            .entry(d)
+                            .or_insert_with(|| default_value(d))
+                            .clone()
+                    }),
                 };
                 if let Some(v) = v {
                     settings.insert(f.key.to_string(), v);

@@ -39,13 +39,21 @@ fn cycles(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
         })
         .collect();
     sccs.sort();
-    for comp in sccs {
-        let members: std::collections::BTreeSet<usize> = comp.iter().copied().collect();
-        // Edges inside the component, in file order.
-        let mut inner: Vec<usize> = call_edges(r)
-            .filter(|e| members.contains(&e.from.node) && members.contains(&e.to.node))
-            .map(|e| e.index)
-            .collect();
+    // The edges inside each component, found in one pass over the edges.
+    let mut comp_of = vec![usize::MAX; r.spec.nodes.len()];
+    for (c, comp) in sccs.iter().enumerate() {
+        for &n in comp {
+            comp_of[n] = c;
+        }
+    }
+    let mut inner_edges: Vec<Vec<usize>> = vec![Vec::new(); sccs.len()];
+    for e in call_edges(r) {
+        let c = comp_of[e.from.node];
+        if c != usize::MAX && c == comp_of[e.to.node] {
+            inner_edges[c].push(e.index);
+        }
+    }
+    for (comp, mut inner) in sccs.into_iter().zip(inner_edges) {
         if inner.is_empty() {
             continue;
         }
