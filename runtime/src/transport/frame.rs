@@ -234,6 +234,19 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut body = Vec::new();
+        for _ in 0..20_000 {
+            body.clear();
+            body.extend((0..rng.usize(0..48)).map(|_| rng.u8(..)));
+            if let Ok((_, rest)) = decode(&body) {
+                let _ = decode_payload::<(String, Option<u64>, Vec<u32>)>(rest);
+            }
+        }
+    }
+
+    #[test]
     fn buffer_is_reused_between_frames() {
         let mut buf = BytesMut::with_capacity(256);
         let a = encode(&mut buf, &Header::End { stream_id: 1 }, None::<&()>).expect("a");
