@@ -109,7 +109,8 @@ async fn answer(
         .map(str::to_string);
     let ctx = RequestContext::new(request_id).with_traceparent(traceparent);
     let cancel_on_drop = ctx.cancellation_token().drop_guard();
-    let stream = frontend.downstream.call(parsed.request, ctx);
+    // In the span, so an in-process downstream that spawns work can inherit it.
+    let stream = span.in_scope(|| frontend.downstream.call(parsed.request, ctx));
     let mut call = Call::new(
         stream,
         cancel_on_drop,

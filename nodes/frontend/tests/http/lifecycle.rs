@@ -194,7 +194,7 @@ async fn over_the_inflight_limit_is_503_then_recovers() {
 #[tokio::test]
 async fn a_request_past_its_timeout_is_504_and_cancelled() {
     let server = start(FrontendConfig {
-        request_timeout: Duration::from_millis(200),
+        request_timeout: Duration::from_millis(500),
         ..config()
     })
     .await;
