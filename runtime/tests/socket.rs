@@ -365,6 +365,28 @@ async fn shutdown_lets_in_flight_streams_finish_and_refuses_new_connections() {
         Some(Ok(0))
     );
     stop.cancel();
+    // Draining: the open connection still answers, but refuses new work.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let refused = loop {
+        let got = collect(count.call(
+            Count {
+                from: 0,
+                n: 1,
+                delay_ms: 0,
+            },
+            RequestContext::new("new"),
+        ))
+        .await;
+        if got != vec![Ok(0)] || Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(refused.len(), 1);
+    let err = refused[0]
+        .clone()
+        .expect_err("a draining server refuses new requests");
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{err}");
     let rest = collect(stream).await;
     assert_eq!(rest, vec![Ok(1), Ok(2), Ok(3), Ok(4)]);
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -529,4 +551,39 @@ async fn the_next_call_reconnects_after_a_server_restart() {
     ))
     .await;
     assert_eq!(got, vec![Ok(7), Ok(8)]);
+}
+
+#[tokio::test]
+async fn an_instance_set_of_socket_clients_round_robins_across_servers() {
+    use dynamo_runtime::InstanceSet;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let set = InstanceSet::<String, String>::new("echo");
+    let mut stops = Vec::new();
+    for id in 0..2u64 {
+        let path = dir.path().join(format!("{id}.sock"));
+        let (stop, _) = serve_here(&path);
+        stops.push(stop);
+        let client = SocketClient::connect(&path).await.expect("connect");
+        set.add(id, client.endpoint::<String, String>("echo"));
+    }
+    let set: Arc<dyn Service<String, String>> = Arc::new(set);
+    for i in 0..4 {
+        let got = collect(set.call(format!("m{i}"), RequestContext::new(format!("r{i}")))).await;
+        assert_eq!(got.first(), Some(&Ok(format!("m{i}"))));
+    }
+    // Take one server down: its instance fails with Unavailable, the other still serves.
+    stops[0].cancel();
+    let mut kinds = Vec::new();
+    for i in 0..4 {
+        let got = collect(set.call("x".into(), RequestContext::new(format!("d{i}")))).await;
+        kinds.push(
+            got.first()
+                .map(|r| r.as_ref().map(|_| ()).map_err(|e| e.kind)),
+        );
+    }
+    assert!(kinds.contains(&Some(Ok(()))), "{kinds:?}");
+    assert!(
+        kinds.contains(&Some(Err(ErrorKind::Unavailable))),
+        "{kinds:?}"
+    );
 }
