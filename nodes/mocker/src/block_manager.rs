@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use dynamo_protocol::{BlockHash, KvEvent, KvEventData, StoredBlock};
+use foldhash::fast::RandomState;
 
 /// Index of a block in the pool.
 pub type BlockId = u32;
@@ -74,7 +75,7 @@ pub struct BlockManager {
     caching: bool,
     blocks: Vec<Block>,
     free: Vec<BlockId>,
-    by_hash: HashMap<BlockHash, BlockId>,
+    by_hash: HashMap<BlockHash, BlockId, RandomState>,
     lru: BTreeMap<u64, BlockId>,
     clock: u64,
     next_event_id: u64,
@@ -91,7 +92,7 @@ impl BlockManager {
             blocks: vec![Block::default(); n as usize],
             // Reversed so that block 0 is handed out first.
             free: (0..n).rev().collect(),
-            by_hash: HashMap::new(),
+            by_hash: HashMap::default(),
             lru: BTreeMap::new(),
             clock: 0,
             next_event_id: 0,

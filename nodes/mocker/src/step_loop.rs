@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dynamo_protocol::{KvEvent, TokenDelta};
 use dynamo_runtime::ServeError;
+use foldhash::fast::RandomState;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,8 +26,8 @@ struct Caller {
     cancel: CancellationToken,
 }
 
-/// Every this many steps the loop looks for cancelled requests that are not producing
-/// tokens (waiting, or in a long chunked prefill).
+/// In instant mode, every this many steps the loop looks for cancelled requests whose
+/// streams nobody polls (a polled or dropped stream tells the loop itself at once).
 const CANCEL_SWEEP_STEPS: u64 = 64;
 
 /// The task that owns the scheduler.
@@ -37,7 +38,7 @@ pub(crate) struct StepLoop {
     stats: Arc<StatsCell>,
     stop: CancellationToken,
     speedup: f64,
-    streams: HashMap<SeqId, Caller>,
+    streams: HashMap<SeqId, Caller, RandomState>,
     outputs: Vec<SeqOutput>,
     kv_events: Vec<KvEvent>,
     steps: u64,
@@ -66,7 +67,7 @@ impl StepLoop {
             stats,
             stop,
             speedup,
-            streams: HashMap::new(),
+            streams: HashMap::default(),
             outputs: Vec::new(),
             kv_events: Vec::new(),
             steps: 0,
@@ -109,7 +110,8 @@ impl StepLoop {
 
             let started = self.step_start();
             self.outputs.clear();
-            if self.steps % CANCEL_SWEEP_STEPS == 0 {
+            // Timed steps last milliseconds: look every step. Instant steps last microseconds.
+            if !instant || self.steps % CANCEL_SWEEP_STEPS == 0 {
                 self.sweep_cancelled();
             }
             let work = self.core.step(&mut self.outputs);
@@ -211,17 +213,14 @@ impl StepLoop {
             let Some(caller) = self.streams.get(&out.id) else {
                 continue; // aborted while the step ran
             };
-            // A cancelled caller gets no more tokens; its stream ends itself when polled.
-            let gone = caller.cancel.is_cancelled() || {
-                let delta = TokenDelta {
-                    token_ids: vec![out.token],
-                    finish_reason: out.finish,
-                    cached_tokens: out.cached_tokens,
-                };
-                caller.tx.send(Ok(delta)).is_err()
+            let delta = TokenDelta {
+                token_ids: vec![out.token],
+                finish_reason: out.finish,
+                cached_tokens: out.cached_tokens,
             };
+            let gone = caller.tx.send(Ok(delta)).is_err();
             if gone && out.finish.is_none() {
-                // Cancelled, or the stream was dropped: free its blocks now.
+                // The stream was dropped: free its blocks now.
                 self.core.abort(out.id);
             }
             if gone || out.finish.is_some() {
