@@ -5,6 +5,7 @@
 //! `cargo bench -p dynamo-frontend --bench cpu_cost`
 //!
 //! Budgets (the whole non-engine pipeline): ≤ 400 µs per request, ≤ 40 µs per token.
+//! The last two lines are wall-clock round trips over loopback (client included).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,6 +85,7 @@ fn main() {
     )
     .expect("config");
     let router = frontend.router();
+    let for_loopback = frontend.clone();
     let served = vec!["bench-model".to_string()];
 
     let small = body(1, false);
@@ -125,5 +127,61 @@ fn main() {
                 report(name, iterations, elapsed, "request");
             }
         }
+    });
+    loopback(for_loopback);
+}
+
+/// Round trips over a real loopback socket with a pooled client at concurrency 1
+/// (wall clock, the client's work included): the latency a benchmark client would see
+/// from the frontend alone.
+fn loopback(frontend: Frontend) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let url = format!(
+            "http://{}/v1/chat/completions",
+            listener.local_addr().expect("address")
+        );
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(dynamo_frontend::serve(
+            listener,
+            frontend,
+            shutdown.clone(),
+        ));
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client");
+        for (name, body) in [
+            ("loopback round trip, whole, 1 token", body(1, false)),
+            ("loopback round trip, streamed, 8 tokens", body(8, true)),
+        ] {
+            let iterations = 500;
+            let mut worst = Duration::ZERO;
+            let started = Instant::now();
+            for _ in 0..iterations {
+                let one = Instant::now();
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .expect("response");
+                assert_eq!(response.status(), 200);
+                response.bytes().await.expect("body");
+                worst = worst.max(one.elapsed());
+            }
+            report(name, iterations, started.elapsed(), "request (mean)");
+            println!("{:<44} {:>9.2} µs", "  worst", worst.as_secs_f64() * 1e6);
+        }
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     });
 }
