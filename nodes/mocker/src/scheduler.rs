@@ -294,6 +294,9 @@ impl Scheduler {
     /// Admits waiting sequences in order while the budget, the batch size and the pool
     /// allow; stops at the first one that does not fit.
     fn admit_waiting(&mut self, budget: &mut usize) {
+        // `plan[i]` belongs to `running[i]`: admission may only append once every running
+        // sequence is planned, which holds whenever budget is left after `schedule_running`.
+        debug_assert!(*budget == 0 || self.plan.len() == self.running.len());
         while *budget > 0 && self.running.len() < self.max_num_seqs {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
