@@ -1,4 +1,4 @@
-//! The async shell: one tokio task (the [`StepLoop`]) owns the scheduler. Requests and
+//! The async shell: one tokio task (the step loop, `step_loop.rs`) owns the scheduler. Requests and
 //! aborts reach it over one channel, tokens leave on one channel per request, KV events
 //! on a broadcast, counters through atomics. Nothing on the hot path takes a lock.
 
