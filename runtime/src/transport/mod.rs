@@ -10,6 +10,6 @@ pub mod socket_client;
 pub mod socket_server;
 mod writer;
 
-pub use in_process::InProcessClient;
+pub use in_process::{CancelOnDrop, InProcessClient};
 pub use socket_client::{SocketClient, SocketClientConfig};
-pub use socket_server::SocketServer;
+pub use socket_server::{ServerError, SocketServer};
