@@ -149,11 +149,7 @@ fn loopback(frontend: Frontend) {
             listener.local_addr().expect("address")
         );
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let server = tokio::spawn(dynamo_frontend::serve(
-            listener,
-            frontend,
-            shutdown.clone(),
-        ));
+        let server = tokio::spawn(dynamo_frontend::serve(listener, frontend, shutdown.clone()));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
