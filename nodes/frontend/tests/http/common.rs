@@ -4,6 +4,7 @@
 //! The fake's behaviour is chosen by the prompt's last text:
 //! - `infinite`: a delta every 5 ms until cancelled;
 //! - `hold`: nothing until cancelled or released with [`Fake::release`];
+//! - `one-then-hold`: one delta, then nothing until cancelled;
 //! - `fail-first:<kind>`: the first item is a `ServeError` of that kind;
 //! - `fail-mid`: two deltas, then an internal error;
 //! - `slow`: the normal answer with 100 ms between deltas;
@@ -177,6 +178,14 @@ impl Service<ChatRequest, TextDelta> for FakeService {
                             tokio::time::sleep(Duration::from_millis(5)).await;
                             let item = Ok(delta(format!("tok{i} "), None, 0));
                             Some((item, (i + 1, flag, fake, ctx)))
+                        }
+                        "one-then-hold" if i == 0 => {
+                            let item = Ok(delta("first ".into(), None, 0));
+                            Some((item, (1, flag, fake, ctx)))
+                        }
+                        "one-then-hold" => {
+                            ctx.cancelled().await;
+                            None
                         }
                         "hold" => {
                             tokio::select! {

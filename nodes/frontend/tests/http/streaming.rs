@@ -356,3 +356,28 @@ async fn a_client_that_gives_up_before_the_first_token_cancels_the_downstream() 
     );
     assert_eq!(server.requests_total("chat_completions", 499).await, 2);
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_during_a_pause_cancels_the_downstream() {
+    // No write fails here (nothing is being sent): the server must notice the closed
+    // connection by itself.
+    let server = start(config()).await;
+    let mut body = chat("one-then-hold");
+    body["stream"] = json!(true);
+    let client = reqwest::Client::new();
+    let response = client
+        .post(server.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("request sent");
+    let mut stream = response.bytes_stream();
+    let text = read_events(&mut stream, 1).await;
+    assert!(text.contains("first"), "{text}");
+    drop(stream);
+    drop(client);
+    assert!(
+        server.fake.wait_cancelled(1).await,
+        "a stream paused between tokens was not cancelled when its client left"
+    );
+}
