@@ -1,0 +1,139 @@
+//! [`RouterService`]: the router node's input port.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dynamo_protocol::{TokenDelta, TokenRequest};
+use dynamo_runtime::{
+    error_stream, InstanceId, InstanceSet, RequestContext, ResponseStream, ServeError, Service,
+};
+
+use crate::mode::RouterMode;
+use crate::policy::Policy;
+use crate::stream::{Attempt, Retry, RoutedStream};
+use crate::table::Loads;
+
+/// Chooses one live instance of its output port for each request and returns that
+/// instance's response stream.
+///
+/// Per request it takes no lock: one snapshot of the instance set, one load of the
+/// counter table, the policy's choice, two atomic increments, and one boxed stream.
+/// When another instance is live it also keeps a copy of the request, so a worker found
+/// dead before its first item can be replaced once (see [`RouterService::retry_unavailable`]).
+#[derive(Clone)]
+pub struct RouterService {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub name: Arc<str>,
+    pub policy: Arc<dyn Policy>,
+    pub set: Arc<InstanceSet<TokenRequest, TokenDelta>>,
+    pub loads: Loads,
+    pub retry: bool,
+}
+
+impl RouterService {
+    /// A router named `router` (see [`RouterService::named`]) in a built-in mode.
+    pub fn new(mode: RouterMode, instances: Arc<InstanceSet<TokenRequest, TokenDelta>>) -> Self {
+        Self::with_policy(mode.policy(), instances)
+    }
+
+    /// A router with any policy, e.g. a KV-aware one fed by an indexer elsewhere.
+    pub fn with_policy(
+        policy: Arc<dyn Policy>,
+        instances: Arc<InstanceSet<TokenRequest, TokenDelta>>,
+    ) -> Self {
+        RouterService {
+            shared: Arc::new(Shared {
+                name: Arc::from("router"),
+                policy,
+                set: instances,
+                loads: Loads::new(),
+                retry: true,
+            }),
+        }
+    }
+
+    /// The node name used in errors and spans.
+    pub fn named(self, name: impl Into<String>) -> Self {
+        self.rebuild(|s| s.name = Arc::from(name.into()))
+    }
+
+    /// Whether a worker that fails with `Unavailable` before its first item is replaced
+    /// once by another (default on). Off saves a copy of each request.
+    pub fn retry_unavailable(self, retry: bool) -> Self {
+        self.rebuild(|s| s.retry = retry)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// `(instance id, requests in flight, requests ever routed)` per instance, sorted by
+    /// id: every live instance, and gone ones whose streams are still open.
+    pub fn stats(&self) -> Vec<(InstanceId, u64, u64)> {
+        self.shared.loads.stats(&self.shared.set)
+    }
+
+    /// Settings are fixed once the router is shared; builders make a fresh one.
+    fn rebuild(self, change: impl FnOnce(&mut Shared)) -> Self {
+        let mut shared = match Arc::try_unwrap(self.shared) {
+            Ok(shared) => shared,
+            Err(shared) => Shared {
+                name: shared.name.clone(),
+                policy: shared.policy.clone(),
+                set: shared.set.clone(),
+                loads: Loads::new(),
+                retry: shared.retry,
+            },
+        };
+        change(&mut shared);
+        RouterService {
+            shared: Arc::new(shared),
+        }
+    }
+}
+
+impl Service<TokenRequest, TokenDelta> for RouterService {
+    fn call(&self, request: TokenRequest, ctx: RequestContext) -> ResponseStream<TokenDelta> {
+        let span = tracing::debug_span!(
+            "router",
+            router = %self.shared.name,
+            request_id = %ctx.request_id,
+            instance = tracing::field::Empty,
+            overhead_us = tracing::field::Empty,
+            retried_from = tracing::field::Empty,
+        );
+        let started = (!span.is_disabled()).then(Instant::now);
+        let entered = span.enter();
+        let shared = &self.shared;
+        let Some(pick) = shared
+            .loads
+            .pick(&shared.set, shared.policy.as_ref(), &request)
+        else {
+            tracing::debug!("no live worker");
+            return error_stream(ServeError::unavailable(format!(
+                "router `{}` has no live worker",
+                shared.name
+            )));
+        };
+        // Copy the request before the worker consumes it, only if a retry could go anywhere.
+        let copy = (shared.retry && pick.has_alternative).then(|| request.clone());
+        let failed = pick.id;
+        span.record("instance", failed);
+        if let Some(started) = started {
+            span.record("overhead_us", started.elapsed().as_micros() as u64);
+        }
+        let attempt = Attempt::start(pick, request, &ctx);
+        let retry = copy.map(|request| Retry {
+            request,
+            ctx,
+            shared: shared.clone(),
+            failed,
+        });
+        let stream = RoutedStream::new(attempt, retry, span.clone());
+        drop(entered);
+        Box::pin(stream)
+    }
+}

@@ -1,0 +1,178 @@
+//! The per-instance load counters, kept index-aligned with the instance set's snapshot so
+//! a request finds its candidates with two atomic loads and a pointer compare. The table
+//! is rebuilt (under a mutex, off the hot path) only when the instance set changes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use arc_swap::{ArcSwap, Guard};
+use dynamo_protocol::{TokenDelta, TokenRequest};
+use dynamo_runtime::{Instance, InstanceId, InstanceSet, Service};
+
+use crate::policy::{InstanceLoad, Policy};
+
+pub(crate) type Instances = Arc<Vec<Instance<TokenRequest, TokenDelta>>>;
+pub(crate) type Client = Arc<dyn Service<TokenRequest, TokenDelta>>;
+
+/// The counters for one version of the instance set.
+struct LoadTable {
+    /// The snapshot `live` is aligned with. Weak, so the table keeps no client alive; it
+    /// still pins the allocation, so the address cannot be reused by a later snapshot.
+    source: Weak<Vec<Instance<TokenRequest, TokenDelta>>>,
+    /// One entry per instance of `source`, same order (sorted by id).
+    live: Vec<Arc<InstanceLoad>>,
+    /// Instances gone from the set whose streams were still open at the last rebuild; kept
+    /// so their counters are reused if they come back and shown in stats until they drain.
+    retired: Vec<Arc<InstanceLoad>>,
+}
+
+/// One routing decision: the instance to call and the counters to charge.
+pub(crate) struct Pick {
+    pub id: InstanceId,
+    pub client: Client,
+    pub load: Arc<InstanceLoad>,
+    /// Whether another instance was live, i.e. whether a retry could go anywhere.
+    pub has_alternative: bool,
+}
+
+pub(crate) struct Loads {
+    table: ArcSwap<LoadTable>,
+    rebuild: Mutex<()>,
+}
+
+impl Loads {
+    pub fn new() -> Self {
+        Loads {
+            table: ArcSwap::from_pointee(LoadTable {
+                source: Weak::new(),
+                live: Vec::new(),
+                retired: Vec::new(),
+            }),
+            rebuild: Mutex::new(()),
+        }
+    }
+
+    /// Asks `policy` for one of the live instances; `None` if there is none.
+    pub fn pick(
+        &self,
+        set: &InstanceSet<TokenRequest, TokenDelta>,
+        policy: &dyn Policy,
+        request: &TokenRequest,
+    ) -> Option<Pick> {
+        let (instances, table) = self.current(set);
+        let candidates: &[Arc<InstanceLoad>] = &table.live;
+        if candidates.is_empty() {
+            return None;
+        }
+        let chosen = policy.choose(candidates, request);
+        let at = candidates
+            .binary_search_by_key(&chosen, |c| c.id())
+            .unwrap_or_else(|_| {
+                tracing::warn!(chosen, "router policy chose an instance that is not live");
+                0
+            });
+        pick_at(&instances, candidates, at)
+    }
+
+    /// A replacement for `failed`, found dead before its first item: the least-loaded
+    /// other live instance, ties going to the next after `failed` in id order. The policy
+    /// is not consulted, so a retry does not shift its rotation (with round-robin over
+    /// two instances, that would send every first attempt to the dead one).
+    pub fn pick_other(
+        &self,
+        set: &InstanceSet<TokenRequest, TokenDelta>,
+        failed: InstanceId,
+    ) -> Option<Pick> {
+        let (instances, table) = self.current(set);
+        let candidates: &[Arc<InstanceLoad>] = &table.live;
+        let after = candidates.partition_point(|c| c.id() <= failed);
+        let (up_to, beyond) = candidates.split_at(after);
+        let at = beyond
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (after + i, c))
+            .chain(up_to.iter().enumerate())
+            .filter(|(_, c)| c.id() != failed)
+            .min_by_key(|(_, c)| c.in_flight())
+            .map(|(at, _)| at)?;
+        pick_at(&instances, candidates, at)
+    }
+
+    /// `(id, in_flight, routed)` for every live instance, and for gone ones whose streams
+    /// are still open, sorted by id.
+    pub fn stats(
+        &self,
+        set: &InstanceSet<TokenRequest, TokenDelta>,
+    ) -> Vec<(InstanceId, u64, u64)> {
+        let (_, table) = self.current(set);
+        let mut out: Vec<_> = table
+            .live
+            .iter()
+            .chain(table.retired.iter().filter(|l| l.in_flight() > 0))
+            .map(|l| (l.id(), l.in_flight(), l.routed()))
+            .collect();
+        out.sort_unstable_by_key(|s| s.0);
+        out
+    }
+
+    /// The set's instances now and the table aligned with them.
+    fn current(
+        &self,
+        set: &InstanceSet<TokenRequest, TokenDelta>,
+    ) -> (Instances, Guard<Arc<LoadTable>>) {
+        let instances = set.snapshot();
+        let table = self.table.load();
+        if std::ptr::eq(table.source.as_ptr(), Arc::as_ptr(&instances)) {
+            return (instances, table);
+        }
+        drop(table);
+        self.rebuild(set)
+    }
+
+    #[cold]
+    fn rebuild(
+        &self,
+        set: &InstanceSet<TokenRequest, TokenDelta>,
+    ) -> (Instances, Guard<Arc<LoadTable>>) {
+        let _only_one = self.rebuild.lock().unwrap_or_else(PoisonError::into_inner);
+        // Always move to the set's newest state, never back to an older snapshot a slow
+        // caller may hold.
+        let instances = set.snapshot();
+        let old = self.table.load_full();
+        if std::ptr::eq(old.source.as_ptr(), Arc::as_ptr(&instances)) {
+            return (instances, Guard::from_inner(old));
+        }
+        let mut known: BTreeMap<InstanceId, Arc<InstanceLoad>> = old
+            .live
+            .iter()
+            .chain(old.retired.iter())
+            .map(|l| (l.id(), l.clone()))
+            .collect();
+        let live: Vec<_> = instances
+            .iter()
+            .map(|i| {
+                known
+                    .remove(&i.id)
+                    .unwrap_or_else(|| Arc::new(InstanceLoad::new(i.id)))
+            })
+            .collect();
+        let retired = known.into_values().filter(|l| l.in_flight() > 0).collect();
+        let table = Arc::new(LoadTable {
+            source: Arc::downgrade(&instances),
+            live,
+            retired,
+        });
+        self.table.store(table.clone());
+        (instances, Guard::from_inner(table))
+    }
+}
+
+fn pick_at(instances: &Instances, candidates: &[Arc<InstanceLoad>], at: usize) -> Option<Pick> {
+    let instance = instances.get(at)?;
+    Some(Pick {
+        id: instance.id,
+        client: instance.client.clone(),
+        load: candidates.get(at)?.clone(),
+        has_alternative: candidates.len() > 1,
+    })
+}
