@@ -10,6 +10,7 @@ pub mod fields;
 pub mod format;
 pub mod generate;
 pub mod kinds;
+pub mod overrides;
 pub mod place;
 pub mod plan;
 pub mod render;

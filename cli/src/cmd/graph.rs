@@ -36,6 +36,8 @@ pub enum GraphCommand {
     },
     /// Print the JSON Schema of graph files (for editor completion, e.g. taplo).
     Schema,
+    /// Serve the graph on this machine until Ctrl-C.
+    Up(crate::cmd::up::UpArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,9 +105,13 @@ fn print_diagnostics(c: &Checked) {
     }
 }
 
-pub fn run(cmd: GraphCommand) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: GraphCommand, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     match cmd {
+        GraphCommand::Up(args) => {
+            drop(out);
+            crate::cmd::up::run(args, dyn_log)
+        }
         GraphCommand::Validate {
             file,
             format,

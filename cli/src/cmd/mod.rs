@@ -1,3 +1,6 @@
 pub mod bench;
 pub mod bench_graph;
 pub mod graph;
+pub mod model;
+pub mod node;
+pub mod up;

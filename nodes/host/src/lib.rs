@@ -1,0 +1,19 @@
+//! Runs a [`Plan`](dynamo_graph::Plan).
+//!
+//! - [`process`]: inside one planned process (`dynamo node run`), build its replicas, bind
+//!   its local socket, and connect every output port with the transport the plan chose
+//!   (in-process or local socket). The node never chooses.
+//! - [`controller`]: `dynamo graph up`, which starts every process of this machine under
+//!   the runtime's supervisor, waits until each is ready and stops them all on a signal.
+
+pub mod controller;
+pub mod endpoints;
+pub mod metrics;
+pub mod model;
+pub mod nodes;
+pub mod process;
+
+/// The line a process prints on stdout once all its replicas serve.
+pub const READY_LINE: &str = "DYNAMO_READY";
+/// The line a process hosting a frontend prints with its HTTP address, before `READY_LINE`.
+pub const HTTP_LINE: &str = "DYNAMO_HTTP";

@@ -1,0 +1,254 @@
+//! Engine metrics of every process, gathered where the frontend serves `/metrics`.
+//!
+//! Each process serves the samples of its own engines on its socket (`_metrics`); the
+//! process hosting a frontend polls its peers every second and appends everything, with
+//! one `# HELP`/`# TYPE` header per family, to the frontend's `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dynamo_frontend::Frontend;
+use dynamo_graph::plan::{Plan, ReplicaId};
+use dynamo_mocker::MockerEngine;
+use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
+use dynamo_runtime::{RequestContext, ResponseStream, Service};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::endpoints::{socket_path, METRICS_ENDPOINT};
+
+/// Every engine family: name, type, help.
+const FAMILIES: &[(&str, &str, &str)] = &[
+    (
+        "dynamo_engine_kv_blocks",
+        "gauge",
+        "KV-cache blocks by state: active (held by a request), cached (reusable, evictable), free",
+    ),
+    (
+        "dynamo_engine_kv_blocks_capacity",
+        "gauge",
+        "KV-cache blocks in the pool",
+    ),
+    (
+        "dynamo_engine_running_requests",
+        "gauge",
+        "Requests in the running batch",
+    ),
+    (
+        "dynamo_engine_waiting_requests",
+        "gauge",
+        "Requests waiting to be scheduled",
+    ),
+    (
+        "dynamo_engine_preemptions_total",
+        "counter",
+        "Requests preempted because blocks ran out",
+    ),
+    (
+        "dynamo_engine_prompt_tokens_total",
+        "counter",
+        "Prompt tokens scheduled",
+    ),
+    (
+        "dynamo_engine_prefix_hit_tokens_total",
+        "counter",
+        "Prompt tokens served from the prefix cache",
+    ),
+    (
+        "dynamo_engine_kv_events_total",
+        "counter",
+        "KV events published",
+    ),
+];
+
+pub struct MetricsHub {
+    engines: Mutex<Vec<(ReplicaId, Arc<MockerEngine>)>>,
+    peers: Vec<(String, PathBuf)>,
+    peer_text: Mutex<String>,
+}
+
+impl MetricsHub {
+    pub fn new(plan: &Plan, me: &str, run_dir: &Path) -> Arc<Self> {
+        let my_machine = plan
+            .process(me)
+            .map(|p| p.machine.clone())
+            .unwrap_or_default();
+        let peers = plan
+            .processes
+            .iter()
+            .filter(|p| p.name != me && p.machine == my_machine)
+            .map(|p| (p.name.clone(), socket_path(run_dir, &p.name)))
+            .collect();
+        Arc::new(MetricsHub {
+            engines: Mutex::new(Vec::new()),
+            peers,
+            peer_text: Mutex::new(String::new()),
+        })
+    }
+
+    pub fn add_engine(&self, id: ReplicaId, engine: Arc<MockerEngine>) {
+        if let Ok(mut e) = self.engines.lock() {
+            e.push((id, engine));
+        }
+    }
+
+    /// Sample lines (no headers) of this process's engines.
+    pub fn local_samples(&self) -> String {
+        let mut out = String::new();
+        let Ok(engines) = self.engines.lock() else {
+            return out;
+        };
+        for (id, engine) in engines.iter() {
+            let s = engine.stats();
+            let l = format!("node=\"{}\",replica=\"{}\"", id.node, id.index);
+            let _ = writeln!(
+                out,
+                "dynamo_engine_kv_blocks{{{l},state=\"active\"}} {}",
+                s.blocks_active
+            );
+            let _ = writeln!(
+                out,
+                "dynamo_engine_kv_blocks{{{l},state=\"cached\"}} {}",
+                s.blocks_cached
+            );
+            let _ = writeln!(
+                out,
+                "dynamo_engine_kv_blocks{{{l},state=\"free\"}} {}",
+                s.blocks_free
+            );
+            let _ = writeln!(
+                out,
+                "dynamo_engine_kv_blocks_capacity{{{l}}} {}",
+                s.blocks_total
+            );
+            let _ = writeln!(out, "dynamo_engine_running_requests{{{l}}} {}", s.running);
+            let _ = writeln!(out, "dynamo_engine_waiting_requests{{{l}}} {}", s.waiting);
+            let _ = writeln!(
+                out,
+                "dynamo_engine_preemptions_total{{{l}}} {}",
+                s.preemptions
+            );
+            let _ = writeln!(
+                out,
+                "dynamo_engine_prompt_tokens_total{{{l}}} {}",
+                s.prompt_tokens
+            );
+            let _ = writeln!(
+                out,
+                "dynamo_engine_prefix_hit_tokens_total{{{l}}} {}",
+                s.prefix_hit_tokens
+            );
+            let _ = writeln!(out, "dynamo_engine_kv_events_total{{{l}}} {}", s.kv_events);
+        }
+        out
+    }
+
+    /// Every engine sample of the machine, grouped by family under one header each.
+    pub fn exposition(&self) -> String {
+        let mut all = self.local_samples();
+        if let Ok(p) = self.peer_text.lock() {
+            all.push_str(&p);
+        }
+        let mut by_family: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for line in all.lines().filter(|l| !l.is_empty()) {
+            let name = line.split(['{', ' ']).next().unwrap_or(line);
+            by_family.entry(name).or_default().push(line);
+        }
+        let mut out = String::new();
+        for (name, kind, help) in FAMILIES {
+            if let Some(lines) = by_family.get(name) {
+                // OpenMetrics names a counter family without its `_total` sample suffix.
+                let family = if *kind == "counter" {
+                    name.strip_suffix("_total").unwrap_or(name)
+                } else {
+                    name
+                };
+                let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} {kind}");
+                for l in lines {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
+    /// Append the machine's engine metrics to a frontend's `/metrics`.
+    pub fn attach(self: &Arc<Self>, frontend: &Frontend) {
+        let hub = self.clone();
+        frontend
+            .metrics()
+            .add_text_source(Arc::new(move |out: &mut String| {
+                out.push_str(&hub.exposition())
+            }));
+    }
+
+    /// Refresh the peers' samples every second until shutdown.
+    pub async fn poll_peers(self: Arc<Self>, shutdown: CancellationToken) {
+        let clients: Vec<Arc<dyn Service<(), String>>> = self
+            .peers
+            .iter()
+            .map(|(_, path)| {
+                SocketClient::lazy(
+                    path,
+                    SocketClientConfig {
+                        connect_timeout: Duration::from_millis(200),
+                        ..SocketClientConfig::default()
+                    },
+                )
+                .endpoint::<(), String>(METRICS_ENDPOINT)
+            })
+            .collect();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let mut text = String::new();
+            for c in &clients {
+                let mut s = c.call((), RequestContext::new("metrics"));
+                let got = tokio::time::timeout(Duration::from_millis(500), s.next()).await;
+                if let Ok(Some(Ok(samples))) = got {
+                    text.push_str(&samples);
+                }
+            }
+            if let Ok(mut p) = self.peer_text.lock() {
+                *p = text;
+            }
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        let engines: Vec<Arc<MockerEngine>> = self
+            .engines
+            .lock()
+            .map(|e| e.iter().map(|(_, e)| e.clone()).collect())
+            .unwrap_or_default();
+        for e in engines {
+            e.shutdown().await;
+        }
+    }
+}
+
+/// Serves this process's samples to the process that hosts the frontend.
+pub struct MetricsService {
+    hub: Arc<MetricsHub>,
+}
+
+impl MetricsService {
+    pub fn new(hub: Arc<MetricsHub>) -> Self {
+        MetricsService { hub }
+    }
+}
+
+impl Service<(), String> for MetricsService {
+    fn call(&self, _req: (), _ctx: RequestContext) -> ResponseStream<String> {
+        Box::pin(futures::stream::once(futures::future::ready(Ok(self
+            .hub
+            .local_samples()))))
+    }
+}

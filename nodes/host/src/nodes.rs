@@ -1,0 +1,185 @@
+//! Building one replica of each node kind from its planned settings.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use dynamo_frontend::{Frontend, FrontendConfig};
+use dynamo_graph::plan::{PlannedModel, PlannedNode, PlannedReplica};
+use dynamo_mocker::{MockerConfig, MockerEngine};
+use dynamo_preprocessor::gguf::GgufFile;
+use dynamo_preprocessor::{Preprocessor, PreprocessorConfig, PreprocessorService};
+use dynamo_protocol::{ChatRequest, TextDelta, TokenDelta, TokenRequest};
+use dynamo_router::{RouterMode, RouterService};
+use dynamo_runtime::{InstanceSet, Service};
+
+use crate::endpoints::instance_id;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{node}: {what} is not implemented yet ({issue})")]
+    NotYet {
+        node: String,
+        what: String,
+        issue: &'static str,
+    },
+    #[error("{node}: {message}")]
+    Invalid { node: String, message: String },
+}
+
+fn invalid(node: &PlannedNode, message: impl std::fmt::Display) -> BuildError {
+    BuildError::Invalid {
+        node: node.name.clone(),
+        message: message.to_string(),
+    }
+}
+
+/// The model a node names, with its file resolved by the controller.
+pub fn model_of<'p>(
+    node: &PlannedNode,
+    models: &'p [PlannedModel],
+) -> Result<&'p PlannedModel, BuildError> {
+    let name = node
+        .str("model")
+        .ok_or_else(|| invalid(node, "no `model` setting"))?;
+    models
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| invalid(node, format!("unknown model `{name}`")))
+}
+
+pub fn model_path<'p>(node: &PlannedNode, model: &'p PlannedModel) -> Result<&'p Path, BuildError> {
+    match &model.source {
+        Some(dynamo_graph::spec::ModelSource::Path(p)) => Ok(Path::new(p)),
+        _ => Err(invalid(
+            node,
+            format!("model `{}` was not resolved to a file", model.name),
+        )),
+    }
+}
+
+/// A mocker worker. Its vocabulary comes from the model file, so its output tokens are
+/// real ids of the model.
+pub fn mocker(
+    node: &PlannedNode,
+    replica: &PlannedReplica,
+    model_file: &Path,
+) -> Result<MockerEngine, BuildError> {
+    let gguf = GgufFile::open(model_file)
+        .map_err(|e| invalid(node, format!("reading {}: {e}", model_file.display())))?;
+    let types = gguf
+        .opt_int_array("tokenizer.ggml.token_type")
+        .map_err(|e| invalid(node, e))?
+        .unwrap_or_default();
+    let vocab = gguf
+        .str_array("tokenizer.ggml.tokens")
+        .map_err(|e| invalid(node, e))?
+        .len();
+    // Control tokens (type 3) are never ordinary output.
+    let special: Vec<u32> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t == 3)
+        .filter_map(|(i, _)| u32::try_from(i).ok())
+        .collect();
+    let usize_of = |key: &str, default: usize| {
+        node.u64(key)
+            .and_then(|v| usize::try_from(v).ok())
+            .unwrap_or(default)
+    };
+    let config = MockerConfig {
+        worker_id: instance_id(&replica.id),
+        block_size: usize_of("block_size", 16),
+        num_blocks: usize_of("num_blocks", 8192),
+        max_num_seqs: usize_of("max_num_seqs", 256),
+        max_batched_tokens: usize_of("max_batched_tokens", 8192),
+        enable_prefix_caching: node.bool("enable_prefix_caching").unwrap_or(true),
+        speedup: node.f64("speedup").unwrap_or(1.0),
+        vocab_size: u32::try_from(vocab).map_err(|_| invalid(node, "vocabulary too large"))?,
+        special_token_ids: special,
+        seed: node.u64("seed").unwrap_or(0),
+        ..MockerConfig::default()
+    };
+    MockerEngine::start(config).map_err(|e| invalid(node, e))
+}
+
+/// A worker's service, by engine.
+pub fn engine(
+    node: &PlannedNode,
+    replica: &PlannedReplica,
+    model_file: &Path,
+) -> Result<
+    (
+        Arc<dyn Service<TokenRequest, TokenDelta>>,
+        Arc<MockerEngine>,
+    ),
+    BuildError,
+> {
+    match node.str("engine") {
+        Some("mocker") => {
+            let engine = Arc::new(mocker(node, replica, model_file)?);
+            Ok((engine.clone(), engine))
+        }
+        other => Err(BuildError::NotYet {
+            node: node.name.clone(),
+            what: format!("engine `{}`", other.unwrap_or("?")),
+            issue: "the native engine is issue #5",
+        }),
+    }
+}
+
+pub fn router(
+    node: &PlannedNode,
+    workers: Arc<InstanceSet<TokenRequest, TokenDelta>>,
+) -> Result<Arc<dyn Service<TokenRequest, TokenDelta>>, BuildError> {
+    let mode_name = node.str("mode").unwrap_or("round-robin");
+    let mode: RouterMode = mode_name.parse().map_err(|e| BuildError::NotYet {
+        node: node.name.clone(),
+        what: format!("router mode `{mode_name}` ({e})"),
+        issue: "KV-aware routing is issue #4",
+    })?;
+    Ok(Arc::new(RouterService::new(mode, workers)))
+}
+
+pub fn preprocessor(
+    node: &PlannedNode,
+    model: &PlannedModel,
+    downstream: Arc<dyn Service<TokenRequest, TokenDelta>>,
+) -> Result<Arc<dyn Service<ChatRequest, TextDelta>>, BuildError> {
+    let file = model_path(node, model)?;
+    let mut config = PreprocessorConfig::gguf(file);
+    config.system_prompt = model.system_prompt.clone();
+    config.chat_template = model.chat_template.clone();
+    config.context_length = model.context_length;
+    let pre = Preprocessor::new(config).map_err(|e| invalid(node, e))?;
+    Ok(Arc::new(PreprocessorService::new(
+        Arc::new(pre),
+        downstream,
+    )))
+}
+
+pub fn frontend(
+    node: &PlannedNode,
+    served: Vec<String>,
+    downstream: Arc<dyn Service<ChatRequest, TextDelta>>,
+) -> Result<Frontend, BuildError> {
+    let mut config = FrontendConfig::for_models(served);
+    if let Some(n) = node
+        .u64("max_body_bytes")
+        .and_then(|v| usize::try_from(v).ok())
+    {
+        config.max_body_bytes = n;
+    }
+    if let Some(n) = node
+        .u64("max_inflight")
+        .and_then(|v| usize::try_from(v).ok())
+    {
+        config.max_inflight = n;
+    }
+    if let Some(d) = node
+        .str("request_timeout")
+        .and_then(|s| humantime::parse_duration(s).ok())
+    {
+        config.request_timeout = d;
+    }
+    Frontend::new(config, downstream).map_err(|e| invalid(node, e))
+}

@@ -1,0 +1,315 @@
+//! One planned process (`dynamo node run`): build its replicas callee-first, connect each
+//! output port with the transport of each link in the plan, serve every input port on
+//! the process's Unix socket, and say when it is ready.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dynamo_graph::kinds::EdgeKind;
+use dynamo_graph::plan::{Plan, PlannedReplica, ReplicaId, Transport};
+use dynamo_protocol::{ChatRequest, TextDelta, TokenDelta, TokenRequest};
+use dynamo_runtime::transport::in_process::InProcessClient;
+use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
+use dynamo_runtime::transport::socket_server::SocketServer;
+use dynamo_runtime::{InstanceSet, Message, Service};
+use tokio_util::sync::CancellationToken;
+
+use crate::endpoints::{endpoint, instance_id, socket_path, METRICS_ENDPOINT};
+use crate::metrics::{MetricsHub, MetricsService};
+use crate::nodes::{self, BuildError};
+use crate::{HTTP_LINE, READY_LINE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("the plan has no process `{0}`")]
+    UnknownProcess(String),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("edge {edge}: transport `{transport}` is not available in this build yet ({issue})")]
+    Transport {
+        edge: String,
+        transport: &'static str,
+        issue: &'static str,
+    },
+    #[error("edge {edge}: no local service at `{endpoint}` (the plan and the process disagree)")]
+    MissingLocal { edge: String, endpoint: String },
+    #[error("socket {path}: {message}")]
+    Socket { path: PathBuf, message: String },
+    #[error("frontend {node}: cannot listen on {addr}: {source}")]
+    Listen {
+        node: String,
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// The input services built so far in this process, by endpoint.
+struct Local<Req, Resp> {
+    services: HashMap<String, Arc<dyn Service<Req, Resp>>>,
+}
+
+impl<Req, Resp> Default for Local<Req, Resp> {
+    fn default() -> Self {
+        Local {
+            services: HashMap::new(),
+        }
+    }
+}
+
+struct Ctx<'p> {
+    plan: &'p Plan,
+    run_dir: &'p Path,
+    clients: BTreeMap<String, SocketClient>,
+}
+
+impl Ctx<'_> {
+    fn client(&mut self, process: &str) -> SocketClient {
+        let path = socket_path(self.run_dir, process);
+        self.clients
+            .entry(process.to_string())
+            .or_insert_with(|| SocketClient::lazy(path, SocketClientConfig::default()))
+            .clone()
+    }
+
+    /// The instances behind `replica`'s output `port`, one per link of every call edge
+    /// leaving it, each reached by the link's transport.
+    fn outputs<Req: Message, Resp: Message>(
+        &mut self,
+        replica: &PlannedReplica,
+        port: &str,
+        local: &Local<Req, Resp>,
+    ) -> Result<Arc<InstanceSet<Req, Resp>>, ProcessError> {
+        let set = InstanceSet::new(format!("{}.{port}", replica.id.node));
+        let plan = self.plan;
+        for edge in plan.edges.iter().filter(|e| {
+            e.kind == EdgeKind::Call && e.from.node == replica.id.node && e.from.port == port
+        }) {
+            for link in edge.links.iter().filter(|l| l.from == replica.id.index) {
+                let target = ReplicaId {
+                    node: edge.to.node.clone(),
+                    index: link.to,
+                };
+                let ep = endpoint(&target, &edge.to.port);
+                let name = format!("{} -> {}", edge.from, edge.to);
+                let client: Arc<dyn Service<Req, Resp>> = match link.transport {
+                    Transport::InProcess => {
+                        let svc = local.services.get(&ep).cloned().ok_or_else(|| {
+                            ProcessError::MissingLocal {
+                                edge: name.clone(),
+                                endpoint: ep.clone(),
+                            }
+                        })?;
+                        InProcessClient::new(svc).into_service()
+                    }
+                    Transport::Socket => {
+                        let process = plan
+                            .replica(&target)
+                            .map(|r| r.process.clone())
+                            .unwrap_or_default();
+                        self.client(&process).endpoint::<Req, Resp>(&ep)
+                    }
+                    other => {
+                        return Err(ProcessError::Transport {
+                            edge: name,
+                            transport: other.as_str(),
+                            issue: match other {
+                                Transport::Nats => "NATS across machines is issue #6",
+                                _ => "the KV data plane is issue #8",
+                            },
+                        })
+                    }
+                };
+                set.add(instance_id(&target), client);
+            }
+        }
+        Ok(Arc::new(set))
+    }
+}
+
+/// Node names in an order where every callee comes before its callers.
+fn callee_first(plan: &Plan) -> Vec<String> {
+    let index: HashMap<&str, usize> = plan
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect();
+    let mut out_deg = vec![0usize; plan.nodes.len()];
+    let mut callers: Vec<Vec<usize>> = vec![Vec::new(); plan.nodes.len()];
+    for e in plan.edges.iter().filter(|e| e.kind == EdgeKind::Call) {
+        if let (Some(&f), Some(&t)) = (
+            index.get(e.from.node.as_str()),
+            index.get(e.to.node.as_str()),
+        ) {
+            out_deg[f] += 1;
+            callers[t].push(f);
+        }
+    }
+    let mut queue: VecDeque<usize> = (0..plan.nodes.len()).filter(|&i| out_deg[i] == 0).collect();
+    let mut order = Vec::with_capacity(plan.nodes.len());
+    while let Some(n) = queue.pop_front() {
+        order.push(plan.nodes[n].name.clone());
+        for &c in &callers[n] {
+            out_deg[c] -= 1;
+            if out_deg[c] == 0 {
+                queue.push_back(c);
+            }
+        }
+    }
+    order
+}
+
+/// Say something to the controller on stdout (it reads these lines).
+fn announce(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Run `process` of `plan` until `shutdown` is cancelled.
+pub async fn run(
+    plan: Plan,
+    process: &str,
+    run_dir: &Path,
+    shutdown: CancellationToken,
+) -> Result<(), ProcessError> {
+    let me = plan
+        .process(process)
+        .ok_or_else(|| ProcessError::UnknownProcess(process.to_string()))?
+        .clone();
+    let sock = socket_path(run_dir, process);
+    let mut server = SocketServer::bind(&sock).map_err(|e| ProcessError::Socket {
+        path: sock.clone(),
+        message: e.to_string(),
+    })?;
+    let mut ctx = Ctx {
+        plan: &plan,
+        run_dir,
+        clients: BTreeMap::new(),
+    };
+    let mut chat: Local<ChatRequest, TextDelta> = Local::default();
+    let mut tokens: Local<TokenRequest, TokenDelta> = Local::default();
+    let hub = MetricsHub::new(&plan, process, run_dir);
+    let mut frontends = Vec::new();
+    let order = callee_first(&plan);
+    let mine: Vec<&PlannedReplica> = order
+        .iter()
+        .flat_map(|n| me.replicas.iter().filter(move |r| &r.node == n))
+        .filter_map(|id| plan.replica(id))
+        .collect();
+    let register_err =
+        |e: dynamo_runtime::transport::socket_server::ServerError| ProcessError::Socket {
+            path: sock.clone(),
+            message: e.to_string(),
+        };
+    for replica in mine {
+        let Some(node) = plan.node(&replica.id.node) else {
+            continue;
+        };
+        match node.kind.as_str() {
+            "decode" | "prefill" => {
+                return Err(BuildError::NotYet {
+                    node: node.name.clone(),
+                    what: "disaggregated prefill/decode".into(),
+                    issue: "issue #4",
+                }
+                .into())
+            }
+            "worker" => {
+                let model = nodes::model_of(node, &plan.models)?;
+                let (svc, engine) = nodes::engine(node, replica, nodes::model_path(node, model)?)?;
+                hub.add_engine(replica.id.clone(), engine);
+                let ep = endpoint(&replica.id, "in");
+                server.register(&ep, svc.clone()).map_err(register_err)?;
+                tokens.services.insert(ep, svc);
+            }
+            "router" => {
+                let workers = ctx.outputs(replica, "out", &tokens)?;
+                let svc = nodes::router(node, workers)?;
+                let ep = endpoint(&replica.id, "in");
+                server.register(&ep, svc.clone()).map_err(register_err)?;
+                tokens.services.insert(ep, svc);
+            }
+            "preprocessor" => {
+                let model = nodes::model_of(node, &plan.models)?;
+                let downstream: Arc<dyn Service<TokenRequest, TokenDelta>> =
+                    ctx.outputs(replica, "out", &tokens)?;
+                let svc = nodes::preprocessor(node, model, downstream)?;
+                let ep = endpoint(&replica.id, "in");
+                server.register(&ep, svc.clone()).map_err(register_err)?;
+                chat.services.insert(ep, svc);
+            }
+            "frontend" => {
+                let downstream: Arc<dyn Service<ChatRequest, TextDelta>> =
+                    ctx.outputs(replica, "out", &chat)?;
+                let served = served_models(&plan, replica);
+                let fe = nodes::frontend(node, served, downstream)?;
+                let host = node.str("host").unwrap_or("127.0.0.1").to_string();
+                let port = node.u64("port").unwrap_or(8000);
+                let addr = format!("{host}:{port}");
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .map_err(|source| ProcessError::Listen {
+                        node: node.name.clone(),
+                        addr: addr.clone(),
+                        source,
+                    })?;
+                hub.attach(&fe);
+                frontends.push((listener, fe, replica.id.clone()));
+            }
+            other => {
+                return Err(BuildError::NotYet {
+                    node: node.name.clone(),
+                    what: format!("node kind `{other}`"),
+                    issue: "a later issue",
+                }
+                .into())
+            }
+        }
+    }
+    server
+        .register::<(), String>(METRICS_ENDPOINT, Arc::new(MetricsService::new(hub.clone())))
+        .map_err(register_err)?;
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(server.serve(shutdown.clone())));
+    if !frontends.is_empty() {
+        tasks.push(tokio::spawn(hub.clone().poll_peers(shutdown.clone())));
+    }
+    for (listener, fe, id) in frontends {
+        if let Ok(addr) = listener.local_addr() {
+            announce(&format!("{HTTP_LINE} {id} http://{addr}"));
+        }
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = dynamo_frontend::serve(listener, fe, token).await {
+                tracing::error!(error = %e, "frontend stopped");
+            }
+        }));
+    }
+    announce(READY_LINE);
+    shutdown.cancelled().await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    hub.shutdown().await;
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+/// The model names a frontend serves: those of the preprocessors it calls.
+fn served_models(plan: &Plan, replica: &PlannedReplica) -> Vec<String> {
+    let mut names: Vec<String> = plan
+        .edges
+        .iter()
+        .filter(|e| e.kind == EdgeKind::Call && e.from.node == replica.id.node)
+        .filter_map(|e| plan.node(&e.to.node))
+        .filter_map(|n| n.str("model"))
+        .filter_map(|m| plan.model(m))
+        .map(|m| m.served_name.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
