@@ -272,3 +272,32 @@ async fn whole_answers_without_streaming() {
         .iter()
         .all(|b| b["stream"] == false && b.get("stream_options").is_none()));
 }
+
+#[tokio::test]
+async fn closed_loop_with_only_a_duration_stops() {
+    let (url, seen) = fake::start(Mode::Stream {
+        ttft: Duration::from_millis(5),
+        itl: Duration::from_millis(2),
+    })
+    .await;
+    let r = bench(
+        &url,
+        &[
+            "--duration",
+            "0.3",
+            "--concurrency",
+            "2",
+            "--output-tokens",
+            "3",
+        ],
+    )
+    .await;
+    assert_eq!(r.requests_failed, 0, "{:?}", r.errors);
+    assert!(r.requests_ok >= 2, "{} requests", r.requests_ok);
+    assert_eq!(seen.requests.load(Ordering::SeqCst), r.requests_ok);
+    assert!(
+        r.duration_s >= 0.3 && r.duration_s < 30.0,
+        "duration {}",
+        r.duration_s
+    );
+}
