@@ -96,6 +96,7 @@ impl RoutedStream {
         if retry.ctx.is_cancelled() {
             return None;
         }
+        let _entered = self.span.enter();
         let shared = &retry.shared;
         let pick = shared.loads.pick_other(&shared.set, retry.failed)?;
         tracing::debug!(failed = retry.failed, next = pick.id, %error, "worker unavailable before its first item; retrying");
