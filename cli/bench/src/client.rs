@@ -142,6 +142,9 @@ pub(crate) async fn measure(t: &Target, prompt: &str, approx_input: u64) -> Outc
 
 type Failure = (ErrorKind, String);
 
+/// How long the rest of a body may take to arrive after `data: [DONE]`.
+const AFTER_DONE: Duration = Duration::from_secs(1);
+
 fn transport(e: reqwest::Error) -> Failure {
     let kind = if e.is_timeout() {
         ErrorKind::Timeout
@@ -199,6 +202,13 @@ async fn read_stream(
         let now = Instant::now();
         parser.push(&bytes, &mut events);
         state.apply(events.drain(..), now, start, out)?;
+        if state.done {
+            // Read the end of the body so the connection goes back to the pool; a server
+            // that keeps it open after [DONE] only loses the connection, not the request.
+            let rest = async { while let Some(Ok(_)) = body.next().await {} };
+            let _ = tokio::time::timeout(AFTER_DONE, rest).await;
+            break;
+        }
     }
     parser.finish(&mut events);
     state.apply(events.drain(..), Instant::now(), start, out)?;

@@ -9,6 +9,9 @@ pub enum BenchError {
     /// A flag value or a combination of flags makes no sense (fix the command line).
     #[error("invalid arguments: {0}")]
     InvalidArgs(String),
+    /// The tokio runtime of [`crate::run_blocking`] could not be started.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),

@@ -42,6 +42,16 @@ use args::{Bound, Load};
 use client::Target;
 use runner::{run_phase, Plan};
 
+/// [`run`] on a multi-threaded tokio runtime of its own, for synchronous callers such as
+/// the `dynamo` binary's `main`. Must not be called from inside a tokio runtime.
+pub fn run_blocking(args: BenchArgs) -> Result<Report, BenchError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(BenchError::Runtime)?;
+    runtime.block_on(run(args))
+}
+
 /// Runs the benchmark the flags describe: warmup (not reported), then the measured phase.
 /// Fails only on bad flags, an unreachable model list (when `--model` is not given) or an
 /// unreadable `--server-pids` process; failed requests are counted in the report.

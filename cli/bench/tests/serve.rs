@@ -301,3 +301,35 @@ async fn closed_loop_with_only_a_duration_stops() {
         r.duration_s
     );
 }
+
+#[test]
+fn run_blocking_works_without_a_runtime() {
+    // The fake needs a runtime of its own, on another thread.
+    let server = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => panic!("no runtime: {e}"),
+    };
+    let (url, _) = server.block_on(fake::start(STREAM));
+    let r = dynamo_bench::run_blocking(args(&url, &["--requests", "3", "--output-tokens", "2"]));
+    assert!(
+        matches!(&r, Ok(r) if r.requests_ok == 3 && r.output_tokens == 6),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_held_open_after_done_does_not_fail_the_request() {
+    let (url, _) = fake::start(Mode::HangAfterDone).await;
+    let start = Instant::now();
+    let r = bench(
+        &url,
+        &["--requests", "2", "--output-tokens", "3", "--timeout", "20"],
+    )
+    .await;
+    assert_eq!((r.requests_ok, r.requests_failed), (2, 0), "{:?}", r.errors);
+    assert!(r.e2e_ms.max < 1_000.0, "E2E ends at [DONE]: {:?}", r.e2e_ms);
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "the run waited for the body"
+    );
+}

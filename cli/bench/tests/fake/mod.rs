@@ -28,6 +28,8 @@ pub enum Mode {
     ErrorMidStream,
     /// Sends two content chunks and ends without `[DONE]`.
     Truncated,
+    /// Streams like `Stream` (5 ms delays), then holds the body open for 30 s after `[DONE]`.
+    HangAfterDone,
 }
 
 /// What the fake saw.
@@ -115,7 +117,7 @@ async fn generate(State(app): State<Arc<App>>, uri: axum::http::Uri, body: Bytes
             return json_response(StatusCode::OK, json!({}));
         }
         Mode::Stream { ttft, itl } => (ttft, itl),
-        Mode::ErrorMidStream | Mode::Truncated => {
+        Mode::ErrorMidStream | Mode::Truncated | Mode::HangAfterDone => {
             (Duration::from_millis(5), Duration::from_millis(5))
         }
     };
@@ -156,6 +158,9 @@ async fn generate(State(app): State<Arc<App>>, uri: axum::http::Uri, body: Bytes
             let usage = json!({"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}});
             steps.push((Duration::ZERO, format!("data: {usage}\n\n")));
             steps.push((Duration::ZERO, "data: [DONE]\n\n".into()));
+            if mode == Mode::HangAfterDone {
+                steps.push((Duration::from_secs(30), String::new()));
+            }
         }
     }
     let stream = futures::stream::unfold(steps.into_iter(), |mut steps| async move {
