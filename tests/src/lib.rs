@@ -1,7 +1,11 @@
 //! Support for end-to-end tests: they start the real `dynamo` binary and talk to it as a
 //! user would.
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -28,4 +32,146 @@ pub fn dynamo_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// A graph served by `dynamo graph up`, stopped (SIGINT, then SIGKILL) when dropped.
+pub struct Graph {
+    child: Child,
+    /// `http://127.0.0.1:PORT` of the first frontend.
+    pub url: String,
+    /// Every line the controller printed on stderr so far is collected here.
+    stderr: mpsc::Receiver<String>,
+    pub stderr_lines: Vec<String>,
+}
+
+impl Graph {
+    /// Start `file` with the frontend on a free port, plus `sets` (`node.key=value`), and
+    /// wait (bounded) until it serves.
+    pub fn up(file: &Path, sets: &[&str]) -> Graph {
+        let mut cmd = Command::new(dynamo_bin());
+        cmd.args(["graph", "up", "--offline", "--grace", "5"])
+            .arg(file)
+            .args(["--set", "frontend.port=0"]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("dynamo graph up starts");
+        let (url_tx, url_rx) = mpsc::channel();
+        if let Some(out) = child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Some(i) = line.find("OpenAI API http://") {
+                        let url = line[i + "OpenAI API ".len()..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or("")
+                            .trim_end_matches("/v1")
+                            .to_string();
+                        let _ = url_tx.send(url);
+                    }
+                }
+            });
+        }
+        let (err_tx, err_rx) = mpsc::channel();
+        if let Some(err) = child.stderr.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    let _ = err_tx.send(line);
+                }
+            });
+        }
+        let url = match url_rx.recv_timeout(Duration::from_secs(90)) {
+            Ok(u) => u,
+            Err(_) => {
+                let _ = child.kill();
+                let log: Vec<String> = err_rx.try_iter().collect();
+                panic!(
+                    "graph {} did not start within 90 s:\n{}",
+                    file.display(),
+                    log.join("\n")
+                );
+            }
+        };
+        Graph {
+            child,
+            url,
+            stderr: err_rx,
+            stderr_lines: Vec::new(),
+        }
+    }
+
+    /// Pick up what the controller printed since the last call.
+    pub fn drain_stderr(&mut self) -> &[String] {
+        self.stderr_lines.extend(self.stderr.try_iter());
+        &self.stderr_lines
+    }
+
+    /// The pid of the planned process `name` (e.g. `worker-0`), a child of the controller.
+    pub fn process_pid(&self, name: &str) -> Option<i32> {
+        let out = Command::new("pgrep")
+            .args(["-f", "--", &format!("--process {name} ")])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .next()
+    }
+
+    pub fn controller_pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Stop with SIGINT like a user's Ctrl-C; true when it exited by itself in time.
+    pub fn stop(&mut self, within: Duration) -> bool {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+/// The Python interpreter with the `openai` package: `$DYNAMO_PYTHON`, or the venv that
+/// `scripts/setup-tests.sh` makes.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("DYNAMO_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = workspace().join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} does not exist: run scripts/setup-tests.sh (scripts/test.sh does)",
+        venv.display()
+    );
+    venv
+}
+
+/// Whether the SmolLM2 model is in the cache (`dynamo model fetch` puts it there).
+pub fn model_cached() -> bool {
+    Command::new(dynamo_bin())
+        .args(["model", "path"])
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).exists())
+        .unwrap_or(false)
 }
