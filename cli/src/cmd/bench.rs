@@ -10,12 +10,12 @@ pub enum BenchCommand {
     Graph(crate::cmd::bench_graph::Args),
     /// Load an OpenAI-compatible server: a running one (`--url`), or a graph this command
     /// starts itself (`--graph`), measuring the CPU of its non-engine processes.
-    Serve(crate::cmd::bench_serve::Args),
+    Serve(Box<crate::cmd::bench_serve::Args>),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Graph(a) => crate::cmd::bench_graph::run(a),
-        BenchCommand::Serve(a) => crate::cmd::bench_serve::run(a),
+        BenchCommand::Serve(a) => crate::cmd::bench_serve::run(*a),
     }
 }

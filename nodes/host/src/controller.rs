@@ -34,6 +34,9 @@ pub enum UpError {
     Start(Box<StartError>),
 }
 
+/// Receives every output line of every process: (process, stream, line).
+pub type LogFn = Arc<dyn Fn(&str, OutputStream, &str) + Send + Sync>;
+
 /// How to run the processes.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
@@ -101,7 +104,7 @@ fn is_engine_process(plan: &Plan, process: &str) -> bool {
 pub async fn up(
     plan: &Plan,
     opts: &UpOptions,
-    log: Arc<dyn Fn(&str, OutputStream, &str) + Send + Sync>,
+    log: LogFn,
     progress: Arc<dyn Fn(Progress) + Send + Sync>,
 ) -> Result<Running, UpError> {
     let t0 = Instant::now();

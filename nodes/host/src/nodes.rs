@@ -102,18 +102,15 @@ pub fn mocker(
     MockerEngine::start(config).map_err(|e| invalid(node, e))
 }
 
+/// An input port that takes token requests.
+pub type TokenService = Arc<dyn Service<TokenRequest, TokenDelta>>;
+
 /// A worker's service, by engine.
 pub fn engine(
     node: &PlannedNode,
     replica: &PlannedReplica,
     model_file: &Path,
-) -> Result<
-    (
-        Arc<dyn Service<TokenRequest, TokenDelta>>,
-        Arc<MockerEngine>,
-    ),
-    BuildError,
-> {
+) -> Result<(TokenService, Arc<MockerEngine>), BuildError> {
     match node.str("engine") {
         Some("mocker") => {
             let engine = Arc::new(mocker(node, replica, model_file)?);

