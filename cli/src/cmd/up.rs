@@ -30,6 +30,9 @@ pub struct UpArgs {
     /// Never download a missing model; fail instead.
     #[arg(long)]
     offline: bool,
+    /// Open a chat prompt in the terminal against the graph; Ctrl-D or /quit stops it.
+    #[arg(long)]
+    interactive: bool,
 }
 
 pub fn run(args: UpArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
@@ -82,13 +85,19 @@ pub fn run(args: UpArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(plan, opts, Duration::from_secs(args.grace)))
+    rt.block_on(serve(
+        plan,
+        opts,
+        Duration::from_secs(args.grace),
+        args.interactive,
+    ))
 }
 
 async fn serve(
     plan: dynamo_graph::Plan,
     opts: UpOptions,
     grace: Duration,
+    interactive: bool,
 ) -> anyhow::Result<ExitCode> {
     let multi = MultiProgress::new();
     let bars: Arc<std::sync::Mutex<std::collections::BTreeMap<String, ProgressBar>>> =
@@ -144,12 +153,27 @@ async fn serve(
         "Ctrl-C stops it (in-flight requests get {} s to finish).",
         grace.as_secs()
     );
+    let chat_done = tokio_util::sync::CancellationToken::new();
+    if interactive {
+        let url = running.http.values().next().cloned().unwrap_or_default();
+        let model = plan
+            .models
+            .first()
+            .map(|m| m.served_name.clone())
+            .unwrap_or_default();
+        let done = chat_done.clone();
+        tokio::spawn(async move {
+            crate::cmd::chat::repl(&url, &model).await;
+            done.cancel();
+        });
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let failed = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break false,
             _ = term.recv() => break false,
+            _ = chat_done.cancelled() => break false,
             ev = running.events.recv() => {
                 let Some(ev) = ev else { break true };
                 match ev.kind {
