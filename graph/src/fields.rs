@@ -76,3 +76,24 @@ pub const fn float(min: f64, max: f64) -> Ty {
 
 pub const POSITIVE: Ty = int(1, i64::MAX);
 pub const NON_NEGATIVE: Ty = int(0, i64::MAX);
+
+/// A catalogue default (a TOML literal such as `"\"kv\""`, `16` or `true`) as JSON.
+/// Infinity, which JSON lacks, is written as the string `"inf"`.
+pub fn default_json(literal: &str) -> Option<serde_json::Value> {
+    use crate::decode::tree::{self, Val};
+    let (root, errs) = tree::parse(&format!("v = {literal}"));
+    if !errs.is_empty() {
+        return None;
+    }
+    let Val::Table(t) = root.val else { return None };
+    Some(match &t.get("v")?.val {
+        Val::Str(s) => serde_json::Value::String(s.clone()),
+        Val::Int(n) => serde_json::Value::from(*n),
+        Val::Float(x) => serde_json::Number::from_f64(*x).map_or_else(
+            || serde_json::Value::String(x.to_string()),
+            serde_json::Value::Number,
+        ),
+        Val::Bool(b) => serde_json::Value::Bool(*b),
+        _ => return None,
+    })
+}

@@ -3,26 +3,9 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::decode::tree::{self, Val};
-use crate::fields::{Field, Ty};
+use crate::fields::{default_json, Field, Ty};
 use crate::format;
 use crate::kinds::KINDS;
-
-fn default_json(literal: &str) -> Option<Value> {
-    let (root, errs) = tree::parse(&format!("v = {literal}"));
-    if !errs.is_empty() {
-        return None;
-    }
-    let Val::Table(t) = root.val else { return None };
-    Some(match &t.get("v")?.val {
-        Val::Str(s) => Value::String(s.clone()),
-        Val::Int(n) => json!(n),
-        Val::Float(x) => serde_json::Number::from_f64(*x)
-            .map_or_else(|| Value::String(x.to_string()), Value::Number),
-        Val::Bool(b) => Value::Bool(*b),
-        _ => return None,
-    })
-}
 
 fn ty_schema(ty: &Ty) -> Value {
     match ty {

@@ -110,16 +110,29 @@ impl Graph {
         &self.stderr_lines
     }
 
-    /// The pid of the planned process `name` (e.g. `worker-0`), a child of the controller.
+    /// The pid of the planned process `name` (e.g. `worker-0`) of this graph, found by
+    /// its command line (`dynamo node run … --process NAME …`).
     pub fn process_pid(&self, name: &str) -> Option<i32> {
-        let out = Command::new("pgrep")
-            .args(["-f", "--", &format!("--process {name} ")])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .next()
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            let is_ours = args
+                .windows(2)
+                .any(|w| w[0] == b"--process" && w[1] == name.as_bytes())
+                && args.windows(2).any(|w| {
+                    w[0] == b"--run-dir"
+                        && String::from_utf8_lossy(w[1]).ends_with(&format!("-{}", self.child.id()))
+                });
+            if is_ours {
+                return Some(pid);
+            }
+        }
+        None
     }
 
     pub fn controller_pid(&self) -> i32 {

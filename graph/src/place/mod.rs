@@ -6,7 +6,6 @@ pub mod transport;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::decode::tree::{self, Val};
 use crate::diagnostic::{Code, Diagnostic};
 use crate::plan::{
     Plan, PlannedMachine, PlannedModel, PlannedNode, PlannedProcess, PlannedReplica, ReplicaId,
@@ -526,7 +525,7 @@ fn planned_nodes(r: &Resolved<'_>) -> Vec<PlannedNode> {
                     None => f.default.and_then(|d| {
                         defaults
                             .entry(d)
-                            .or_insert_with(|| default_value(d))
+                            .or_insert_with(|| crate::fields::default_json(d))
                             .clone()
                     }),
                 };
@@ -544,23 +543,4 @@ fn planned_nodes(r: &Resolved<'_>) -> Vec<PlannedNode> {
             })
         })
         .collect()
-}
-
-/// A catalogue default (TOML literal) as a JSON value.
-fn default_value(literal: &str) -> Option<serde_json::Value> {
-    let (root, errs) = tree::parse(&format!("v = {literal}"));
-    if !errs.is_empty() {
-        return None;
-    }
-    let Val::Table(t) = root.val else { return None };
-    Some(match &t.get("v")?.val {
-        Val::Str(s) => serde_json::Value::String(s.clone()),
-        Val::Int(n) => serde_json::Value::from(*n),
-        Val::Float(x) => serde_json::Number::from_f64(*x).map_or_else(
-            || serde_json::Value::String(x.to_string()),
-            serde_json::Value::Number,
-        ),
-        Val::Bool(b) => serde_json::Value::Bool(*b),
-        _ => return None,
-    })
 }
