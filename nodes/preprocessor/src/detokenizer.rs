@@ -26,7 +26,10 @@ pub trait TokenDecoder {
 
 impl TokenDecoder for Tokenizer {
     fn decode_text(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.decode(ids, true)
+        match self.decode_bytes(ids) {
+            Some(text) => Ok(text),
+            None => self.decode(ids, true),
+        }
     }
 }
 

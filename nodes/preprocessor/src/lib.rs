@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod byte_table;
 pub mod detokenizer;
 pub mod gguf;
 mod preprocess;

@@ -72,6 +72,8 @@ pub struct SpecialToken {
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The fast decoding path of byte-level BPE vocabularies (GGUF `gpt2` models).
+    bytes: Option<crate::byte_table::ByteTable>,
     bos: Option<SpecialToken>,
     eos: Option<SpecialToken>,
     /// Prepend `bos` when encoding with special tokens (GGUF `add_bos_token`).
@@ -185,8 +187,21 @@ impl Tokenizer {
             .opt_bool("tokenizer.ggml.add_bos_token")?
             .unwrap_or(false)
             && bos.is_some();
+        let added = inner.get_added_tokens_decoder();
+        let special: Vec<u32> = added
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        let literal: Vec<u32> = added
+            .iter()
+            .filter(|(_, t)| !t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        let bytes = crate::byte_table::ByteTable::new(&tokens, &special, &literal);
         Ok(Tokenizer {
             inner,
+            bytes,
             bos,
             eos,
             add_bos,
@@ -226,6 +241,7 @@ impl Tokenizer {
         // tokenizer.json's own post-processor adds what the model wants.
         Ok(Tokenizer {
             inner,
+            bytes: None,
             bos,
             eos,
             add_bos: false,
@@ -248,6 +264,12 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Text of `ids` skipping special tokens, through the byte table when the vocabulary
+    /// is byte-level (same result as [`Tokenizer::decode`], much cheaper); `None` otherwise.
+    pub fn decode_bytes(&self, ids: &[u32]) -> Option<String> {
+        self.bytes.as_ref()?.decode(ids)
     }
 
     /// Text of `ids`, skipping special tokens. Incomplete UTF-8 at the end comes out as

@@ -194,3 +194,42 @@ fn unsupported_pre_tokenizer_is_named() {
     );
     assert!(err.to_string().contains("qwen2"));
 }
+
+#[test]
+fn the_byte_table_decodes_exactly_like_the_tokenizer() {
+    let Some(path) = model_or_skip("the_byte_table_decodes_exactly_like_the_tokenizer") else {
+        return;
+    };
+    let f = GgufFile::open(&path).unwrap();
+    let tok = Tokenizer::from_gguf(&f).unwrap();
+    let vocab = tok.vocab_size() as u32;
+    // Every id alone, including special tokens (skipped) and byte tokens (U+FFFD alone).
+    for id in 0..vocab {
+        let fast = tok.decode_bytes(&[id]).expect("SmolLM2 is byte-level");
+        assert_eq!(fast, tok.decode(&[id], true).unwrap(), "id {id}");
+    }
+    // Windows of consecutive ids: multi-byte characters split across tokens.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..20_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = 1 + (x % 6) as usize;
+        let ids: Vec<u32> = (0..n)
+            .map(|i| ((x >> (i * 10)) % u64::from(vocab)) as u32)
+            .collect();
+        assert_eq!(
+            tok.decode_bytes(&ids).unwrap(),
+            tok.decode(&ids, true).unwrap(),
+            "{ids:?}"
+        );
+    }
+    let golden = golden("tokenizer_golden.json");
+    for case in golden["cases"].as_array().unwrap() {
+        let ids = ids_of(&case["ids"]);
+        assert_eq!(
+            tok.decode_bytes(&ids).unwrap(),
+            tok.decode(&ids, true).unwrap()
+        );
+    }
+}
