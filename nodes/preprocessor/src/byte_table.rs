@@ -60,9 +60,8 @@ impl ByteTable {
     pub fn decode(&self, ids: &[u32]) -> Option<String> {
         let mut out = Vec::with_capacity(ids.len() * 4);
         for &id in ids {
-            match self.bytes.get(usize::try_from(id).ok()?)? {
-                Some(b) => out.extend_from_slice(b),
-                None => {}
+            if let Some(b) = self.bytes.get(usize::try_from(id).ok()?)? {
+                out.extend_from_slice(b);
             }
         }
         Some(match String::from_utf8(out) {
