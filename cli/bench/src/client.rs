@@ -17,8 +17,24 @@ pub(crate) struct Target {
     pub model: String,
     pub endpoint: Endpoint,
     pub stream: bool,
-    pub output_tokens: u32,
     pub timeout: Duration,
+}
+
+/// The prompt of one request: text, or token ids (`/v1/completions` only).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PromptInput<'a> {
+    Text(&'a str),
+    TokenIds(&'a [u32]),
+}
+
+/// What varies between the requests of a run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Request<'a> {
+    pub prompt: PromptInput<'a>,
+    /// Sent as `max_tokens` (with `ignore_eos: true`).
+    pub max_tokens: u32,
+    /// Prompt tokens to report when the server's usage gives none.
+    pub approx_input: u64,
 }
 
 /// The measurement of one request.
@@ -97,17 +113,26 @@ pub(crate) async fn first_model(
         .map_err(|_| fail(format!("no answer within {timeout:?}")))?
 }
 
-/// The JSON body of one request.
-pub(crate) fn request_body(t: &Target, prompt: &str) -> Value {
-    let mut body = match t.endpoint {
-        Endpoint::Chat => json!({
+/// The JSON body of one request. Token ids go to a chat route as their decimal text
+/// (callers send them to `/v1/completions`).
+pub(crate) fn request_body(t: &Target, r: &Request<'_>) -> Value {
+    let prompt = match r.prompt {
+        PromptInput::Text(text) => json!(text),
+        PromptInput::TokenIds(ids) => json!(ids),
+    };
+    let mut body = match (t.endpoint, r.prompt) {
+        (Endpoint::Chat, PromptInput::Text(_)) => json!({
             "model": t.model,
             "messages": [{"role": "user", "content": prompt}],
         }),
-        Endpoint::Completions => json!({"model": t.model, "prompt": prompt}),
+        (Endpoint::Chat, PromptInput::TokenIds(_)) => json!({
+            "model": t.model,
+            "messages": [{"role": "user", "content": prompt.to_string()}],
+        }),
+        (Endpoint::Completions, _) => json!({"model": t.model, "prompt": prompt}),
     };
     if let Some(map) = body.as_object_mut() {
-        map.insert("max_tokens".into(), json!(t.output_tokens));
+        map.insert("max_tokens".into(), json!(r.max_tokens));
         map.insert("ignore_eos".into(), json!(true));
         map.insert("stream".into(), json!(t.stream));
         if t.stream {
@@ -118,13 +143,13 @@ pub(crate) fn request_body(t: &Target, prompt: &str) -> Value {
 }
 
 /// Sends one request and measures it; never fails: errors are in the outcome.
-pub(crate) async fn measure(t: &Target, prompt: &str, approx_input: u64) -> Outcome {
+pub(crate) async fn measure(t: &Target, r: &Request<'_>) -> Outcome {
     let start = Instant::now();
     let mut outcome = Outcome {
-        input_tokens: approx_input,
+        input_tokens: r.approx_input,
         ..Outcome::default()
     };
-    let result = tokio::time::timeout(t.timeout, exchange(t, prompt, start, &mut outcome)).await;
+    let result = tokio::time::timeout(t.timeout, exchange(t, r, start, &mut outcome)).await;
     let error = match result {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e),
@@ -158,12 +183,12 @@ fn transport(e: reqwest::Error) -> Failure {
 
 async fn exchange(
     t: &Target,
-    prompt: &str,
+    r: &Request<'_>,
     start: Instant,
     out: &mut Outcome,
 ) -> Result<(), Failure> {
     let url = format!("{}{}", base(&t.url), t.endpoint.path());
-    let body = request_body(t, prompt).to_string();
+    let body = request_body(t, r).to_string();
     let resp = t
         .client
         .post(url)

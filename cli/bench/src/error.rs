@@ -21,6 +21,24 @@ pub enum BenchError {
     /// A `--server-pids` process cannot be read from `/proc`.
     #[error("cannot read CPU time of process {pid}: {reason}")]
     Process { pid: u32, reason: String },
+    /// The replay trace file cannot be read.
+    #[error("cannot read the trace {path}: {source}")]
+    TraceRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A row of the replay trace is not a valid Mooncake row (fix or skip the row).
+    #[error("{path}:{line}: {reason}")]
+    TraceRow {
+        path: String,
+        /// 1-based line number in the file.
+        line: usize,
+        reason: String,
+    },
+    /// The trace window chosen by the flags holds no row that can be sent.
+    #[error("nothing to replay from {path}: {reason}")]
+    EmptyTrace { path: String, reason: String },
 }
 
 /// The kind of a failed request, as counted in the report.

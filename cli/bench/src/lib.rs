@@ -22,6 +22,7 @@ mod client;
 mod cpu;
 mod error;
 mod prompt;
+mod replay;
 mod report;
 mod rng;
 mod runner;
@@ -34,6 +35,10 @@ pub use args::{BenchArgs, Endpoint, DEFAULT_REQUESTS};
 pub use cpu::{measure_process_cpu, try_measure_process_cpu};
 pub use error::{BenchError, ErrorKind};
 pub use prompt::{Prompt, PromptGenerator};
+pub use replay::{
+    replay, replay_blocking, IdealHitRate, KvReport, LongPrompt, ReplayArgs, ReplayReport,
+    TraceSummary, WorkerId, WorkerShare, PREFIX_HIT_TOKENS, PROMPT_TOKENS, TOKEN_END, TOKEN_MIN,
+};
 pub use report::{CpuReport, Report};
 pub use sse::{SseParser, StreamEvent, Usage};
 pub use stats::{percentile_sorted, LatencySummary};
@@ -81,7 +86,6 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         model: model.clone(),
         endpoint: args.endpoint,
         stream,
-        output_tokens: args.output_tokens,
         timeout,
     };
     let plan = Plan {
@@ -94,6 +98,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         )),
         load,
         seed: args.seed,
+        output_tokens: args.output_tokens,
     };
     if args.warmup > 0 {
         let warm = Bound {

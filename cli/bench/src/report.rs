@@ -174,6 +174,12 @@ impl Report {
             "{} · model {} · {} · {stream} · {load}",
             self.url, self.model, self.endpoint
         );
+        self.write_measurements(&mut s, "approximate");
+        s
+    }
+    /// Everything below the header line: counts, rates, the latency table, errors and CPU.
+    /// `input_note` says where the input token count comes from.
+    pub(crate) fn write_measurements(&self, s: &mut String, input_note: &str) {
         let _ = writeln!(
             s,
             "requests      {} ok, {} failed ({} warmup not counted)",
@@ -188,7 +194,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "input         {} tokens (approximate), {:.1} tok/s",
+            "input         {} tokens ({input_note}), {:.1} tok/s",
             self.input_tokens, self.input_tokens_per_s
         );
         let _ = writeln!(
@@ -233,7 +239,6 @@ impl Report {
                 c.cpu_us_per_token
             );
         }
-        s
     }
 }
 

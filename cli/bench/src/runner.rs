@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::args::{Bound, Load};
-use crate::client::{measure, Outcome, Target};
+use crate::client::{measure, Outcome, PromptInput, Request, Target};
 use crate::prompt::PromptGenerator;
 use crate::rng::SplitMix64;
 
@@ -29,6 +29,8 @@ pub(crate) struct Plan {
     pub prompts: Arc<PromptGenerator>,
     pub load: Load,
     pub seed: u64,
+    /// `max_tokens` of every request.
+    pub output_tokens: u32,
 }
 
 /// Runs one phase; prompt indices start at `first_index` so phases never repeat prompts.
@@ -62,7 +64,12 @@ pub(crate) async fn run_phase(plan: &Plan, bound: Bound, first_index: u64) -> Ph
 
 async fn one(plan: &Plan, index: u64) -> Outcome {
     let prompt = plan.prompts.prompt(index);
-    measure(&plan.target, &prompt.text, prompt.approx_tokens as u64).await
+    let request = Request {
+        prompt: PromptInput::Text(&prompt.text),
+        max_tokens: plan.output_tokens,
+        approx_input: prompt.approx_tokens as u64,
+    };
+    measure(&plan.target, &request).await
 }
 
 fn past(deadline: Option<Instant>) -> bool {
