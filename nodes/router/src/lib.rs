@@ -42,6 +42,7 @@
 //! # Ok::<(), dynamo_router::ModeError>(())
 //! ```
 
+pub mod kv;
 pub mod mode;
 pub mod policy;
 pub mod service;
@@ -53,6 +54,7 @@ mod service_tests;
 #[cfg(test)]
 mod test_fakes;
 
+pub use kv::{EventOutcome, KvConfig, KvConfigError, KvMetrics, KvMode, KvRouterHandle};
 pub use mode::{ModeError, RouterMode};
-pub use policy::{InstanceLoad, LeastLoaded, Policy, Random, RoundRobin};
+pub use policy::{InstanceLoad, LeastLoaded, Policy, Random, RequestTracker, RoundRobin, Routed};
 pub use service::RouterService;

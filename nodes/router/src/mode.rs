@@ -4,10 +4,10 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use crate::kv::{KvConfig, KvMode, KvRouterHandle};
 use crate::policy::{LeastLoaded, Policy, Random, RoundRobin};
 
-/// How a router picks a worker. KV-aware modes (`kv`, `kv-approx`) will be further
-/// [`Policy`] implementations; they are recognised but not implemented yet.
+/// How a router picks a worker.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum RouterMode {
     /// Each live instance in turn.
@@ -17,16 +17,22 @@ pub enum RouterMode {
     Random,
     /// The live instance with the fewest requests in flight; ties go round-robin.
     LeastLoaded,
+    /// `kv`: the lowest KV cost, the cache known from the workers' KV events.
+    Kv,
+    /// `kv-approx`: the lowest KV cost, the cache guessed from past routing decisions.
+    KvApprox,
 }
+
+const EXPECTED: &str = "`round-robin`, `random`, `least-loaded`, `kv` or `kv-approx`";
 
 /// A `mode` string the router cannot serve.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ModeError {
     /// A mode the graph knows but this router does not implement yet.
-    #[error("router mode `{mode}` is not implemented yet; use `round-robin`, `random` or `least-loaded`")]
+    #[error("router mode `{mode}` is not implemented yet; use {EXPECTED}")]
     NotImplemented { mode: String },
     /// Not a router mode at all.
-    #[error("unknown router mode `{mode}`; expected `round-robin`, `random` or `least-loaded`")]
+    #[error("unknown router mode `{mode}`; expected {EXPECTED}")]
     Unknown { mode: String },
 }
 
@@ -37,15 +43,32 @@ impl RouterMode {
             RouterMode::RoundRobin => "round-robin",
             RouterMode::Random => "random",
             RouterMode::LeastLoaded => "least-loaded",
+            RouterMode::Kv => "kv",
+            RouterMode::KvApprox => "kv-approx",
         }
     }
 
-    /// A fresh policy for this mode (each router keeps its own rotation state).
+    /// The KV mode, for `kv` and `kv-approx`.
+    pub fn kv_mode(self) -> Option<KvMode> {
+        match self {
+            RouterMode::Kv => Some(KvMode::Events),
+            RouterMode::KvApprox => Some(KvMode::Approx),
+            _ => None,
+        }
+    }
+
+    /// A fresh policy for this mode (each router keeps its own rotation state). A KV
+    /// mode gets the default [`KvConfig`] and a state nobody else can feed events to:
+    /// use [`crate::RouterService::with_kv`] or [`KvRouterHandle::policy`] for that.
     pub fn policy(self) -> Arc<dyn Policy> {
         match self {
             RouterMode::RoundRobin => Arc::new(RoundRobin::default()),
             RouterMode::Random => Arc::new(Random),
             RouterMode::LeastLoaded => Arc::new(LeastLoaded::default()),
+            RouterMode::Kv | RouterMode::KvApprox => {
+                let kv = self.kv_mode().unwrap_or(KvMode::Events);
+                KvRouterHandle::build(kv, KvConfig::for_mode(kv)).policy()
+            }
         }
     }
 }
@@ -58,7 +81,8 @@ impl FromStr for RouterMode {
             "round-robin" => Ok(RouterMode::RoundRobin),
             "random" => Ok(RouterMode::Random),
             "least-loaded" => Ok(RouterMode::LeastLoaded),
-            "kv" | "kv-approx" => Err(ModeError::NotImplemented { mode: s.to_owned() }),
+            "kv" => Ok(RouterMode::Kv),
+            "kv-approx" => Ok(RouterMode::KvApprox),
             _ => Err(ModeError::Unknown { mode: s.to_owned() }),
         }
     }
@@ -80,6 +104,8 @@ mod tests {
             RouterMode::RoundRobin,
             RouterMode::Random,
             RouterMode::LeastLoaded,
+            RouterMode::Kv,
+            RouterMode::KvApprox,
         ] {
             assert_eq!(mode.as_str().parse::<RouterMode>(), Ok(mode));
             assert_eq!(mode.to_string(), mode.as_str());
@@ -88,18 +114,21 @@ mod tests {
     }
 
     #[test]
-    fn kv_modes_are_named_as_not_implemented() {
-        for mode in ["kv", "kv-approx"] {
-            let err = mode.parse::<RouterMode>();
+    fn kv_modes_parse_and_name_their_kv_mode() {
+        assert_eq!(
+            "kv".parse::<RouterMode>().map(RouterMode::kv_mode),
+            Ok(Some(KvMode::Events))
+        );
+        assert_eq!(
+            "kv-approx".parse::<RouterMode>().map(RouterMode::kv_mode),
+            Ok(Some(KvMode::Approx))
+        );
+        assert_eq!(RouterMode::LeastLoaded.kv_mode(), None);
+        for kv in [KvMode::Events, KvMode::Approx] {
             assert_eq!(
-                err,
-                Err(ModeError::NotImplemented {
-                    mode: mode.to_owned()
-                })
+                kv.as_str().parse::<RouterMode>().map(RouterMode::kv_mode),
+                Ok(Some(kv))
             );
-            let text = err.map(|_| ()).unwrap_err().to_string();
-            assert!(text.contains(&format!("`{mode}`")), "{text}");
-            assert!(text.contains("not implemented"), "{text}");
         }
     }
 
@@ -113,5 +142,11 @@ mod tests {
                 })
             );
         }
+        let text = "kv_approx"
+            .parse::<RouterMode>()
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("`kv-approx`"), "{text}");
     }
 }

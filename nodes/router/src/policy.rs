@@ -63,6 +63,32 @@ pub trait Policy: Send + Sync + 'static {
         candidates: &[std::sync::Arc<InstanceLoad>],
         request: &TokenRequest,
     ) -> InstanceId;
+
+    /// What the router calls: the choice and, for a policy that keeps its own account of
+    /// the work in flight, a tracker told about the request's first token, its move to
+    /// another instance on a retry, and (by being dropped) its end. The default is
+    /// [`Policy::choose`] with no tracker.
+    fn route(&self, candidates: &[std::sync::Arc<InstanceLoad>], request: &TokenRequest) -> Routed {
+        Routed {
+            instance: self.choose(candidates, request),
+            tracker: None,
+        }
+    }
+}
+
+/// A routing decision.
+pub struct Routed {
+    pub instance: InstanceId,
+    pub tracker: Option<Box<dyn RequestTracker>>,
+}
+
+/// Follows one routed request for its policy. Dropping it means the request is over
+/// (stream ended, failed or was dropped).
+pub trait RequestTracker: Send + 'static {
+    /// The first item came back from the instance (its prefill is done).
+    fn first_token(&mut self) {}
+    /// The request now runs on `instance` instead (a retry, or the chosen id was not live).
+    fn moved_to(&mut self, _instance: InstanceId) {}
 }
 
 /// Each candidate in turn.

@@ -8,6 +8,7 @@ use dynamo_runtime::{
     error_stream, InstanceId, InstanceSet, RequestContext, ResponseStream, ServeError, Service,
 };
 
+use crate::kv::{KvConfig, KvConfigError, KvMode, KvRouterHandle};
 use crate::mode::RouterMode;
 use crate::policy::Policy;
 use crate::stream::{Attempt, Retry, RoutedStream};
@@ -31,12 +32,50 @@ pub(crate) struct Shared {
     pub set: Arc<InstanceSet<TokenRequest, TokenDelta>>,
     pub loads: Loads,
     pub retry: bool,
+    pub kv: Option<KvRouterHandle>,
 }
 
 impl RouterService {
-    /// A router named `router` (see [`RouterService::named`]) in a built-in mode.
+    /// A router named `router` (see [`RouterService::named`]) in a built-in mode. A KV
+    /// mode gets the default [`KvConfig`]; its event entry point is
+    /// [`RouterService::kv_handle`].
     pub fn new(mode: RouterMode, instances: Arc<InstanceSet<TokenRequest, TokenDelta>>) -> Self {
-        Self::with_policy(mode.policy(), instances)
+        match mode.kv_mode() {
+            Some(kv) => {
+                Self::with_kv_handle(KvRouterHandle::build(kv, KvConfig::for_mode(kv)), instances)
+            }
+            None => Self::with_policy(mode.policy(), instances),
+        }
+    }
+
+    /// A KV-aware router (`kv` or `kv-approx`) with these settings. Feed it the workers'
+    /// KV events through [`RouterService::kv_handle`].
+    pub fn with_kv(
+        mode: KvMode,
+        config: KvConfig,
+        instances: Arc<InstanceSet<TokenRequest, TokenDelta>>,
+    ) -> Result<Self, KvConfigError> {
+        Ok(Self::with_kv_handle(
+            KvRouterHandle::new(mode, config)?,
+            instances,
+        ))
+    }
+
+    /// A KV-aware router over an existing KV state (e.g. one shared by two routers).
+    pub fn with_kv_handle(
+        handle: KvRouterHandle,
+        instances: Arc<InstanceSet<TokenRequest, TokenDelta>>,
+    ) -> Self {
+        let mut router = Self::with_policy(handle.policy(), instances);
+        if let Some(shared) = Arc::get_mut(&mut router.shared) {
+            shared.kv = Some(handle);
+        }
+        router
+    }
+
+    /// The KV state of a KV-aware router, to feed events to and read metrics from.
+    pub fn kv_handle(&self) -> Option<KvRouterHandle> {
+        self.shared.kv.clone()
     }
 
     /// A router with any policy, e.g. a KV-aware one fed by an indexer elsewhere.
@@ -51,6 +90,7 @@ impl RouterService {
                 set: instances,
                 loads: Loads::new(),
                 retry: true,
+                kv: None,
             }),
         }
     }
@@ -86,6 +126,7 @@ impl RouterService {
                 set: shared.set.clone(),
                 loads: Loads::new(),
                 retry: shared.retry,
+                kv: shared.kv.clone(),
             },
         };
         change(&mut shared);
@@ -104,11 +145,13 @@ impl Service<TokenRequest, TokenDelta> for RouterService {
             instance = tracing::field::Empty,
             overhead_us = tracing::field::Empty,
             retried_from = tracing::field::Empty,
+            overlap_blocks = tracing::field::Empty,
+            prompt_blocks = tracing::field::Empty,
         );
         let started = (!span.is_disabled()).then(Instant::now);
         let entered = span.enter();
         let shared = &self.shared;
-        let Some(pick) = shared
+        let Some(mut pick) = shared
             .loads
             .pick(&shared.set, shared.policy.as_ref(), &request)
         else {
@@ -121,6 +164,7 @@ impl Service<TokenRequest, TokenDelta> for RouterService {
         // Copy the request before the worker consumes it, only if a retry could go anywhere.
         let copy = (shared.retry && pick.has_alternative).then(|| request.clone());
         let failed = pick.id;
+        let tracker = pick.tracker.take();
         span.record("instance", failed);
         if let Some(started) = started {
             span.record("overhead_us", started.elapsed().as_micros() as u64);
@@ -132,7 +176,7 @@ impl Service<TokenRequest, TokenDelta> for RouterService {
             shared: shared.clone(),
             failed,
         });
-        let stream = RoutedStream::new(attempt, retry, span.clone());
+        let stream = RoutedStream::new(attempt, retry, span.clone(), tracker);
         drop(entered);
         Box::pin(stream)
     }

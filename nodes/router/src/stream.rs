@@ -12,7 +12,7 @@ use dynamo_runtime::{ErrorKind, InstanceId, RequestContext, ResponseStream, Serv
 use futures::{Stream, StreamExt};
 use tokio_util::sync::DropGuard;
 
-use crate::policy::InstanceLoad;
+use crate::policy::{InstanceLoad, RequestTracker};
 use crate::service::Shared;
 use crate::table::Pick;
 
@@ -78,14 +78,24 @@ pub(crate) struct RoutedStream {
     attempt: Option<Attempt>,
     retry: Option<Retry>,
     span: tracing::Span,
+    /// The policy's account of the request: told of the first item, dropped at the end.
+    tracker: Option<Box<dyn RequestTracker>>,
+    first_seen: bool,
 }
 
 impl RoutedStream {
-    pub(crate) fn new(attempt: Attempt, retry: Option<Retry>, span: tracing::Span) -> Self {
+    pub(crate) fn new(
+        attempt: Attempt,
+        retry: Option<Retry>,
+        span: tracing::Span,
+        tracker: Option<Box<dyn RequestTracker>>,
+    ) -> Self {
         RoutedStream {
             attempt: Some(attempt),
             retry,
             span,
+            tracker,
+            first_seen: false,
         }
     }
 
@@ -102,6 +112,9 @@ impl RoutedStream {
         tracing::debug!(failed = retry.failed, next = pick.id, %error, "worker unavailable before its first item; retrying");
         self.span.record("retried_from", retry.failed);
         self.span.record("instance", pick.id);
+        if let Some(tracker) = self.tracker.as_mut() {
+            tracker.moved_to(pick.id);
+        }
         Some(Attempt::start(pick, retry.request, &retry.ctx))
     }
 }
@@ -122,6 +135,12 @@ impl Stream for RoutedStream {
             match polled {
                 Some(Ok(delta)) => {
                     this.retry = None;
+                    if !this.first_seen {
+                        this.first_seen = true;
+                        if let Some(tracker) = this.tracker.as_mut() {
+                            tracker.first_token();
+                        }
+                    }
                     return Poll::Ready(Some(Ok(delta)));
                 }
                 Some(Err(error)) => {
@@ -135,6 +154,7 @@ impl Stream for RoutedStream {
                     // An error ends the call: release the worker now, not at drop.
                     this.attempt = None;
                     this.retry = None;
+                    this.tracker = None;
                     return Poll::Ready(Some(Err(error)));
                 }
                 None => {
@@ -142,6 +162,7 @@ impl Stream for RoutedStream {
                         done.finish();
                     }
                     this.retry = None;
+                    this.tracker = None;
                     return Poll::Ready(None);
                 }
             }

@@ -9,7 +9,7 @@ use arc_swap::{ArcSwap, Guard};
 use dynamo_protocol::{TokenDelta, TokenRequest};
 use dynamo_runtime::{Instance, InstanceId, InstanceSet, Service};
 
-use crate::policy::{InstanceLoad, Policy};
+use crate::policy::{InstanceLoad, Policy, RequestTracker, Routed};
 
 pub(crate) type Instances = Arc<Vec<Instance<TokenRequest, TokenDelta>>>;
 pub(crate) type Client = Arc<dyn Service<TokenRequest, TokenDelta>>;
@@ -33,6 +33,8 @@ pub(crate) struct Pick {
     pub load: Arc<InstanceLoad>,
     /// Whether another instance was live, i.e. whether a retry could go anywhere.
     pub has_alternative: bool,
+    /// The policy's account of this request, if it keeps one.
+    pub tracker: Option<Box<dyn RequestTracker>>,
 }
 
 pub(crate) struct Loads {
@@ -64,14 +66,22 @@ impl Loads {
         if candidates.is_empty() {
             return None;
         }
-        let chosen = policy.choose(candidates, request);
+        let Routed {
+            instance: chosen,
+            mut tracker,
+        } = policy.route(candidates, request);
         let at = candidates
             .binary_search_by_key(&chosen, |c| c.id())
             .unwrap_or_else(|_| {
                 tracing::warn!(chosen, "router policy chose an instance that is not live");
+                if let (Some(t), Some(first)) = (tracker.as_mut(), candidates.first()) {
+                    t.moved_to(first.id());
+                }
                 0
             });
-        pick_at(&instances, candidates, at)
+        let mut pick = pick_at(&instances, candidates, at)?;
+        pick.tracker = tracker;
+        Some(pick)
     }
 
     /// A replacement for `failed`, found dead before its first item: the least-loaded
@@ -174,5 +184,6 @@ fn pick_at(instances: &Instances, candidates: &[Arc<InstanceLoad>], at: usize) -
         client: instance.client.clone(),
         load: candidates.get(at)?.clone(),
         has_alternative: candidates.len() > 1,
+        tracker: None,
     })
 }

@@ -1,0 +1,118 @@
+//! The KV router's settings, as the graph file gives them.
+
+use std::time::Duration;
+
+use dynamo_protocol::DEFAULT_BLOCK_HASH_SEED;
+
+/// Where the KV router learns what each worker has cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvMode {
+    /// `kv`: from the workers' KV events; routed requests' blocks are predicted for `ttl`
+    /// until the worker's `Stored` event confirms them.
+    Events,
+    /// `kv-approx`: no events; the router assumes a routed request's blocks stay cached
+    /// on the chosen worker for `ttl`.
+    Approx,
+}
+
+impl KvMode {
+    /// The router mode's spelling in the graph file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvMode::Events => "kv",
+            KvMode::Approx => "kv-approx",
+        }
+    }
+}
+
+/// Settings of a KV-aware router.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvConfig {
+    /// Tokens per KV block; must equal the workers' block size.
+    pub block_size: usize,
+    /// Seed of the chained block hash; must equal the workers'.
+    pub hash_seed: u64,
+    /// Weight of the blocks still to prefill against the blocks held for decode.
+    pub overlap_weight: f64,
+    /// 0 picks the cheapest worker; above 0 samples a softmax over normalised costs.
+    pub temperature: f64,
+    /// How long blocks the router records on its own live unconfirmed: in `kv` the
+    /// predicted blocks of a routed request (default 2 s), in `kv-approx` its routing
+    /// decisions (default 120 s).
+    pub ttl: Duration,
+}
+
+impl KvConfig {
+    /// The defaults for a mode (they differ only in `ttl`).
+    pub fn for_mode(mode: KvMode) -> Self {
+        KvConfig {
+            block_size: 16,
+            hash_seed: DEFAULT_BLOCK_HASH_SEED,
+            overlap_weight: 1.0,
+            temperature: 0.0,
+            ttl: match mode {
+                KvMode::Events => Duration::from_secs(2),
+                KvMode::Approx => Duration::from_secs(120),
+            },
+        }
+    }
+
+    /// Every setting a router cannot work with.
+    pub fn validate(&self) -> Result<(), KvConfigError> {
+        if self.block_size == 0 {
+            return Err(KvConfigError::BlockSize);
+        }
+        if !(self.overlap_weight.is_finite() && self.overlap_weight >= 0.0) {
+            return Err(KvConfigError::OverlapWeight(self.overlap_weight));
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(KvConfigError::Temperature(self.temperature));
+        }
+        if self.ttl.is_zero() {
+            return Err(KvConfigError::Ttl);
+        }
+        Ok(())
+    }
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        Self::for_mode(KvMode::Events)
+    }
+}
+
+/// A KV router setting out of range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KvConfigError {
+    #[error("router `block_size` must be at least 1")]
+    BlockSize,
+    #[error("router `overlap_weight` must be a finite number ≥ 0, not {0}")]
+    OverlapWeight(f64),
+    #[error("router `temperature` must be a finite number ≥ 0, not {0}")]
+    Temperature(f64),
+    #[error("router `ttl` must be longer than 0")]
+    Ttl,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        assert_eq!(KvConfig::default().validate(), Ok(()));
+        assert_eq!(
+            KvConfig::for_mode(KvMode::Approx).ttl,
+            Duration::from_secs(120)
+        );
+        let bad = |f: fn(&mut KvConfig)| {
+            let mut c = KvConfig::default();
+            f(&mut c);
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert!(bad(|c| c.block_size = 0).is_err_and(|e| e.contains("block_size")));
+        assert!(bad(|c| c.overlap_weight = -1.0).is_err_and(|e| e.contains("overlap_weight")));
+        assert!(bad(|c| c.temperature = f64::NAN).is_err_and(|e| e.contains("temperature")));
+        assert!(bad(|c| c.ttl = Duration::ZERO).is_err_and(|e| e.contains("ttl")));
+    }
+}

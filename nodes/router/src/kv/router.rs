@@ -1,0 +1,324 @@
+//! The KV-aware [`Policy`] and the handle the host feeds KV events through.
+//!
+//! One `parking_lot::Mutex` guards the index and the in-flight account together: a routing
+//! decision reads both and writes both (the chosen worker's predicted blocks and load), so
+//! one short critical section keeps them consistent. Hashing the prompt happens outside it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dynamo_protocol::{block_hashes, BlockHash, KvEvent, KvEventData, TokenRequest};
+use dynamo_runtime::InstanceId;
+use parking_lot::Mutex;
+
+use super::config::{KvConfig, KvConfigError, KvMode};
+use super::cost::{cost, select, ActiveLoads, Scored};
+use super::indexer::{KvIndexer, OverlapScores};
+use super::metrics::{Counters, KvMetrics};
+use super::sync::EventOutcome;
+use crate::policy::{InstanceLoad, Policy, RequestTracker, Routed};
+
+struct KvState {
+    indexer: KvIndexer,
+    loads: ActiveLoads,
+    rng: fastrand::Rng,
+}
+
+struct KvShared {
+    mode: KvMode,
+    config: KvConfig,
+    ttl_ms: u64,
+    epoch: Instant,
+    state: Mutex<KvState>,
+    counters: Counters,
+}
+
+impl KvShared {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn expires_at(&self) -> u64 {
+        self.now_ms().saturating_add(self.ttl_ms)
+    }
+}
+
+/// The KV router's shared state: give [`KvRouterHandle::policy`] to a router (or build one
+/// with [`crate::RouterService::with_kv`]) and feed the workers' KV events here. Cheap to
+/// clone; every method is thread-safe and short.
+#[derive(Clone)]
+pub struct KvRouterHandle {
+    shared: Arc<KvShared>,
+}
+
+impl std::fmt::Debug for KvRouterHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvRouterHandle")
+            .field("mode", &self.shared.mode)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvRouterHandle {
+    /// A KV router's state, empty.
+    pub fn new(mode: KvMode, config: KvConfig) -> Result<Self, KvConfigError> {
+        config.validate()?;
+        Ok(Self::build(mode, config))
+    }
+
+    /// Without validation: for settings known to be valid (the defaults).
+    pub(crate) fn build(mode: KvMode, config: KvConfig) -> Self {
+        let ttl_ms = u64::try_from(config.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        KvRouterHandle {
+            shared: Arc::new(KvShared {
+                mode,
+                config,
+                ttl_ms,
+                epoch: Instant::now(),
+                state: Mutex::new(KvState {
+                    indexer: KvIndexer::new(),
+                    loads: ActiveLoads::default(),
+                    rng: fastrand::Rng::new(),
+                }),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    pub fn mode(&self) -> KvMode {
+        self.shared.mode
+    }
+
+    pub fn config(&self) -> &KvConfig {
+        &self.shared.config
+    }
+
+    /// The policy that routes with this state.
+    pub fn policy(&self) -> Arc<dyn Policy> {
+        Arc::new(KvPolicy {
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Applies one KV event of a worker (`event.worker_id` = its instance id). On
+    /// [`EventOutcome::NeedsResync`] fetch the worker's snapshot and pass it to
+    /// [`KvRouterHandle::apply_snapshot`]; events keep being accepted meanwhile.
+    pub fn apply_event(&self, event: KvEvent) -> EventOutcome {
+        let outcome = self.shared.state.lock().indexer.apply(&event);
+        let c = &self.shared.counters;
+        match outcome {
+            EventOutcome::Applied => c.event(),
+            EventOutcome::Restarted => {
+                c.event();
+                c.restart();
+            }
+            EventOutcome::NeedsResync => c.resync(),
+            EventOutcome::Buffered | EventOutcome::Stale => {}
+        }
+        outcome
+    }
+
+    /// Replaces what the index has for `worker` by its snapshot (`Cleared`, then `Stored`
+    /// parents first, covering its events up to `last_event_id`) and replays the events
+    /// that arrived meanwhile. [`EventOutcome::NeedsResync`] if those show a new gap.
+    pub fn apply_snapshot(
+        &self,
+        worker: InstanceId,
+        last_event_id: Option<u64>,
+        events: &[KvEventData],
+    ) -> EventOutcome {
+        let outcome =
+            self.shared
+                .state
+                .lock()
+                .indexer
+                .apply_snapshot(worker, last_event_id, events);
+        if outcome == EventOutcome::NeedsResync {
+            self.shared.counters.resync();
+        }
+        outcome
+    }
+
+    /// Workers whose index waits for a snapshot, sorted.
+    pub fn needs_resync(&self) -> Vec<InstanceId> {
+        self.shared.state.lock().indexer.needs_resync()
+    }
+
+    /// Forgets a worker that left the instance set.
+    pub fn remove_worker(&self, worker: InstanceId) {
+        self.shared.state.lock().indexer.remove_worker(worker);
+    }
+
+    /// How many leading blocks of `token_ids` each worker holds now.
+    pub fn overlaps(&self, token_ids: &[u32]) -> OverlapScores {
+        let c = &self.shared.config;
+        let hashes = block_hashes(token_ids, c.block_size, c.hash_seed);
+        let now = self.shared.now_ms();
+        let mut state = self.shared.state.lock();
+        state.indexer.expire(now);
+        state.indexer.find_matches(&hashes)
+    }
+
+    /// The counters, for metrics.
+    pub fn metrics(&self) -> KvMetrics {
+        let mut m = self.shared.counters.snapshot();
+        m.indexed_blocks = self.shared.state.lock().indexer.block_count() as u64;
+        m
+    }
+}
+
+/// Routes each request to the worker with the lowest KV cost (see [`super::cost`]).
+struct KvPolicy {
+    shared: Arc<KvShared>,
+}
+
+struct Decision {
+    instance: InstanceId,
+    overlap: u32,
+}
+
+impl KvPolicy {
+    fn decide(
+        &self,
+        state: &mut KvState,
+        candidates: &[Arc<InstanceLoad>],
+        hashes: &[BlockHash],
+        prompt_blocks: u64,
+    ) -> Decision {
+        let config = &self.shared.config;
+        state.indexer.expire(self.shared.now_ms());
+        let scores = state.indexer.find_matches(hashes);
+        let by_worker: Option<HashMap<InstanceId, u32>> =
+            (scores.scores.len() > 8).then(|| scores.scores.iter().copied().collect());
+        let overlap_of = |w: InstanceId| match &by_worker {
+            Some(map) => map.get(&w).copied().unwrap_or(0),
+            None => scores.get(w),
+        };
+        let scored: Vec<Scored> = candidates
+            .iter()
+            .map(|c| {
+                let load = state.loads.get(c.id());
+                let overlap = u64::from(overlap_of(c.id()));
+                Scored {
+                    cost: cost(config.overlap_weight, prompt_blocks, overlap, load),
+                    load: c.in_flight(),
+                }
+            })
+            .collect();
+        let at = select(&scored, config.temperature, &mut state.rng).unwrap_or(0);
+        let instance = candidates.get(at).map_or(0, |c| c.id());
+        Decision {
+            instance,
+            overlap: overlap_of(instance),
+        }
+    }
+
+    fn blocks(&self, request: &TokenRequest) -> (Vec<BlockHash>, u64) {
+        let c = &self.shared.config;
+        let hashes = block_hashes(&request.token_ids, c.block_size, c.hash_seed);
+        let prompt = request.token_ids.len().div_ceil(c.block_size.max(1)) as u64;
+        (hashes, prompt)
+    }
+}
+
+impl Policy for KvPolicy {
+    fn choose(&self, candidates: &[Arc<InstanceLoad>], request: &TokenRequest) -> InstanceId {
+        let (hashes, prompt_blocks) = self.blocks(request);
+        let mut state = self.shared.state.lock();
+        self.decide(&mut state, candidates, &hashes, prompt_blocks)
+            .instance
+    }
+
+    fn route(&self, candidates: &[Arc<InstanceLoad>], request: &TokenRequest) -> Routed {
+        let started = Instant::now();
+        let (hashes, prompt_blocks) = self.blocks(request);
+        let decision = {
+            let mut state = self.shared.state.lock();
+            let d = self.decide(&mut state, candidates, &hashes, prompt_blocks);
+            state.loads.dispatched(d.instance, prompt_blocks);
+            let expires = self.shared.expires_at();
+            state.indexer.insert_expiring(d.instance, &hashes, expires);
+            d
+        };
+        let overhead_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let full_blocks = hashes.len() as u64;
+        self.shared
+            .counters
+            .routed(overhead_us, u64::from(decision.overlap), full_blocks);
+        let span = tracing::Span::current();
+        span.record("overlap_blocks", decision.overlap);
+        span.record("prompt_blocks", full_blocks);
+        Routed {
+            instance: decision.instance,
+            tracker: Some(Box::new(KvTracker {
+                shared: self.shared.clone(),
+                worker: decision.instance,
+                prompt_blocks,
+                hashes,
+                prefilled: false,
+            })),
+        }
+    }
+}
+
+/// One routed request's share of its worker's load, released at the end.
+struct KvTracker {
+    shared: Arc<KvShared>,
+    worker: InstanceId,
+    prompt_blocks: u64,
+    hashes: Vec<BlockHash>,
+    prefilled: bool,
+}
+
+impl RequestTracker for KvTracker {
+    fn first_token(&mut self) {
+        if !self.prefilled {
+            self.prefilled = true;
+            let mut state = self.shared.state.lock();
+            state.loads.prefilled(self.worker, self.prompt_blocks);
+        }
+    }
+
+    fn moved_to(&mut self, instance: InstanceId) {
+        if instance == self.worker {
+            return;
+        }
+        let expires = self.shared.expires_at();
+        let mut state = self.shared.state.lock();
+        let (old, blocks) = (self.worker, self.prompt_blocks);
+        state.loads.finished(old, blocks, self.prefilled);
+        state.loads.dispatched(instance, blocks);
+        if self.prefilled {
+            state.loads.prefilled(instance, blocks);
+        }
+        state
+            .indexer
+            .insert_expiring(instance, &self.hashes, expires);
+        self.worker = instance;
+    }
+}
+
+impl Drop for KvTracker {
+    fn drop(&mut self) {
+        let mut state = self.shared.state.lock();
+        state
+            .loads
+            .finished(self.worker, self.prompt_blocks, self.prefilled);
+    }
+}
+
+#[cfg(test)]
+#[path = "router_tests.rs"]
+mod tests;
+
+#[cfg(test)]
+impl KvRouterHandle {
+    /// The in-flight account of `worker`, for tests.
+    pub(crate) fn load_of(&self, worker: InstanceId) -> super::cost::WorkerLoad {
+        self.shared.state.lock().loads.get(worker)
+    }
+}
