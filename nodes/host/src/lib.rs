@@ -8,6 +8,7 @@
 
 pub mod controller;
 pub mod endpoints;
+pub mod events;
 pub mod metrics;
 pub mod model;
 pub mod nodes;

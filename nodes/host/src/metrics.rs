@@ -13,6 +13,7 @@ use std::time::Duration;
 use dynamo_frontend::Frontend;
 use dynamo_graph::plan::{Plan, ReplicaId};
 use dynamo_mocker::MockerEngine;
+use dynamo_router::KvRouterHandle;
 use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
 use dynamo_runtime::{RequestContext, ResponseStream, Service};
 use futures::StreamExt;
@@ -62,10 +63,46 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "counter",
         "KV events published",
     ),
+    (
+        "dynamo_router_requests_total",
+        "counter",
+        "Requests routed by a KV-aware router",
+    ),
+    (
+        "dynamo_router_overhead_seconds_total",
+        "counter",
+        "Routing time spent (hashing, index walk, cost); divide by requests for the mean",
+    ),
+    (
+        "dynamo_router_kv_hit_blocks_total",
+        "counter",
+        "Prompt blocks found cached on the chosen worker",
+    ),
+    (
+        "dynamo_router_kv_prompt_blocks_total",
+        "counter",
+        "Full prompt blocks routed",
+    ),
+    (
+        "dynamo_router_kv_events_total",
+        "counter",
+        "KV events applied to the router's index",
+    ),
+    (
+        "dynamo_router_kv_resyncs_total",
+        "counter",
+        "Times a worker's index was rebuilt from a snapshot after a gap",
+    ),
+    (
+        "dynamo_router_kv_indexed_blocks",
+        "gauge",
+        "Blocks in the router's index",
+    ),
 ];
 
 pub struct MetricsHub {
     engines: Mutex<Vec<(ReplicaId, Arc<MockerEngine>)>>,
+    routers: Mutex<Vec<(ReplicaId, KvRouterHandle)>>,
     peers: Vec<(String, PathBuf)>,
     peer_text: Mutex<String>,
 }
@@ -84,6 +121,7 @@ impl MetricsHub {
             .collect();
         Arc::new(MetricsHub {
             engines: Mutex::new(Vec::new()),
+            routers: Mutex::new(Vec::new()),
             peers,
             peer_text: Mutex::new(String::new()),
         })
@@ -95,9 +133,52 @@ impl MetricsHub {
         }
     }
 
-    /// Sample lines (no headers) of this process's engines.
+    pub fn add_router(&self, id: ReplicaId, kv: KvRouterHandle) {
+        if let Ok(mut r) = self.routers.lock() {
+            r.push((id, kv));
+        }
+    }
+
+    /// Sample lines (no headers) of this process's engines and KV routers.
     pub fn local_samples(&self) -> String {
         let mut out = String::new();
+        if let Ok(routers) = self.routers.lock() {
+            for (id, kv) in routers.iter() {
+                let m = kv.metrics();
+                let l = format!("node=\"{}\",replica=\"{}\"", id.node, id.index);
+                let _ = writeln!(out, "dynamo_router_requests_total{{{l}}} {}", m.requests);
+                let _ = writeln!(
+                    out,
+                    "dynamo_router_overhead_seconds_total{{{l}}} {}",
+                    m.routing_overhead_us_sum as f64 / 1e6
+                );
+                let _ = writeln!(
+                    out,
+                    "dynamo_router_kv_hit_blocks_total{{{l}}} {}",
+                    m.kv_hit_blocks_total
+                );
+                let _ = writeln!(
+                    out,
+                    "dynamo_router_kv_prompt_blocks_total{{{l}}} {}",
+                    m.kv_prompt_blocks_total
+                );
+                let _ = writeln!(
+                    out,
+                    "dynamo_router_kv_events_total{{{l}}} {}",
+                    m.events_applied_total
+                );
+                let _ = writeln!(
+                    out,
+                    "dynamo_router_kv_resyncs_total{{{l}}} {}",
+                    m.resyncs_total
+                );
+                let _ = writeln!(
+                    out,
+                    "dynamo_router_kv_indexed_blocks{{{l}}} {}",
+                    m.indexed_blocks
+                );
+            }
+        }
         let Ok(engines) = self.engines.lock() else {
             return out;
         };

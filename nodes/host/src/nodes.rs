@@ -9,7 +9,7 @@ use dynamo_mocker::{MockerConfig, MockerEngine};
 use dynamo_preprocessor::gguf::GgufFile;
 use dynamo_preprocessor::{Preprocessor, PreprocessorConfig, PreprocessorService};
 use dynamo_protocol::{ChatRequest, TextDelta, TokenDelta, TokenRequest};
-use dynamo_router::{RouterMode, RouterService};
+use dynamo_router::{KvConfig, KvMode, KvRouterHandle, RouterMode, RouterService};
 use dynamo_runtime::{InstanceSet, Service};
 
 use crate::endpoints::instance_id;
@@ -124,17 +124,44 @@ pub fn engine(
     }
 }
 
+/// A router; KV-aware modes also return the state their workers' events feed.
 pub fn router(
     node: &PlannedNode,
+    worker_block_size: Option<usize>,
     workers: Arc<InstanceSet<TokenRequest, TokenDelta>>,
-) -> Result<Arc<dyn Service<TokenRequest, TokenDelta>>, BuildError> {
+) -> Result<(TokenService, Option<KvRouterHandle>), BuildError> {
     let mode_name = node.str("mode").unwrap_or("round-robin");
-    let mode: RouterMode = mode_name.parse().map_err(|e| BuildError::NotYet {
-        node: node.name.clone(),
-        what: format!("router mode `{mode_name}` ({e})"),
-        issue: "KV-aware routing is issue #4",
-    })?;
-    Ok(Arc::new(RouterService::new(mode, workers)))
+    let mode: RouterMode = mode_name.parse().map_err(|e| invalid(node, e))?;
+    let Some(kv) = mode.kv_mode() else {
+        return Ok((
+            Arc::new(RouterService::new(mode, workers).named(node.name.clone())),
+            None,
+        ));
+    };
+    let mut config = KvConfig::for_mode(kv);
+    if let Some(b) = worker_block_size {
+        config.block_size = b;
+    }
+    if let Some(w) = node.f64("overlap_weight") {
+        config.overlap_weight = w;
+    }
+    if let Some(t) = node.f64("temperature") {
+        config.temperature = t;
+    }
+    // `ttl` is the graph's knob for kv-approx; `kv` keeps its short prediction window.
+    if kv == KvMode::Approx {
+        if let Some(d) = node
+            .str("ttl")
+            .and_then(|s| humantime::parse_duration(s).ok())
+        {
+            config.ttl = d;
+        }
+    }
+    let svc = RouterService::with_kv(kv, config, workers)
+        .map_err(|e| invalid(node, e))?
+        .named(node.name.clone());
+    let handle = svc.kv_handle();
+    Ok((Arc::new(svc), handle))
 }
 
 pub fn preprocessor(

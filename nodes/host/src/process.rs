@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use dynamo_graph::kinds::EdgeKind;
 use dynamo_graph::plan::{Plan, PlannedReplica, ReplicaId, Transport};
-use dynamo_protocol::{ChatRequest, TextDelta, TokenDelta, TokenRequest};
+use dynamo_protocol::{
+    ChatRequest, KvStreamItem, KvSubscribe, TextDelta, TokenDelta, TokenRequest,
+};
 use dynamo_runtime::transport::in_process::InProcessClient;
 use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
 use dynamo_runtime::transport::socket_server::SocketServer;
@@ -17,6 +19,7 @@ use dynamo_runtime::{InstanceSet, Message, Service};
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoints::{endpoint, instance_id, socket_path, METRICS_ENDPOINT};
+use crate::events::EventsService;
 use crate::metrics::{MetricsHub, MetricsService};
 use crate::nodes::{self, BuildError};
 use crate::{HTTP_LINE, READY_LINE};
@@ -128,6 +131,73 @@ impl Ctx<'_> {
     }
 }
 
+/// A producer on a feedback edge: its instance id and the client that subscribes to it.
+type Source<Req, Resp> = (u64, Arc<dyn Service<Req, Resp>>);
+
+impl Ctx<'_> {
+    /// The producers feeding `replica`'s feedback input `port` (a router's `events`): one
+    /// client per link, reaching the producer's port of the same name, by the link's
+    /// transport. The consumer subscribes; the producer streams.
+    fn feedback_sources<Req: Message, Resp: Message>(
+        &mut self,
+        replica: &PlannedReplica,
+        port: &str,
+        local: &Local<Req, Resp>,
+    ) -> Result<Vec<Source<Req, Resp>>, ProcessError> {
+        let plan = self.plan;
+        let mut out = Vec::new();
+        for edge in plan.edges.iter().filter(|e| {
+            e.kind == EdgeKind::Feedback && e.to.node == replica.id.node && e.to.port == port
+        }) {
+            for link in edge.links.iter().filter(|l| l.to == replica.id.index) {
+                let source = ReplicaId {
+                    node: edge.from.node.clone(),
+                    index: link.from,
+                };
+                let ep = endpoint(&source, &edge.from.port);
+                let name = format!("{} ~> {}", edge.from, edge.to);
+                let client: Arc<dyn Service<Req, Resp>> = match link.transport {
+                    Transport::InProcess => {
+                        let svc = local.services.get(&ep).cloned().ok_or_else(|| {
+                            ProcessError::MissingLocal {
+                                edge: name.clone(),
+                                endpoint: ep.clone(),
+                            }
+                        })?;
+                        InProcessClient::new(svc).into_service()
+                    }
+                    Transport::Socket => {
+                        let process = plan
+                            .replica(&source)
+                            .map(|r| r.process.clone())
+                            .unwrap_or_default();
+                        self.client(&process).endpoint::<Req, Resp>(&ep)
+                    }
+                    other => {
+                        return Err(ProcessError::Transport {
+                            edge: name,
+                            transport: other.as_str(),
+                            issue: "NATS across machines is issue #6",
+                        })
+                    }
+                };
+                out.push((instance_id(&source), client));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The block size of the engines a router's `out` port reaches (validation made them agree).
+fn worker_block_size(plan: &Plan, router: &str) -> Option<usize> {
+    plan.edges
+        .iter()
+        .filter(|e| e.kind == EdgeKind::Call && e.from.node == router)
+        .filter_map(|e| plan.node(&e.to.node))
+        .find_map(|n| n.u64("block_size"))
+        .and_then(|b| usize::try_from(b).ok())
+}
+
 /// Node names in an order where every callee comes before its callers.
 fn callee_first(plan: &Plan) -> Vec<String> {
     let index: HashMap<&str, usize> = plan
@@ -191,8 +261,10 @@ pub async fn run(
     };
     let mut chat: Local<ChatRequest, TextDelta> = Local::default();
     let mut tokens: Local<TokenRequest, TokenDelta> = Local::default();
+    let mut kv_events: Local<KvSubscribe, KvStreamItem> = Local::default();
     let hub = MetricsHub::new(&plan, process, run_dir);
     let mut frontends = Vec::new();
+    let mut tasks_before_ready = Vec::new();
     let order = callee_first(&plan);
     let mine: Vec<&PlannedReplica> = order
         .iter()
@@ -220,6 +292,13 @@ pub async fn run(
             "worker" => {
                 let model = nodes::model_of(node, &plan.models)?;
                 let (svc, engine) = nodes::engine(node, replica, nodes::model_path(node, model)?)?;
+                let events: Arc<dyn Service<KvSubscribe, KvStreamItem>> =
+                    Arc::new(EventsService::new(engine.clone()));
+                let events_ep = endpoint(&replica.id, "events");
+                server
+                    .register(&events_ep, events.clone())
+                    .map_err(register_err)?;
+                kv_events.services.insert(events_ep, events);
                 hub.add_engine(replica.id.clone(), engine);
                 let ep = endpoint(&replica.id, "in");
                 server.register(&ep, svc.clone()).map_err(register_err)?;
@@ -227,7 +306,19 @@ pub async fn run(
             }
             "router" => {
                 let workers = ctx.outputs(replica, "out", &tokens)?;
-                let svc = nodes::router(node, workers)?;
+                let block_size = worker_block_size(&plan, &replica.id.node);
+                let (svc, kv) = nodes::router(node, block_size, workers)?;
+                if let Some(kv) = kv.filter(|k| k.mode() == dynamo_router::KvMode::Events) {
+                    for (worker, source) in ctx.feedback_sources(replica, "events", &kv_events)? {
+                        tasks_before_ready.push(tokio::spawn(crate::events::follow(
+                            kv.clone(),
+                            worker,
+                            source,
+                            shutdown.clone(),
+                        )));
+                    }
+                    hub.add_router(replica.id.clone(), kv);
+                }
                 let ep = endpoint(&replica.id, "in");
                 server.register(&ep, svc.clone()).map_err(register_err)?;
                 tokens.services.insert(ep, svc);
@@ -272,7 +363,7 @@ pub async fn run(
     server
         .register::<(), String>(METRICS_ENDPOINT, Arc::new(MetricsService::new(hub.clone())))
         .map_err(register_err)?;
-    let mut tasks = Vec::new();
+    let mut tasks = tasks_before_ready;
     tasks.push(tokio::spawn(server.serve(shutdown.clone())));
     if !frontends.is_empty() {
         tasks.push(tokio::spawn(hub.clone().poll_peers(shutdown.clone())));

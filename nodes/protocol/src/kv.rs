@@ -68,6 +68,25 @@ pub struct KvEvent {
     pub data: KvEventData,
 }
 
+/// What a worker's `events` port streams to a router that subscribed: first the whole
+/// cache as a snapshot, then every event after it. A router that sees a gap in
+/// `event_id`s subscribes again and starts over from a fresh snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvStreamItem {
+    Snapshot {
+        worker_id: u64,
+        /// The last event the snapshot includes; `None` when none was published yet.
+        last_event_id: Option<u64>,
+        /// `Cleared`, then `Stored` parents first.
+        events: Vec<KvEventData>,
+    },
+    Event(KvEvent),
+}
+
+/// The request that opens a worker's event stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvSubscribe;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,5 +14,8 @@ pub mod kv;
 pub mod tokens;
 
 pub use chat::{ChatMessage, ChatRequest, FinishReason, Prompt, TextDelta, Usage};
-pub use kv::{block_hashes, BlockHash, KvEvent, KvEventData, StoredBlock, DEFAULT_BLOCK_HASH_SEED};
+pub use kv::{
+    block_hashes, BlockHash, KvEvent, KvEventData, KvStreamItem, KvSubscribe, StoredBlock,
+    DEFAULT_BLOCK_HASH_SEED,
+};
 pub use tokens::{SamplingOptions, StopConditions, TokenDelta, TokenRequest};
