@@ -9,61 +9,100 @@
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
 
 use dynamo_protocol::{BlockHash, KvEvent, KvEventData};
 use dynamo_runtime::InstanceId;
 use foldhash::fast::RandomState;
 
 use super::sync::{EventOutcome, EventSync, Verdict};
-use super::worker_set::{PrefixWalk, WorkerSet};
+use super::worker_set::{Dropped, PrefixWalk, WorkerSet};
 
-/// An entry that never expires: confirmed by the worker's own `Stored` event.
-const CONFIRMED: u64 = u64::MAX;
+/// Worker ids by slot and back; shared with the results of `find_matches`, copied only
+/// when a worker comes or goes while a result is alive.
+#[derive(Debug, Clone, Default)]
+struct Slots {
+    ids: Vec<Option<InstanceId>>,
+    by_id: HashMap<InstanceId, u32, RandomState>,
+}
 
 /// For each worker holding the first block of a request, how many leading blocks it holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Workers matching nothing are absent.
+#[derive(Debug, Clone, Default)]
 pub struct OverlapScores {
-    /// `(worker, matched blocks)`, in no particular order; workers matching nothing are
-    /// absent.
-    pub scores: Vec<(InstanceId, u32)>,
+    dropped: Dropped,
+    slots: Arc<Slots>,
 }
 
 impl OverlapScores {
-    /// The matched blocks of `worker` (0 if absent). Linear: build a map for many lookups.
+    /// The matched blocks of `worker` (0 if absent).
     pub fn get(&self, worker: InstanceId) -> u32 {
-        self.scores
-            .iter()
-            .find(|(w, _)| *w == worker)
-            .map_or(0, |s| s.1)
+        self.slots
+            .by_id
+            .get(&worker)
+            .and_then(|&slot| self.dropped.depth_of(slot))
+            .unwrap_or(0)
     }
 
     /// The best match of any worker.
     pub fn max(&self) -> u32 {
-        self.scores.iter().map(|s| s.1).max().unwrap_or(0)
+        self.dropped.max_depth()
     }
 
-    /// Sorted by worker, for tests and output.
-    pub fn sorted(mut self) -> Vec<(InstanceId, u32)> {
-        self.scores.sort_unstable();
-        self.scores
+    /// A worker with the best match, and its matched blocks.
+    pub fn best(&self) -> Option<(InstanceId, u32)> {
+        let (slot, depth) = self.dropped.deepest()?;
+        Some(((*self.slots.ids.get(slot as usize)?)?, depth))
+    }
+
+    /// Workers with a match.
+    pub fn len(&self) -> usize {
+        self.dropped.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f(worker, matched blocks)` for each worker with a match, in no set order.
+    pub fn for_each(&self, mut f: impl FnMut(InstanceId, u32)) {
+        let ids = &self.slots.ids;
+        self.dropped.for_each(|slot, depth| {
+            if let Some(Some(id)) = ids.get(slot as usize) {
+                f(*id, depth);
+            }
+        });
+    }
+
+    /// `(worker, matched blocks)` sorted by worker, for tests and output.
+    pub fn sorted(&self) -> Vec<(InstanceId, u32)> {
+        let mut out = Vec::with_capacity(self.len());
+        self.for_each(|w, d| out.push((w, d)));
+        out.sort_unstable();
+        out
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Worker {
-    id: InstanceId,
-    /// Every block the index has for this worker, with its expiry (or [`CONFIRMED`]).
-    blocks: HashMap<BlockHash, u64, RandomState>,
+    /// Blocks the index has for this worker.
+    live: usize,
     sync: EventSync,
 }
 
 /// The KV block index of every worker the router knows.
+///
+/// Each stored or removed block costs one lookup in one map; there is no per-worker block
+/// list, so forgetting a whole worker (`Cleared`, a restart, a snapshot, removal) scans
+/// the index once.
 #[derive(Debug, Default)]
 pub struct KvIndexer {
     blocks: HashMap<BlockHash, WorkerSet, RandomState>,
-    slots: HashMap<InstanceId, u32, RandomState>,
-    workers: Vec<Option<Worker>>,
+    slots: Arc<Slots>,
+    workers: Vec<Worker>,
     free_slots: Vec<u32>,
+    /// Entries not (yet) confirmed by an event, with their expiry (ms).
+    expiring: HashMap<(u32, BlockHash), u64, RandomState>,
     /// `(expiry, slot, block)` of every expiring entry; stale ones (refreshed, confirmed,
     /// removed) are skipped when popped.
     expiry: BinaryHeap<Reverse<(u64, u32, BlockHash)>>,
@@ -77,7 +116,7 @@ impl KvIndexer {
     /// Applies one event if it continues the worker's stream; see [`EventOutcome`].
     pub fn apply(&mut self, event: &KvEvent) -> EventOutcome {
         let slot = self.slot(event.worker_id);
-        let Some(worker) = self.worker_mut(slot) else {
+        let Some(worker) = self.workers.get_mut(slot as usize) else {
             return EventOutcome::NeedsResync;
         };
         match worker.sync.check(event) {
@@ -111,7 +150,7 @@ impl KvIndexer {
         for data in events {
             self.apply_data(slot, data);
         }
-        let pending = match self.worker_mut(slot) {
+        let pending = match self.workers.get_mut(slot as usize) {
             Some(w) => w.sync.snapshot_applied(last_event_id),
             None => Vec::new(),
         };
@@ -121,17 +160,17 @@ impl KvIndexer {
                 outcome = EventOutcome::NeedsResync;
             }
         }
+        if let Some(w) = self.workers.get_mut(slot as usize) {
+            w.sync.replayed();
+        }
         outcome
     }
 
     /// Workers whose index waits for a snapshot, sorted.
     pub fn needs_resync(&self) -> Vec<InstanceId> {
-        let mut out: Vec<_> = self
-            .workers
-            .iter()
-            .flatten()
-            .filter(|w| w.sync.needs_resync())
-            .map(|w| w.id)
+        let mut out: Vec<_> = (self.workers.iter().zip(&self.slots.ids))
+            .filter(|(w, _)| w.sync.needs_resync())
+            .filter_map(|(_, id)| *id)
             .collect();
         out.sort_unstable();
         out
@@ -141,28 +180,26 @@ impl KvIndexer {
     /// first block no remaining worker holds. Expired entries count until
     /// [`KvIndexer::expire`] runs: call it first.
     pub fn find_matches(&self, hashes: &[BlockHash]) -> OverlapScores {
-        let mut raw = Vec::new();
+        let mut dropped = Dropped::default();
         let mut iter = hashes.iter();
-        let Some(first) = iter.next().and_then(|h| self.blocks.get(h)) else {
-            return OverlapScores::default();
-        };
-        let mut walk = PrefixWalk::start(first);
-        let mut alive = true;
-        for h in iter {
-            let Some(set) = self.blocks.get(h) else { break };
-            if !walk.step(set, &mut raw) {
-                alive = false;
-                break;
+        if let Some(first) = iter.next().and_then(|h| self.blocks.get(h)) {
+            let mut walk = PrefixWalk::start(first);
+            let mut alive = true;
+            for h in iter {
+                let Some(set) = self.blocks.get(h) else { break };
+                if !walk.step(set, &mut dropped) {
+                    alive = false;
+                    break;
+                }
+            }
+            if alive {
+                walk.finish(&mut dropped);
             }
         }
-        if alive {
-            walk.finish(&mut raw);
+        OverlapScores {
+            dropped,
+            slots: self.slots.clone(),
         }
-        let scores = raw
-            .into_iter()
-            .filter_map(|(slot, n)| Some((self.worker(slot)?.id, n)))
-            .collect();
-        OverlapScores { scores }
     }
 
     /// Records that `worker` holds `hashes` until `expires_at` (ms), unless a `Stored`
@@ -171,31 +208,23 @@ impl KvIndexer {
     /// predicted blocks of a just-routed request.
     pub fn insert_expiring(&mut self, worker: InstanceId, hashes: &[BlockHash], expires_at: u64) {
         let slot = self.slot(worker);
-        let Some(w) = self.worker_mut(slot) else {
-            return;
-        };
-        let mut fresh = Vec::new();
-        let mut pushed = Vec::new();
+        let mut added = 0;
         for &h in hashes {
-            match w.blocks.entry(h) {
-                Entry::Occupied(mut e) => {
-                    if *e.get() < expires_at {
-                        e.insert(expires_at);
-                        pushed.push(h);
-                    }
-                }
-                Entry::Vacant(e) => {
-                    e.insert(expires_at);
-                    fresh.push(h);
-                    pushed.push(h);
+            if self.blocks.entry(h).or_default().insert(slot) {
+                added += 1;
+                self.expiring.insert((slot, h), expires_at);
+            } else {
+                match self.expiring.get_mut(&(slot, h)) {
+                    Some(at) if *at < expires_at => *at = expires_at,
+                    // Confirmed, or already living longer.
+                    _ => continue,
                 }
             }
+            self.expiry.push(Reverse((expires_at, slot, h)));
         }
-        for h in fresh {
-            self.blocks.entry(h).or_default().insert(slot);
+        if let Some(w) = self.workers.get_mut(slot as usize) {
+            w.live += added;
         }
-        self.expiry
-            .extend(pushed.into_iter().map(|h| Reverse((expires_at, slot, h))));
     }
 
     /// Drops every expiring entry whose time has come (expiry ≤ `now`).
@@ -205,10 +234,7 @@ impl KvIndexer {
                 break;
             }
             self.expiry.pop();
-            let due = self
-                .worker(slot)
-                .is_some_and(|w| w.blocks.get(&hash) == Some(&at));
-            if due {
+            if self.expiring.get(&(slot, hash)) == Some(&at) {
                 self.remove_block(slot, hash);
             }
         }
@@ -216,24 +242,31 @@ impl KvIndexer {
 
     /// Forgets a worker that left: its blocks and its event tracking.
     pub fn remove_worker(&mut self, worker: InstanceId) {
-        let Some(slot) = self.slots.remove(&worker) else {
+        let Some(&slot) = self.slots.by_id.get(&worker) else {
             return;
         };
         self.clear_slot(slot);
-        if let Some(entry) = self.workers.get_mut(slot as usize) {
-            *entry = None;
+        if let Some(w) = self.workers.get_mut(slot as usize) {
+            *w = Worker::default();
+        }
+        let slots = Arc::make_mut(&mut self.slots);
+        slots.by_id.remove(&worker);
+        if let Some(id) = slots.ids.get_mut(slot as usize) {
+            *id = None;
         }
         self.free_slots.push(slot);
     }
 
-    /// The blocks the index has for `worker`, sorted (expiring ones included).
+    /// The blocks the index has for `worker`, sorted (expiring ones included). Scans the
+    /// index: for tests and debugging.
     pub fn worker_blocks(&self, worker: InstanceId) -> Vec<BlockHash> {
-        let mut out: Vec<_> = self
-            .slots
-            .get(&worker)
-            .and_then(|&s| self.worker(s))
-            .map(|w| w.blocks.keys().copied().collect())
-            .unwrap_or_default();
+        let Some(&slot) = self.slots.by_id.get(&worker) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = (self.blocks.iter())
+            .filter(|(_, set)| set.contains(slot))
+            .map(|(&h, _)| h)
+            .collect();
         out.sort_unstable();
         out
     }
@@ -245,7 +278,7 @@ impl KvIndexer {
 
     /// Workers the index knows, sorted.
     pub fn workers(&self) -> Vec<InstanceId> {
-        let mut out: Vec<_> = self.slots.keys().copied().collect();
+        let mut out: Vec<_> = self.slots.by_id.keys().copied().collect();
         out.sort_unstable();
         out
     }
@@ -253,17 +286,17 @@ impl KvIndexer {
     fn apply_data(&mut self, slot: u32, data: &KvEventData) {
         match data {
             KvEventData::Stored { blocks, .. } => {
-                let Some(w) = self.worker_mut(slot) else {
-                    return;
-                };
-                let mut fresh = Vec::new();
+                let mut added = 0;
                 for b in blocks {
-                    if w.blocks.insert(b.hash, CONFIRMED).is_none() {
-                        fresh.push(b.hash);
+                    if self.blocks.entry(b.hash).or_default().insert(slot) {
+                        added += 1;
+                    } else if !self.expiring.is_empty() {
+                        // A predicted block, now confirmed.
+                        self.expiring.remove(&(slot, b.hash));
                     }
                 }
-                for h in fresh {
-                    self.blocks.entry(h).or_default().insert(slot);
+                if let Some(w) = self.workers.get_mut(slot as usize) {
+                    w.live += added;
                 }
             }
             KvEventData::Removed { blocks } => {
@@ -276,67 +309,58 @@ impl KvIndexer {
     }
 
     fn remove_block(&mut self, slot: u32, hash: BlockHash) {
-        let Some(w) = self.worker_mut(slot) else {
+        let Entry::Occupied(mut e) = self.blocks.entry(hash) else {
             return;
         };
-        if w.blocks.remove(&hash).is_none() {
+        if !e.get_mut().remove(slot) {
             return;
         }
-        if let Entry::Occupied(mut e) = self.blocks.entry(hash) {
-            e.get_mut().remove(slot);
-            if e.get().is_empty() {
-                e.remove();
-            }
+        if e.get().is_empty() {
+            e.remove();
+        }
+        if !self.expiring.is_empty() {
+            self.expiring.remove(&(slot, hash));
+        }
+        if let Some(w) = self.workers.get_mut(slot as usize) {
+            w.live = w.live.saturating_sub(1);
         }
     }
 
+    /// Drops every block of `slot`: one pass over the index.
     fn clear_slot(&mut self, slot: u32) {
-        let Some(w) = self.worker_mut(slot) else {
+        let Some(w) = self.workers.get_mut(slot as usize) else {
             return;
         };
-        let held = std::mem::take(&mut w.blocks);
-        for hash in held.into_keys() {
-            if let Entry::Occupied(mut e) = self.blocks.entry(hash) {
-                e.get_mut().remove(slot);
-                if e.get().is_empty() {
-                    e.remove();
-                }
-            }
+        if w.live == 0 {
+            return;
         }
+        w.live = 0;
+        self.blocks.retain(|_, set| {
+            set.remove(slot);
+            !set.is_empty()
+        });
+        self.expiring.retain(|&(s, _), _| s != slot);
     }
 
     /// The slot of `worker`, created on first sight.
     fn slot(&mut self, worker: InstanceId) -> u32 {
-        if let Some(&s) = self.slots.get(&worker) {
+        if let Some(&s) = self.slots.by_id.get(&worker) {
             return s;
         }
-        let state = Worker {
-            id: worker,
-            blocks: HashMap::default(),
-            sync: EventSync::default(),
-        };
         let slot = match self.free_slots.pop() {
-            Some(s) => {
-                if let Some(entry) = self.workers.get_mut(s as usize) {
-                    *entry = Some(state);
-                }
-                s
-            }
+            Some(s) => s,
             None => {
-                self.workers.push(Some(state));
+                self.workers.push(Worker::default());
                 (self.workers.len() - 1) as u32
             }
         };
-        self.slots.insert(worker, slot);
+        let slots = Arc::make_mut(&mut self.slots);
+        if slots.ids.len() <= slot as usize {
+            slots.ids.resize(slot as usize + 1, None);
+        }
+        slots.ids[slot as usize] = Some(worker);
+        slots.by_id.insert(worker, slot);
         slot
-    }
-
-    fn worker(&self, slot: u32) -> Option<&Worker> {
-        self.workers.get(slot as usize)?.as_ref()
-    }
-
-    fn worker_mut(&mut self, slot: u32) -> Option<&mut Worker> {
-        self.workers.get_mut(slot as usize)?.as_mut()
     }
 }
 

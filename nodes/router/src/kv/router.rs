@@ -4,7 +4,6 @@
 //! decision reads both and writes both (the chosen worker's predicted blocks and load), so
 //! one short critical section keeps them consistent. Hashing the prompt happens outside it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -192,12 +191,7 @@ impl KvPolicy {
         let config = &self.shared.config;
         state.indexer.expire(self.shared.now_ms());
         let scores = state.indexer.find_matches(hashes);
-        let by_worker: Option<HashMap<InstanceId, u32>> =
-            (scores.scores.len() > 8).then(|| scores.scores.iter().copied().collect());
-        let overlap_of = |w: InstanceId| match &by_worker {
-            Some(map) => map.get(&w).copied().unwrap_or(0),
-            None => scores.get(w),
-        };
+        let overlap_of = |w: InstanceId| scores.get(w);
         let scored: Vec<Scored> = candidates
             .iter()
             .map(|c| {

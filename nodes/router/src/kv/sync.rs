@@ -81,11 +81,21 @@ impl EventSync {
     }
 
     /// A snapshot covering events up to `last` was applied; returns the events that came
-    /// in while waiting, for the caller to pass through [`EventSync::check`] again.
+    /// in while waiting, for the caller to pass through [`EventSync::check`] again, then
+    /// to call [`EventSync::replayed`].
     pub fn snapshot_applied(&mut self, last: Option<u64>) -> Vec<KvEvent> {
         self.last = last;
         self.stale_window = last.map(|_| None);
         self.resync.take().map(Vec::from).unwrap_or_default()
+    }
+
+    /// The buffered events were replayed. Whatever they applied may be delivered again
+    /// (a fresh subscription starts right after the snapshot), so ids up to the last one
+    /// are skipped until the stream moves past it.
+    pub fn replayed(&mut self) {
+        if self.resync.is_none() && self.last.is_some() {
+            self.stale_window = Some(None);
+        }
     }
 }
 
@@ -120,6 +130,11 @@ mod tests {
         assert!(!s.needs_resync());
         assert_eq!(s.check(&ev(3)), Verdict::Stale);
         assert_eq!(s.check(&ev(4)), Verdict::Apply);
+        s.replayed();
+        // A fresh subscription delivers 4 again, then goes on.
+        assert_eq!(s.check(&ev(4)), Verdict::Stale);
+        assert_eq!(s.check(&ev(5)), Verdict::Apply);
+        assert_eq!(s.check(&ev(5)), Verdict::Gap, "the window closed");
     }
 
     #[test]

@@ -107,6 +107,11 @@ fn set_bit(words: &mut Vec<u64>, slot: u32) {
     words[w] |= 1 << (slot % 64);
 }
 
+fn first_bit(words: &[u64]) -> Option<u32> {
+    let (i, w) = words.iter().enumerate().find(|(_, &w)| w != 0)?;
+    Some(i as u32 * 64 + w.trailing_zeros())
+}
+
 /// Calls `f` with every set bit's slot.
 fn each_bit(words: &[u64], mut f: impl FnMut(u32)) {
     for (i, &word) in words.iter().enumerate() {
@@ -123,6 +128,72 @@ fn each_bit(words: &[u64], mut f: impl FnMut(u32)) {
 enum Active {
     List(Vec<u32>),
     Bits(Vec<u64>),
+}
+
+/// Where a walk reports the workers that dropped out, with the depth each reached. A
+/// wide group (the many workers holding only a shared system prompt) stays a bitset, so
+/// a walk never touches its workers one by one.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Dropped {
+    pub singles: Vec<(u32, u32)>,
+    pub groups: Vec<(u32, Vec<u64>)>,
+}
+
+impl Dropped {
+    fn group(&mut self, depth: u32, words: Vec<u64>) {
+        if words.iter().any(|&w| w != 0) {
+            self.groups.push((depth, words));
+        }
+    }
+
+    /// The depth `slot` reached, if it is here.
+    pub fn depth_of(&self, slot: u32) -> Option<u32> {
+        self.groups
+            .iter()
+            .find(|(_, words)| bit(words, slot))
+            .map(|g| g.0)
+            .or_else(|| self.singles.iter().find(|s| s.0 == slot).map(|s| s.1))
+    }
+
+    /// Every `(slot, depth)`, groups expanded.
+    pub fn for_each(&self, mut f: impl FnMut(u32, u32)) {
+        for &(s, d) in &self.singles {
+            f(s, d);
+        }
+        for (d, words) in &self.groups {
+            each_bit(words, |s| f(s, *d));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        let grouped: u32 = self
+            .groups
+            .iter()
+            .flat_map(|g| g.1.iter())
+            .map(|w| w.count_ones())
+            .sum();
+        self.singles.len() + grouped as usize
+    }
+
+    /// A slot with the greatest depth, and the depth.
+    pub fn deepest(&self) -> Option<(u32, u32)> {
+        let single = self.singles.iter().copied().max_by_key(|s| s.1);
+        let group = (self.groups.iter())
+            .filter_map(|(d, words)| Some((first_bit(words)?, *d)))
+            .max_by_key(|g| g.1);
+        match (single, group) {
+            (Some(s), Some(g)) => Some(if g.1 > s.1 { g } else { s }),
+            (s, g) => s.or(g),
+        }
+    }
+
+    pub fn max_depth(&self) -> u32 {
+        let singles = self.singles.iter().map(|s| s.1);
+        singles
+            .chain(self.groups.iter().map(|g| g.0))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// A walk down a request's blocks: the workers that hold all of the first `depth` blocks.
@@ -144,14 +215,14 @@ impl PrefixWalk {
 
     /// One more block, held by `next`: workers not in it leave with the depth so far.
     /// False once no worker is left.
-    pub fn step(&mut self, next: &WorkerSet, out: &mut Vec<(u32, u32)>) -> bool {
+    pub fn step(&mut self, next: &WorkerSet, out: &mut Dropped) -> bool {
         let depth = self.depth;
         let left = match (&mut self.active, next) {
             (Active::List(list), _) => {
                 list.retain(|&s| {
                     let keep = next.contains(s);
                     if !keep {
-                        out.push((s, depth));
+                        out.singles.push((s, depth));
                     }
                     keep
                 });
@@ -166,21 +237,22 @@ impl PrefixWalk {
                 for &s in &kept {
                     words[(s / 64) as usize] &= !(1 << (s % 64));
                 }
-                each_bit(words, |s| out.push((s, depth)));
+                out.group(depth, std::mem::take(words));
                 let left = !kept.is_empty();
                 self.active = Active::List(kept);
                 left
             }
             (Active::Bits(words), WorkerSet::Many { words: other, .. }) => {
+                let other_at = |i: usize| other.get(i).copied().unwrap_or(0);
+                let leaving = words.iter().enumerate().any(|(i, w)| w & !other_at(i) != 0);
+                if leaving {
+                    let gone = words.iter().enumerate().map(|(i, w)| w & !other_at(i));
+                    out.group(depth, gone.collect());
+                }
                 let mut any = 0;
                 for (i, word) in words.iter_mut().enumerate() {
-                    let keep = *word & other.get(i).copied().unwrap_or(0);
-                    let gone = *word & !keep;
-                    if gone != 0 {
-                        each_bit(&[gone], |b| out.push((i as u32 * 64 + b, depth)));
-                    }
-                    *word = keep;
-                    any |= keep;
+                    *word &= other_at(i);
+                    any |= *word;
                 }
                 any != 0
             }
@@ -192,11 +264,11 @@ impl PrefixWalk {
     }
 
     /// The walk is over: every worker still active matched `depth` blocks.
-    pub fn finish(self, out: &mut Vec<(u32, u32)>) {
+    pub fn finish(self, out: &mut Dropped) {
         let depth = self.depth;
         match self.active {
-            Active::List(list) => out.extend(list.into_iter().map(|s| (s, depth))),
-            Active::Bits(words) => each_bit(&words, |s| out.push((s, depth))),
+            Active::List(list) => out.singles.extend(list.into_iter().map(|s| (s, depth))),
+            Active::Bits(words) => out.group(depth, words),
         }
     }
 }
@@ -230,7 +302,7 @@ mod tests {
     }
 
     fn walk(sets: &[WorkerSet]) -> Vec<(u32, u32)> {
-        let mut out = Vec::new();
+        let mut out = Dropped::default();
         let mut w = PrefixWalk::start(&sets[0]);
         let mut alive = true;
         for s in &sets[1..] {
@@ -242,8 +314,17 @@ mod tests {
         if alive {
             w.finish(&mut out);
         }
-        out.sort_unstable();
-        out
+        let mut flat = Vec::new();
+        out.for_each(|s, d| flat.push((s, d)));
+        assert_eq!(flat.len(), out.len());
+        for &(s, d) in &flat {
+            assert_eq!(out.depth_of(s), Some(d));
+        }
+        assert_eq!(out.max_depth(), flat.iter().map(|f| f.1).max().unwrap_or(0));
+        let deepest = out.deepest().map(|d| d.1);
+        assert_eq!(deepest, flat.iter().map(|f| f.1).max());
+        flat.sort_unstable();
+        flat
     }
 
     #[test]

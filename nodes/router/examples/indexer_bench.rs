@@ -1,0 +1,268 @@
+//! KV indexer throughput on a real trace: replays the Mooncake FAST'25 conversation
+//! trace's `hash_ids` as find_matches / store / evict operations across simulated workers.
+//!
+//! ```text
+//! cargo run --release -p dynamo-router --example indexer_bench -- \
+//!     ../shared/data/mooncake_conversation_trace.jsonl [--workers 1000] [--passes 20]
+//!     [--capacity 512]
+//! ```
+//!
+//! Per request: `find_matches` on its blocks; the request goes to the best-matching worker
+//! (4 times in 5, else to a random one, so the shared prefix spreads); that worker stores
+//! the blocks it lacked (one `Stored` event) and, past `--capacity` blocks, evicts its
+//! oldest ones (one `Removed` event). Each pass salts the ids, so every pass is a fresh
+//! trace over the same warm index. Operations = find_matches calls + events applied.
+//!
+//! The trace is Qin et al., "Mooncake", USENIX FAST 2025 (Apache-2.0); see
+//! `shared/data/README.md`.
+
+use std::collections::{HashSet, VecDeque};
+use std::error::Error;
+use std::time::{Duration, Instant};
+
+use dynamo_protocol::{KvEvent, KvEventData, StoredBlock};
+use dynamo_router::kv::{KvConfig, KvIndexer, KvMode, KvRouterHandle};
+
+struct Args {
+    trace: String,
+    workers: u64,
+    passes: u64,
+    capacity: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let mut out = Args {
+        trace: String::new(),
+        workers: 1000,
+        passes: 20,
+        capacity: 512,
+    };
+    while let Some(a) = args.next() {
+        let mut num = |name: &str| -> Result<u64, String> {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{name} needs a number"))
+        };
+        match a.as_str() {
+            "--workers" => out.workers = num("--workers")?.max(1),
+            "--passes" => out.passes = num("--passes")?.max(1),
+            "--capacity" => out.capacity = num("--capacity")?.max(1) as usize,
+            _ if out.trace.is_empty() => out.trace = a,
+            _ => return Err(format!("unexpected argument `{a}`")),
+        }
+    }
+    if out.trace.is_empty() {
+        return Err(
+            "usage: indexer_bench TRACE.jsonl [--workers N] [--passes N] [--capacity BLOCKS]"
+                .into(),
+        );
+    }
+    Ok(out)
+}
+
+/// The trace's requests as lists of block ids.
+fn load(path: &str) -> Result<Vec<Vec<u64>>, Box<dyn Error>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read the trace `{path}`: {e}\n\
+             It is in the shared data folder: run from the repository root with \
+             ../shared/data/mooncake_conversation_trace.jsonl (see shared/data/README.md)"
+        )
+    })?;
+    let mut out = Vec::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let row: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("{path}:{}: not JSON: {e}", n + 1))?;
+        let ids = row["hash_ids"]
+            .as_array()
+            .ok_or_else(|| format!("{path}:{}: no `hash_ids` array", n + 1))?
+            .iter()
+            .filter_map(serde_json::Value::as_u64)
+            .collect();
+        out.push(ids);
+    }
+    if out.is_empty() {
+        return Err(format!("{path}: no requests").into());
+    }
+    Ok(out)
+}
+
+/// Trace ids are small consecutive integers; real block hashes are uniform u64s.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+struct SimWorker {
+    next_event: u64,
+    held: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(at).copied().unwrap_or(0) as f64 / 1000.0
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("indexer_bench: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> Result<(), Box<dyn Error>> {
+    let args = parse_args()?;
+    let trace = load(&args.trace)?;
+    let mut ix = KvIndexer::new();
+    let mut sims: Vec<SimWorker> = (0..args.workers)
+        .map(|_| SimWorker {
+            next_event: 0,
+            held: HashSet::new(),
+            order: VecDeque::new(),
+        })
+        .collect();
+    let mut rng = fastrand::Rng::with_seed(42);
+    let mut find_ns = Vec::with_capacity(trace.len() * args.passes as usize);
+    let (mut finds, mut events, mut stored_blocks, mut hit_blocks, mut prompt_blocks) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut evicted_blocks = 0u64;
+    let mut in_indexer = Duration::ZERO;
+    let mut in_events = Duration::ZERO;
+    let mut event_log: Vec<KvEvent> = Vec::new();
+    let wall = Instant::now();
+    for pass in 0..args.passes {
+        for ids in &trace {
+            let hashes: Vec<u64> = ids.iter().map(|&id| mix(id ^ (pass << 40))).collect();
+            let t = Instant::now();
+            let scores = ix.find_matches(&hashes);
+            let took = t.elapsed();
+            in_indexer += took;
+            find_ns.push(took.as_nanos() as u64);
+            finds += 1;
+            let best = scores.best();
+            let (worker, overlap) = match best {
+                Some((w, n)) if rng.f64() < 0.8 => (w, n as usize),
+                _ => {
+                    let w = rng.u64(..args.workers);
+                    (w, scores.get(w) as usize)
+                }
+            };
+            hit_blocks += overlap as u64;
+            prompt_blocks += hashes.len() as u64;
+            let Some(sim) = sims.get_mut(worker as usize) else {
+                continue;
+            };
+            let new: Vec<u64> = hashes
+                .iter()
+                .copied()
+                .filter(|h| !sim.held.contains(h))
+                .collect();
+            let mut batch = Vec::new();
+            if !new.is_empty() {
+                for &h in &new {
+                    sim.held.insert(h);
+                    sim.order.push_back(h);
+                }
+                stored_blocks += new.len() as u64;
+                batch.push(KvEventData::Stored {
+                    parent: None,
+                    blocks: new.iter().map(|&hash| StoredBlock { hash }).collect(),
+                });
+            }
+            let mut evicted = Vec::new();
+            while sim.order.len() > args.capacity {
+                if let Some(h) = sim.order.pop_front() {
+                    sim.held.remove(&h);
+                    evicted.push(h);
+                }
+            }
+            evicted_blocks += evicted.len() as u64;
+            if !evicted.is_empty() {
+                batch.push(KvEventData::Removed { blocks: evicted });
+            }
+            for data in batch {
+                let event = KvEvent {
+                    worker_id: worker,
+                    event_id: sim.next_event,
+                    data,
+                };
+                sim.next_event += 1;
+                let t = Instant::now();
+                ix.apply(&event);
+                let took = t.elapsed();
+                in_indexer += took;
+                in_events += took;
+                events += 1;
+                if event_log.len() < 200_000 {
+                    event_log.push(event);
+                }
+            }
+        }
+    }
+    let wall = wall.elapsed();
+    find_ns.sort_unstable();
+    let ops = finds + events;
+    println!(
+        "trace {} ({} requests × {} passes), {} workers, capacity {} blocks/worker",
+        args.trace,
+        trace.len(),
+        args.passes,
+        args.workers,
+        args.capacity
+    );
+    println!(
+        "operations: {ops} ({finds} find_matches + {events} events, {stored_blocks} blocks stored); index now {} blocks",
+        ix.block_count()
+    );
+    println!(
+        "throughput: {:.2} M ops/s in the indexer ({:.3} s), {:.2} M ops/s wall with the simulation ({:.3} s)",
+        ops as f64 / in_indexer.as_secs_f64() / 1e6,
+        in_indexer.as_secs_f64(),
+        ops as f64 / wall.as_secs_f64() / 1e6,
+        wall.as_secs_f64()
+    );
+    println!(
+        "find_matches: p50 {:.2} µs, p99 {:.2} µs, p99.9 {:.2} µs, max {:.2} µs; prefix hit {:.1}% of blocks",
+        percentile(&find_ns, 0.50),
+        percentile(&find_ns, 0.99),
+        percentile(&find_ns, 0.999),
+        percentile(&find_ns, 1.0),
+        100.0 * hit_blocks as f64 / prompt_blocks.max(1) as f64
+    );
+    println!(
+        "split: find_matches {:.3} s ({:.2} M/s), events {:.3} s ({:.2} M events/s, {:.1} M block ops/s)",
+        (in_indexer - in_events).as_secs_f64(),
+        finds as f64 / (in_indexer - in_events).as_secs_f64() / 1e6,
+        in_events.as_secs_f64(),
+        events as f64 / in_events.as_secs_f64() / 1e6,
+        (stored_blocks + evicted_blocks) as f64 / in_events.as_secs_f64() / 1e6
+    );
+    handle_ingest(&event_log)?;
+    Ok(())
+}
+
+/// The host's entry point: the same events through `KvRouterHandle::apply_event` (one
+/// mutex per event), single-threaded.
+fn handle_ingest(log: &[KvEvent]) -> Result<(), Box<dyn Error>> {
+    let handle = KvRouterHandle::new(KvMode::Events, KvConfig::default())?;
+    let t = Instant::now();
+    for e in log {
+        handle.apply_event(e.clone());
+    }
+    let took = t.elapsed();
+    println!(
+        "KvRouterHandle::apply_event: {} events in {:.3} s, {:.2} M events/s (clone included)",
+        log.len(),
+        took.as_secs_f64(),
+        log.len() as f64 / took.as_secs_f64() / 1e6
+    );
+    Ok(())
+}
