@@ -1,4 +1,5 @@
-//! The router's per-request span carries the chosen instance and the routing overhead.
+//! The router's per-request span carries the chosen instance and the routing overhead, and
+//! for a KV router the prompt's blocks and how many of them the chosen worker holds.
 //!
 //! In its own test binary: a scoped subscriber shares tracing's per-callsite interest cache
 //! with every thread of the process, so other tests hitting the same span concurrently
@@ -9,8 +10,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use dynamo_protocol::{TokenDelta, TokenRequest};
-use dynamo_router::{RouterMode, RouterService};
+use dynamo_protocol::{block_hashes, KvEvent, KvEventData, StoredBlock, TokenDelta, TokenRequest};
+use dynamo_router::{KvConfig, KvMode, RouterMode, RouterService};
 use dynamo_runtime::{
     error_stream, InstanceSet, RequestContext, ResponseStream, ServeError, Service,
 };
@@ -18,6 +19,7 @@ use futures::StreamExt;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
+use tracing_core::span::Current;
 
 /// A worker that is gone: every call fails with `Unavailable` before any item.
 struct Dead;
@@ -46,10 +48,16 @@ fn request() -> TokenRequest {
 
 type Fields = BTreeMap<String, String>;
 
+thread_local! {
+    /// The spans this thread is in, innermost last.
+    static ENTERED: std::cell::RefCell<Vec<Id>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Keeps the fields of every span opened while it is the default subscriber.
 #[derive(Clone, Default)]
 struct Recorder {
     spans: Arc<Mutex<Vec<(&'static str, Fields)>>>,
+    metas: Arc<Mutex<Vec<&'static Metadata<'static>>>>,
     next: Arc<AtomicU64>,
 }
 
@@ -73,6 +81,9 @@ impl Subscriber for Recorder {
         span.record(&mut Collect(&mut fields));
         if let Ok(mut spans) = self.spans.lock() {
             spans.push((span.metadata().name(), fields));
+            if let Ok(mut metas) = self.metas.lock() {
+                metas.push(span.metadata());
+            }
         }
         Id::from_u64(self.next.fetch_add(1, Ordering::SeqCst) + 1)
     }
@@ -86,8 +97,24 @@ impl Subscriber for Recorder {
     }
     fn record_follows_from(&self, _: &Id, _: &Id) {}
     fn event(&self, _: &Event<'_>) {}
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
+    // `Span::current()` (used by the KV policy to record its fields) needs these.
+    fn enter(&self, span: &Id) {
+        ENTERED.with(|e| e.borrow_mut().push(span.clone()));
+    }
+    fn exit(&self, _: &Id) {
+        ENTERED.with(|e| e.borrow_mut().pop());
+    }
+    fn current_span(&self) -> Current {
+        let top = ENTERED.with(|e| e.borrow().last().cloned());
+        let meta = top.as_ref().and_then(|id| {
+            let metas = self.metas.lock().ok()?;
+            metas.get(id.into_u64() as usize - 1).copied()
+        });
+        match (top, meta) {
+            (Some(id), Some(meta)) => Current::new(id, meta),
+            _ => Current::none(),
+        }
+    }
 }
 
 #[test]
@@ -96,6 +123,27 @@ fn each_request_has_a_span_with_its_instance_and_overhead() {
     set.add(1, Arc::new(Dead));
     set.add(2, Arc::new(Alive));
     let router = RouterService::new(RouterMode::RoundRobin, set).named("r9");
+    let kv_set = Arc::new(InstanceSet::new("decode"));
+    kv_set.add(5, Arc::new(Alive));
+    kv_set.add(6, Arc::new(Alive));
+    let config = KvConfig {
+        block_size: 2,
+        ..KvConfig::default()
+    };
+    let kv_router = RouterService::with_kv(KvMode::Events, config, kv_set).expect("valid");
+    let held: Vec<StoredBlock> = block_hashes(&[1, 2, 3, 4], 2, config.hash_seed)
+        .into_iter()
+        .map(|hash| StoredBlock { hash })
+        .collect();
+    let event = KvEvent {
+        worker_id: 6,
+        event_id: 0,
+        data: KvEventData::Stored {
+            parent: None,
+            blocks: held,
+        },
+    };
+    kv_router.kv_handle().map(|h| h.apply_event(event));
     let recorder = Recorder::default();
     tracing::subscriber::with_default(recorder.clone(), || {
         for id in ["retried", "direct"] {
@@ -105,6 +153,16 @@ fn each_request_has_a_span_with_its_instance_and_overhead() {
             assert!(items.iter().all(Result::is_ok), "{items:?}");
             assert_eq!(items.len(), 1);
         }
+        let kv_request = TokenRequest {
+            token_ids: vec![1, 2, 3, 4, 5, 6, 7],
+            ..request()
+        };
+        let items: Vec<_> = futures::executor::block_on(
+            kv_router
+                .call(kv_request, RequestContext::new("kv"))
+                .collect(),
+        );
+        assert_eq!(items.len(), 1);
     });
     let spans: Vec<Fields> = recorder
         .spans
@@ -116,7 +174,7 @@ fn each_request_has_a_span_with_its_instance_and_overhead() {
                 .collect()
         })
         .unwrap_or_default();
-    assert_eq!(spans.len(), 2, "{spans:?}");
+    assert_eq!(spans.len(), 3, "{spans:?}");
     let get = |span: &Fields, key: &str| span.get(key).cloned();
     for (span, id) in spans.iter().zip(["retried", "direct"]) {
         assert_eq!(get(span, "router").as_deref(), Some("r9"));
@@ -127,4 +185,9 @@ fn each_request_has_a_span_with_its_instance_and_overhead() {
     }
     assert_eq!(get(&spans[0], "retried_from").as_deref(), Some("1"));
     assert_eq!(get(&spans[1], "retried_from"), None);
+    assert_eq!(get(&spans[1], "overlap_blocks"), None, "not a KV router");
+    // Worker 6 holds the first two of the three full blocks.
+    assert_eq!(get(&spans[2], "instance").as_deref(), Some("6"));
+    assert_eq!(get(&spans[2], "overlap_blocks").as_deref(), Some("2"));
+    assert_eq!(get(&spans[2], "prompt_blocks").as_deref(), Some("3"));
 }
