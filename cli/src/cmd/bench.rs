@@ -11,11 +11,15 @@ pub enum BenchCommand {
     /// Load an OpenAI-compatible server: a running one (`--url`), or a graph this command
     /// starts itself (`--graph`), measuring the CPU of its non-engine processes.
     Serve(Box<crate::cmd::bench_serve::Args>),
+    /// Replay a Mooncake trace (`../shared/data/mooncake_*.jsonl`) on the trace's schedule,
+    /// scaled; report TTFT/ITL/E2E, throughput, errors and the KV hit rate.
+    Replay(Box<crate::cmd::replay::Args>),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Graph(a) => crate::cmd::bench_graph::run(a),
         BenchCommand::Serve(a) => crate::cmd::bench_serve::run(*a),
+        BenchCommand::Replay(a) => crate::cmd::replay::run(*a),
     }
 }

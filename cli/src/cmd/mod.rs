@@ -5,4 +5,6 @@ pub mod chat;
 pub mod graph;
 pub mod model;
 pub mod node;
+pub mod replay;
+pub mod started_graph;
 pub mod up;
