@@ -18,6 +18,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::error::Error;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dynamo_protocol::{KvEvent, KvEventData, StoredBlock};
@@ -245,13 +246,17 @@ fn run() -> Result<(), Box<dyn Error>> {
         events as f64 / in_events.as_secs_f64() / 1e6,
         (stored_blocks + evicted_blocks) as f64 / in_events.as_secs_f64() / 1e6
     );
-    handle_ingest(&event_log)?;
+    let first_pass: Vec<Vec<u64>> = (trace.iter())
+        .map(|ids| ids.iter().map(|&id| mix(id)).collect())
+        .collect();
+    handle_ingest(&event_log, &first_pass)?;
     Ok(())
 }
 
 /// The host's entry point: the same events through `KvRouterHandle::apply_event` (one
-/// mutex per event), single-threaded.
-fn handle_ingest(log: &[KvEvent]) -> Result<(), Box<dyn Error>> {
+/// mutex per event), first alone, then with a second thread routing (find_matches through
+/// the same mutex) as fast as it can, to show what contention costs each side.
+fn handle_ingest(log: &[KvEvent], requests: &[Vec<u64>]) -> Result<(), Box<dyn Error>> {
     let handle = KvRouterHandle::new(KvMode::Events, KvConfig::default())?;
     let t = Instant::now();
     for e in log {
@@ -259,10 +264,43 @@ fn handle_ingest(log: &[KvEvent]) -> Result<(), Box<dyn Error>> {
     }
     let took = t.elapsed();
     println!(
-        "KvRouterHandle::apply_event: {} events in {:.3} s, {:.2} M events/s (clone included)",
+        "KvRouterHandle::apply_event alone: {} events in {:.3} s, {:.2} M events/s (clone included)",
         log.len(),
         took.as_secs_f64(),
         log.len() as f64 / took.as_secs_f64() / 1e6
+    );
+
+    let handle = KvRouterHandle::new(KvMode::Events, KvConfig::default())?;
+    let stop = AtomicBool::new(false);
+    let (took, mut lat) = std::thread::scope(|s| {
+        let router = s.spawn(|| {
+            let mut lat = Vec::new();
+            for hashes in requests.iter().cycle() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let t = Instant::now();
+                std::hint::black_box(handle.find_matches(hashes).max());
+                lat.push(t.elapsed().as_nanos() as u64);
+            }
+            lat
+        });
+        let t = Instant::now();
+        for e in log {
+            handle.apply_event(e.clone());
+        }
+        let took = t.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        (took, router.join().unwrap_or_default())
+    });
+    lat.sort_unstable();
+    println!(
+        "with a routing thread: {:.2} M events/s; {} find_matches meanwhile ({:.2} M/s), p50 {:.2} µs, p99 {:.2} µs (lock wait included)",
+        log.len() as f64 / took.as_secs_f64() / 1e6,
+        lat.len(),
+        lat.len() as f64 / took.as_secs_f64() / 1e6,
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99)
     );
     Ok(())
 }

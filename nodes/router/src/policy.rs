@@ -1,9 +1,10 @@
 //! How a router picks one instance among the live ones: the [`Policy`] seam, and the
 //! policies that need nothing but the instances' load counters.
 //!
-//! A policy is a pure, synchronous choice: it reads atomics and returns an id. It takes no
-//! lock and allocates nothing; the router calls it once per request (twice on a retry).
-//! KV-aware policies will implement the same trait and read the request's token ids.
+//! A policy is a synchronous choice: these read atomics and return an id, taking no lock
+//! and allocating nothing; the router calls [`Policy::route`] once per request. The
+//! KV-aware policy ([`crate::kv`]) implements the same trait, reads the request's token ids
+//! and follows each request through a [`RequestTracker`].
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 

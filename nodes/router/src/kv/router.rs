@@ -107,7 +107,11 @@ impl KvRouterHandle {
     /// [`EventOutcome::NeedsResync`] fetch the worker's snapshot and pass it to
     /// [`KvRouterHandle::apply_snapshot`]; events keep being accepted meanwhile.
     pub fn apply_event(&self, event: KvEvent) -> EventOutcome {
-        let outcome = self.shared.state.lock().indexer.apply(&event);
+        let mut state = self.shared.state.lock();
+        let outcome = state.indexer.apply(&event);
+        // Hand the lock to a waiting router rather than take it straight back for the next
+        // event: a burst of events must not hold routing up.
+        parking_lot::MutexGuard::unlock_fair(state);
         let c = &self.shared.counters;
         match outcome {
             EventOutcome::Applied => c.event(),
@@ -155,11 +159,15 @@ impl KvRouterHandle {
     /// How many leading blocks of `token_ids` each worker holds now.
     pub fn overlaps(&self, token_ids: &[u32]) -> OverlapScores {
         let c = &self.shared.config;
-        let hashes = block_hashes(token_ids, c.block_size, c.hash_seed);
+        self.find_matches(&block_hashes(token_ids, c.block_size, c.hash_seed))
+    }
+
+    /// How many leading blocks of a block-hash chain each worker holds now.
+    pub fn find_matches(&self, hashes: &[BlockHash]) -> OverlapScores {
         let now = self.shared.now_ms();
         let mut state = self.shared.state.lock();
         state.indexer.expire(now);
-        state.indexer.find_matches(&hashes)
+        state.indexer.find_matches(hashes)
     }
 
     /// The counters, for metrics.
