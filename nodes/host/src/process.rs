@@ -76,6 +76,45 @@ impl Ctx<'_> {
             .clone()
     }
 
+    /// A client for `port` of replica `target`, reached by `transport`: the local service
+    /// for in-process links, the target process's socket for socket links.
+    fn link_client<Req: Message, Resp: Message>(
+        &mut self,
+        target: &ReplicaId,
+        port: &str,
+        transport: Transport,
+        edge: String,
+        local: &Local<Req, Resp>,
+    ) -> Result<Arc<dyn Service<Req, Resp>>, ProcessError> {
+        let ep = endpoint(target, port);
+        match transport {
+            Transport::InProcess => {
+                let svc = local
+                    .services
+                    .get(&ep)
+                    .cloned()
+                    .ok_or(ProcessError::MissingLocal { edge, endpoint: ep })?;
+                Ok(InProcessClient::new(svc).into_service())
+            }
+            Transport::Socket => {
+                let process = self
+                    .plan
+                    .replica(target)
+                    .map(|r| r.process.clone())
+                    .unwrap_or_default();
+                Ok(self.client(&process).endpoint::<Req, Resp>(&ep))
+            }
+            other => Err(ProcessError::Transport {
+                edge,
+                transport: other.as_str(),
+                issue: match other {
+                    Transport::Nats => "NATS across machines is issue #6",
+                    _ => "the KV data plane is issue #8",
+                },
+            }),
+        }
+    }
+
     /// The instances behind `replica`'s output `port`, one per link of every call edge
     /// leaving it, each reached by the link's transport.
     fn outputs<Req: Message, Resp: Message>(
@@ -94,47 +133,19 @@ impl Ctx<'_> {
                     node: edge.to.node.clone(),
                     index: link.to,
                 };
-                let ep = endpoint(&target, &edge.to.port);
-                let name = format!("{} -> {}", edge.from, edge.to);
-                let client: Arc<dyn Service<Req, Resp>> = match link.transport {
-                    Transport::InProcess => {
-                        let svc = local.services.get(&ep).cloned().ok_or_else(|| {
-                            ProcessError::MissingLocal {
-                                edge: name.clone(),
-                                endpoint: ep.clone(),
-                            }
-                        })?;
-                        InProcessClient::new(svc).into_service()
-                    }
-                    Transport::Socket => {
-                        let process = plan
-                            .replica(&target)
-                            .map(|r| r.process.clone())
-                            .unwrap_or_default();
-                        self.client(&process).endpoint::<Req, Resp>(&ep)
-                    }
-                    other => {
-                        return Err(ProcessError::Transport {
-                            edge: name,
-                            transport: other.as_str(),
-                            issue: match other {
-                                Transport::Nats => "NATS across machines is issue #6",
-                                _ => "the KV data plane is issue #8",
-                            },
-                        })
-                    }
-                };
+                let client = self.link_client(
+                    &target,
+                    &edge.to.port,
+                    link.transport,
+                    format!("{} -> {}", edge.from, edge.to),
+                    local,
+                )?;
                 set.add(instance_id(&target), client);
             }
         }
         Ok(Arc::new(set))
     }
-}
 
-/// A producer on a feedback edge: its instance id and the client that subscribes to it.
-type Source<Req, Resp> = (u64, Arc<dyn Service<Req, Resp>>);
-
-impl Ctx<'_> {
     /// The producers feeding `replica`'s feedback input `port` (a router's `events`): one
     /// client per link, reaching the producer's port of the same name, by the link's
     /// transport. The consumer subscribes; the producer streams.
@@ -154,39 +165,22 @@ impl Ctx<'_> {
                     node: edge.from.node.clone(),
                     index: link.from,
                 };
-                let ep = endpoint(&source, &edge.from.port);
-                let name = format!("{} ~> {}", edge.from, edge.to);
-                let client: Arc<dyn Service<Req, Resp>> = match link.transport {
-                    Transport::InProcess => {
-                        let svc = local.services.get(&ep).cloned().ok_or_else(|| {
-                            ProcessError::MissingLocal {
-                                edge: name.clone(),
-                                endpoint: ep.clone(),
-                            }
-                        })?;
-                        InProcessClient::new(svc).into_service()
-                    }
-                    Transport::Socket => {
-                        let process = plan
-                            .replica(&source)
-                            .map(|r| r.process.clone())
-                            .unwrap_or_default();
-                        self.client(&process).endpoint::<Req, Resp>(&ep)
-                    }
-                    other => {
-                        return Err(ProcessError::Transport {
-                            edge: name,
-                            transport: other.as_str(),
-                            issue: "NATS across machines is issue #6",
-                        })
-                    }
-                };
+                let client = self.link_client(
+                    &source,
+                    &edge.from.port,
+                    link.transport,
+                    format!("{} ~> {}", edge.from, edge.to),
+                    local,
+                )?;
                 out.push((instance_id(&source), client));
             }
         }
         Ok(out)
     }
 }
+
+/// A producer on a feedback edge: its instance id and the client that subscribes to it.
+type Source<Req, Resp> = (u64, Arc<dyn Service<Req, Resp>>);
 
 /// The block size of the engines a router's `out` port reaches (validation made them agree).
 fn worker_block_size(plan: &Plan, router: &str) -> Option<usize> {
