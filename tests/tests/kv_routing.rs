@@ -108,3 +108,73 @@ async fn shared_prefixes_land_on_the_worker_that_holds_them() {
         "the router applied the workers' KV events"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_is_forgotten_by_the_index_not_silently_trusted() {
+    assert!(
+        model_cached(),
+        "the SmolLM2 model is not cached: run scripts/setup-tests.sh"
+    );
+    let g = Graph::up(
+        &workspace().join("graphs/agg_router.toml"),
+        &["worker.speedup=inf"],
+    );
+    let client = reqwest::Client::new();
+    let doc: String = (0..200)
+        .map(|w| format!("restartword{w}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    complete(&client, &g.url, &format!("{doc} first")).await;
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    complete(&client, &g.url, &format!("{doc} second")).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let m = metrics(&client, &g.url).await;
+    assert!(
+        total(&m, "dynamo_router_kv_hit_blocks_total") > 0.0,
+        "the second request hit the cache"
+    );
+    // Find the worker that holds the document and kill it.
+    let holder = by_replica(&m, "dynamo_engine_prompt_tokens_total")
+        .into_iter()
+        .find(|(_, v)| *v > 0.0)
+        .map(|(r, _)| r)
+        .expect("a worker served the document");
+    let pid = g
+        .process_pid(&format!("worker-{holder}"))
+        .expect("its process");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    // Wait (bounded) until it is back and the router has its fresh, empty snapshot.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let back = g
+            .process_pid(&format!("worker-{holder}"))
+            .is_some_and(|p| p != pid);
+        if back {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker-{holder} was not restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = total(
+        &metrics(&client, &g.url).await,
+        "dynamo_router_kv_hit_blocks_total",
+    );
+    complete(&client, &g.url, &format!("{doc} third")).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let after = total(
+        &metrics(&client, &g.url).await,
+        "dynamo_router_kv_hit_blocks_total",
+    );
+    assert_eq!(
+        after - before,
+        0.0,
+        "the router still believed the restarted worker held the document"
+    );
+}
