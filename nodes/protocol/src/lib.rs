@@ -10,9 +10,11 @@
 //! | `kv.events/v1`        | [`KvEvent`] (feedback, one-way)       |
 
 pub mod chat;
+pub mod disagg;
 pub mod kv;
 pub mod tokens;
 
+pub use disagg::{KvLayout, KvTransfer, KvTransferAck, PrefillRequest, PrefillResult};
 pub use chat::{ChatMessage, ChatRequest, FinishReason, Prompt, TextDelta, Usage};
 pub use kv::{
     block_hashes, BlockHash, KvEvent, KvEventData, KvStreamItem, KvSubscribe, StoredBlock,

@@ -1,0 +1,76 @@
+//! Disaggregated serving: a prefill worker computes a prompt's KV cache and hands the
+//! blocks to the decode worker the router chose, which then streams the tokens.
+//!
+//! - `router.prefill -> prefill.in` (`llm.tokens/v1`, unary): [`PrefillRequest`] →
+//!   [`PrefillResult`], once the blocks are on the decode worker.
+//! - `prefill.kv -> decode.kv` (`kv.blocks/v1`, unary): [`KvTransfer`] → [`KvTransferAck`],
+//!   one call per chunk of blocks.
+//! - `router.decode -> decode.in`: the usual [`crate::TokenRequest`]. The handed-over
+//!   blocks are in the decode worker's prefix cache under their chained hashes, so its
+//!   ordinary prefix matching finds them; nothing else has to name them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kv::BlockHash;
+use crate::tokens::TokenRequest;
+
+/// The shape of one KV block in memory, which fixes its size in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvLayout {
+    pub layers: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    /// Bytes per element (2 for f16).
+    pub dtype_bytes: u32,
+    pub block_size: u32,
+}
+
+impl KvLayout {
+    /// Keys and values of every layer for one token.
+    pub fn bytes_per_token(&self) -> u64 {
+        2 * u64::from(self.layers) * u64::from(self.kv_heads) * u64::from(self.head_dim) * u64::from(self.dtype_bytes)
+    }
+
+    pub fn bytes_per_block(&self) -> u64 {
+        self.bytes_per_token() * u64::from(self.block_size)
+    }
+}
+
+/// Prefill `request`'s prompt and hand its KV blocks to decode instance `decode_instance`
+/// under `handoff_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrefillRequest {
+    pub request: TokenRequest,
+    pub handoff_id: String,
+    pub decode_instance: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefillResult {
+    pub prompt_tokens: u32,
+    /// Prompt tokens the prefill worker found in its own prefix cache.
+    pub cached_tokens: u32,
+    /// Blocks handed to the decode worker, and their bytes.
+    pub blocks: u32,
+    pub bytes: u64,
+}
+
+/// A chunk of KV blocks on its way from a prefill worker to a decode worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvTransfer {
+    pub handoff_id: String,
+    /// The hashes of the blocks in this chunk, in chain order.
+    pub hashes: Vec<BlockHash>,
+    /// Their bytes, `layout.bytes_per_block()` per block, back to back.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    pub layout: KvLayout,
+    /// The last chunk of this hand-off.
+    pub last: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvTransferAck {
+    /// Blocks the decode worker now holds for this hand-off.
+    pub blocks: u32,
+}
