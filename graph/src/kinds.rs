@@ -233,6 +233,18 @@ const ROUTER_SETTINGS: &[Field] = &[
         Some("\"120s\""),
         "kv-approx: how long a routing decision is assumed cached",
     ),
+    Field::opt(
+        "prefill_threshold",
+        NON_NEGATIVE,
+        Some("0"),
+        "disaggregated: prompts shorter than this many tokens are prefilled on the decode worker itself",
+    ),
+    Field::opt(
+        "enforce_disagg",
+        Ty::Bool,
+        Some("false"),
+        "disaggregated: fail requests when no prefill worker is live instead of serving them on a decode worker alone",
+    ),
 ];
 
 const ENGINE_SETTINGS: &[Field] = &[

@@ -265,6 +265,21 @@ fn engine_settings(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
                 }
             }
         }
+        let disaggregated = r
+            .edges
+            .iter()
+            .any(|e| e.from.node == i && e.from.port.name == "decode");
+        if kind.name == "router" && !disaggregated {
+            for key in ["prefill_threshold", "enforce_disagg"] {
+                if let Some(span) = node.setting_span(key) {
+                    diags.push(
+                        Diagnostic::at(Code::W0002, span, format!("`{key}` only applies to a router with a `decode` output"))
+                            .label("ignored")
+                            .help("connect `router.prefill` and `router.decode` for disaggregated serving, or remove it"),
+                    );
+                }
+            }
+        }
         if kind.name == "router" && node.setting_str("mode") != Some("kv-approx") {
             if let Some(span) = node.setting_span("ttl") {
                 diags.push(
