@@ -89,6 +89,7 @@
 //! # Ok::<(), dynamo_router::KvConfigError>(())
 //! ```
 
+pub mod disagg;
 pub mod kv;
 pub mod mode;
 pub mod policy;
@@ -101,6 +102,7 @@ mod service_tests;
 #[cfg(test)]
 mod test_fakes;
 
+pub use disagg::{DisaggConfig, DisaggMetrics, DisaggRouter};
 pub use kv::{EventOutcome, KvConfig, KvConfigError, KvMetrics, KvMode, KvRouterHandle};
 pub use mode::{ModeError, RouterMode};
 pub use policy::{InstanceLoad, LeastLoaded, Policy, Random, RequestTracker, RoundRobin, Routed};

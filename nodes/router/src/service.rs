@@ -11,8 +11,8 @@ use dynamo_runtime::{
 use crate::kv::{KvConfig, KvConfigError, KvMode, KvRouterHandle};
 use crate::mode::RouterMode;
 use crate::policy::Policy;
-use crate::stream::{Attempt, Retry, RoutedStream};
-use crate::table::Loads;
+use crate::stream::{Attempt, LoadGuard, Retry, RoutedStream};
+use crate::table::{Loads, Pick};
 
 /// Chooses one live instance of its output port for each request and returns that
 /// instance's response stream.
@@ -110,6 +110,10 @@ impl RouterService {
         &self.shared.name
     }
 
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// `(instance id, requests in flight, requests ever routed)` per instance, sorted by
     /// id: every live instance, and gone ones whose streams are still open.
     pub fn stats(&self) -> Vec<(InstanceId, u64, u64)> {
@@ -151,7 +155,7 @@ impl Service<TokenRequest, TokenDelta> for RouterService {
         let started = (!span.is_disabled()).then(Instant::now);
         let entered = span.enter();
         let shared = &self.shared;
-        let Some(mut pick) = shared
+        let Some(pick) = shared
             .loads
             .pick(&shared.set, shared.policy.as_ref(), &request)
         else {
@@ -161,23 +165,39 @@ impl Service<TokenRequest, TokenDelta> for RouterService {
                 shared.name
             )));
         };
-        // Copy the request before the worker consumes it, only if a retry could go anywhere.
-        let copy = (shared.retry && pick.has_alternative).then(|| request.clone());
-        let failed = pick.id;
-        let tracker = pick.tracker.take();
-        span.record("instance", failed);
+        span.record("instance", pick.id);
         if let Some(started) = started {
             span.record("overhead_us", started.elapsed().as_micros() as u64);
         }
-        let attempt = Attempt::start(pick, request, &ctx);
-        let retry = copy.map(|request| Retry {
-            request,
-            ctx,
-            shared: shared.clone(),
-            failed,
-        });
-        let stream = RoutedStream::new(attempt, retry, span.clone(), tracker);
+        let load = LoadGuard::charge(pick.load.clone());
+        let stream = dispatch(shared, pick, load, request, ctx, span.clone());
         drop(entered);
-        Box::pin(stream)
+        stream
     }
+}
+
+/// Calls `pick`, whose slot `load` already holds, and wraps its stream: in-flight release,
+/// cancel on drop, one retry elsewhere if the worker is found dead before its first item,
+/// and the policy's tracker. Shared by [`RouterService`] and the disaggregated router's
+/// decode step.
+pub(crate) fn dispatch(
+    shared: &Arc<Shared>,
+    mut pick: Pick,
+    load: LoadGuard,
+    request: TokenRequest,
+    ctx: RequestContext,
+    span: tracing::Span,
+) -> ResponseStream<TokenDelta> {
+    // Copy the request before the worker consumes it, only if a retry could go anywhere.
+    let copy = (shared.retry && pick.has_alternative).then(|| request.clone());
+    let failed = pick.id;
+    let tracker = pick.tracker.take();
+    let attempt = Attempt::charged(&pick.client, load, request, &ctx);
+    let retry = copy.map(|request| Retry {
+        request,
+        ctx,
+        shared: shared.clone(),
+        failed,
+    });
+    Box::pin(RoutedStream::new(attempt, retry, span, tracker))
 }

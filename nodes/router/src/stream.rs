@@ -14,13 +14,13 @@ use tokio_util::sync::DropGuard;
 
 use crate::policy::{InstanceLoad, RequestTracker};
 use crate::service::Shared;
-use crate::table::Pick;
+use crate::table::{Client, Pick};
 
 /// Holds one in-flight slot of an instance; gives it back on drop.
-struct LoadGuard(Arc<InstanceLoad>);
+pub(crate) struct LoadGuard(Arc<InstanceLoad>);
 
 impl LoadGuard {
-    fn charge(load: Arc<InstanceLoad>) -> Self {
+    pub(crate) fn charge(load: Arc<InstanceLoad>) -> Self {
         load.start();
         LoadGuard(load)
     }
@@ -44,11 +44,21 @@ pub(crate) struct Attempt {
 impl Attempt {
     /// Charges the instance and calls it on a child of `ctx`.
     pub(crate) fn start(pick: Pick, request: TokenRequest, ctx: &RequestContext) -> Self {
-        let load = LoadGuard::charge(pick.load);
+        Self::charged(&pick.client, LoadGuard::charge(pick.load), request, ctx)
+    }
+
+    /// Calls an instance whose slot is already held (reserved before a prefill) on a
+    /// child of `ctx`.
+    pub(crate) fn charged(
+        client: &Client<TokenRequest, TokenDelta>,
+        load: LoadGuard,
+        request: TokenRequest,
+        ctx: &RequestContext,
+    ) -> Self {
         let child = ctx.child();
         let cancel = child.drop_guard();
         Attempt {
-            stream: pick.client.call(request, child),
+            stream: client.call(request, child),
             cancel,
             _load: load,
         }

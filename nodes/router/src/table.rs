@@ -11,14 +11,17 @@ use dynamo_runtime::{Instance, InstanceId, InstanceSet, Service};
 
 use crate::policy::{InstanceLoad, Policy, RequestTracker, Routed};
 
-pub(crate) type Instances = Arc<Vec<Instance<TokenRequest, TokenDelta>>>;
-pub(crate) type Client = Arc<dyn Service<TokenRequest, TokenDelta>>;
+pub(crate) type Instances<Req, Resp> = Arc<Vec<Instance<Req, Resp>>>;
+pub(crate) type Client<Req, Resp> = Arc<dyn Service<Req, Resp>>;
+
+/// A snapshot of the instance set and the counter table aligned with it.
+type Current<Req, Resp> = (Instances<Req, Resp>, Guard<Arc<LoadTable<Req, Resp>>>);
 
 /// The counters for one version of the instance set.
-struct LoadTable {
+struct LoadTable<Req, Resp> {
     /// The snapshot `live` is aligned with. Weak, so the table keeps no client alive; it
     /// still pins the allocation, so the address cannot be reused by a later snapshot.
-    source: Weak<Vec<Instance<TokenRequest, TokenDelta>>>,
+    source: Weak<Vec<Instance<Req, Resp>>>,
     /// One entry per instance of `source`, same order (sorted by id).
     live: Vec<Arc<InstanceLoad>>,
     /// Instances gone from the set whose streams were still open at the last rebuild; kept
@@ -27,9 +30,9 @@ struct LoadTable {
 }
 
 /// One routing decision: the instance to call and the counters to charge.
-pub(crate) struct Pick {
+pub(crate) struct Pick<Req = TokenRequest, Resp = TokenDelta> {
     pub id: InstanceId,
-    pub client: Client,
+    pub client: Client<Req, Resp>,
     pub load: Arc<InstanceLoad>,
     /// Whether another instance was live, i.e. whether a retry could go anywhere.
     pub has_alternative: bool,
@@ -37,12 +40,15 @@ pub(crate) struct Pick {
     pub tracker: Option<Box<dyn RequestTracker>>,
 }
 
-pub(crate) struct Loads {
-    table: ArcSwap<LoadTable>,
+/// The load counters of one output port's instances. Generic over the port's messages so
+/// the decode and prefill ports of a disaggregated router share the same accounting; the
+/// policy always sees the [`TokenRequest`] being served.
+pub(crate) struct Loads<Req = TokenRequest, Resp = TokenDelta> {
+    table: ArcSwap<LoadTable<Req, Resp>>,
     rebuild: Mutex<()>,
 }
 
-impl Loads {
+impl<Req: Send + 'static, Resp: Send + 'static> Loads<Req, Resp> {
     pub fn new() -> Self {
         Loads {
             table: ArcSwap::from_pointee(LoadTable {
@@ -57,10 +63,10 @@ impl Loads {
     /// Asks `policy` for one of the live instances; `None` if there is none.
     pub fn pick(
         &self,
-        set: &InstanceSet<TokenRequest, TokenDelta>,
+        set: &InstanceSet<Req, Resp>,
         policy: &dyn Policy,
         request: &TokenRequest,
-    ) -> Option<Pick> {
+    ) -> Option<Pick<Req, Resp>> {
         let (instances, table) = self.current(set);
         let candidates: &[Arc<InstanceLoad>] = &table.live;
         if candidates.is_empty() {
@@ -90,9 +96,9 @@ impl Loads {
     /// two instances, that would send every first attempt to the dead one).
     pub fn pick_other(
         &self,
-        set: &InstanceSet<TokenRequest, TokenDelta>,
+        set: &InstanceSet<Req, Resp>,
         failed: InstanceId,
-    ) -> Option<Pick> {
+    ) -> Option<Pick<Req, Resp>> {
         let (instances, table) = self.current(set);
         let candidates: &[Arc<InstanceLoad>] = &table.live;
         let after = candidates.partition_point(|c| c.id() <= failed);
@@ -110,10 +116,7 @@ impl Loads {
 
     /// `(id, in_flight, routed)` for every live instance, and for gone ones whose streams
     /// are still open, sorted by id.
-    pub fn stats(
-        &self,
-        set: &InstanceSet<TokenRequest, TokenDelta>,
-    ) -> Vec<(InstanceId, u64, u64)> {
+    pub fn stats(&self, set: &InstanceSet<Req, Resp>) -> Vec<(InstanceId, u64, u64)> {
         let (_, table) = self.current(set);
         let mut out: Vec<_> = table
             .live
@@ -126,10 +129,7 @@ impl Loads {
     }
 
     /// The set's instances now and the table aligned with them.
-    fn current(
-        &self,
-        set: &InstanceSet<TokenRequest, TokenDelta>,
-    ) -> (Instances, Guard<Arc<LoadTable>>) {
+    fn current(&self, set: &InstanceSet<Req, Resp>) -> Current<Req, Resp> {
         let instances = set.snapshot();
         let table = self.table.load();
         if std::ptr::eq(table.source.as_ptr(), Arc::as_ptr(&instances)) {
@@ -140,10 +140,7 @@ impl Loads {
     }
 
     #[cold]
-    fn rebuild(
-        &self,
-        set: &InstanceSet<TokenRequest, TokenDelta>,
-    ) -> (Instances, Guard<Arc<LoadTable>>) {
+    fn rebuild(&self, set: &InstanceSet<Req, Resp>) -> Current<Req, Resp> {
         let _only_one = self.rebuild.lock().unwrap_or_else(PoisonError::into_inner);
         // Always move to the set's newest state, never back to an older snapshot a slow
         // caller may hold.
@@ -177,7 +174,11 @@ impl Loads {
     }
 }
 
-fn pick_at(instances: &Instances, candidates: &[Arc<InstanceLoad>], at: usize) -> Option<Pick> {
+fn pick_at<Req, Resp>(
+    instances: &Instances<Req, Resp>,
+    candidates: &[Arc<InstanceLoad>],
+    at: usize,
+) -> Option<Pick<Req, Resp>> {
     let instance = instances.get(at)?;
     Some(Pick {
         id: instance.id,

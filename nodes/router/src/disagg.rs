@@ -1,0 +1,274 @@
+//! Disaggregated prefill/decode: the router prefills a prompt on a prefill worker, which
+//! hands the prompt's KV blocks to the decode worker the router chose, then streams the
+//! decode worker's answer.
+//!
+//! ```text
+//!            ┌─ choose D (decode policy, least-loaded by default; D's slot held from here)
+//! request ──▶┤  prompt < prefill_threshold ──────────────────────────────▶ D (local prefill)
+//!            └─ choose P (prefill policy) ─▶ P: PrefillRequest{handoff_id = request id,
+//!                 │ Unavailable: one other P      decode_instance = D} ─▶ PrefillResult
+//!                 │ none live / all gone: D alone (fallback), or Unavailable if enforced
+//!                 └──────────────────────────────────────────────────────▶ D (prefix hit)
+//! ```
+//!
+//! Per-instance load accounting, the decode retry and cancel-on-drop are the ones of
+//! [`RouterService`]: the decode side *is* a `RouterService`, and the prefill side keeps
+//! the same load table over the prefill workers.
+//!
+//! ```
+//! use std::sync::Arc;
+//!
+//! use dynamo_protocol::{PrefillRequest, PrefillResult, TokenDelta, TokenRequest};
+//! use dynamo_router::{DisaggConfig, DisaggRouter, LeastLoaded, RoundRobin};
+//! use dynamo_runtime::InstanceSet;
+//!
+//! let prefill = Arc::new(InstanceSet::<PrefillRequest, PrefillResult>::new("prefill"));
+//! let decode = Arc::new(InstanceSet::<TokenRequest, TokenDelta>::new("decode"));
+//! let config = DisaggConfig { prefill_threshold: 64, enforce: false };
+//! let router = DisaggRouter::new(
+//!     config,
+//!     prefill,
+//!     Arc::new(RoundRobin::default()), // or a `KvRouterHandle::policy()` over the prefill workers
+//!     decode,
+//!     Arc::new(LeastLoaded::default()),
+//! )
+//! .named("router");
+//! let m = router.metrics(); // disagg_prefill_total = m.prefill_total, …
+//! assert_eq!(m.requests_total, 0);
+//! ```
+
+mod metrics;
+mod prefill;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dynamo_protocol::{PrefillRequest, PrefillResult, TokenDelta, TokenRequest};
+use dynamo_runtime::{
+    error_stream, InstanceId, InstanceSet, RequestContext, ResponseStream, ServeError, Service,
+};
+use futures::StreamExt;
+use tracing::Instrument;
+
+pub use metrics::{DisaggMetrics, PREFILL_LATENCY_BUCKETS_US};
+
+use crate::policy::Policy;
+use crate::service::{dispatch, RouterService};
+use crate::stream::LoadGuard;
+use metrics::Counters;
+use prefill::{Job, Outcome, PrefillPort};
+
+/// When a request is prefilled elsewhere.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DisaggConfig {
+    /// Prompts with fewer tokens than this are prefilled by the decode worker itself (the
+    /// conditional policy); 0 sends every prompt to a prefill worker.
+    pub prefill_threshold: usize,
+    /// When no prefill worker is live: fail the request with `Unavailable` instead of
+    /// falling back to aggregated serving on the decode worker.
+    pub enforce: bool,
+}
+
+/// The router of a disaggregated deployment: one input port, a `decode` and a `prefill`
+/// output port. Cheap to clone; clones share counters.
+#[derive(Clone)]
+pub struct DisaggRouter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: DisaggConfig,
+    /// Named like the disaggregated router; its load table is the decode workers'.
+    decode: RouterService,
+    prefill: PrefillPort,
+    counters: Counters,
+}
+
+impl DisaggRouter {
+    /// A router named `router` (see [`DisaggRouter::named`]). `prefill_policy` chooses among
+    /// the prefill workers (round-robin, or a [`crate::KvRouterHandle::policy`] fed with the
+    /// prefill workers' KV events); `decode_policy` among the decode workers
+    /// ([`crate::LeastLoaded`] is the usual one).
+    pub fn new(
+        config: DisaggConfig,
+        prefill: Arc<InstanceSet<PrefillRequest, PrefillResult>>,
+        prefill_policy: Arc<dyn Policy>,
+        decode: Arc<InstanceSet<TokenRequest, TokenDelta>>,
+        decode_policy: Arc<dyn Policy>,
+    ) -> Self {
+        DisaggRouter {
+            inner: Arc::new(Inner {
+                config,
+                decode: RouterService::with_policy(decode_policy, decode),
+                prefill: PrefillPort::new(prefill, prefill_policy),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The node name used in errors and spans. Settings are fixed once the router is
+    /// shared: naming a clone makes a fresh router (own load table and counters).
+    pub fn named(self, name: impl Into<String>) -> Self {
+        let inner = match Arc::try_unwrap(self.inner) {
+            Ok(inner) => inner,
+            Err(shared) => Inner {
+                config: shared.config,
+                decode: shared.decode.clone(),
+                prefill: PrefillPort::new(
+                    shared.prefill.set.clone(),
+                    shared.prefill.policy.clone(),
+                ),
+                counters: Counters::default(),
+            },
+        };
+        DisaggRouter {
+            inner: Arc::new(Inner {
+                decode: inner.decode.named(name),
+                ..inner
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.inner.decode.name()
+    }
+
+    pub fn config(&self) -> DisaggConfig {
+        self.inner.config
+    }
+
+    /// The per-request decisions and prefill latencies so far.
+    pub fn metrics(&self) -> DisaggMetrics {
+        self.inner.counters.snapshot()
+    }
+
+    /// `(instance id, requests in flight, requests ever routed)` per decode worker, sorted
+    /// by id. A request holds its decode worker's slot from the moment it is chosen,
+    /// prefill included.
+    pub fn decode_stats(&self) -> Vec<(InstanceId, u64, u64)> {
+        self.inner.decode.stats()
+    }
+
+    /// The same for the prefill workers (a prefill call is in flight until its result).
+    pub fn prefill_stats(&self) -> Vec<(InstanceId, u64, u64)> {
+        let p = &self.inner.prefill;
+        p.loads.stats(&p.set)
+    }
+}
+
+impl Service<TokenRequest, TokenDelta> for DisaggRouter {
+    fn call(&self, request: TokenRequest, ctx: RequestContext) -> ResponseStream<TokenDelta> {
+        let inner = &self.inner;
+        inner.counters.request();
+        let span = tracing::debug_span!(
+            "disagg_router",
+            router = %inner.decode.name(),
+            request_id = %ctx.request_id,
+            path = tracing::field::Empty,
+            decode_instance = tracing::field::Empty,
+            prefill_instance = tracing::field::Empty,
+            prefill_retried_from = tracing::field::Empty,
+            prefill_us = tracing::field::Empty,
+            instance = tracing::field::Empty,
+            retried_from = tracing::field::Empty,
+        );
+        let entered = span.enter();
+        let decode = inner.decode.shared();
+        let Some(pick) = decode
+            .loads
+            .pick(&decode.set, decode.policy.as_ref(), &request)
+        else {
+            tracing::debug!("no live decode worker");
+            inner.counters.rejected();
+            return error_stream(ServeError::unavailable(format!(
+                "router `{}` has no live decode worker",
+                inner.decode.name()
+            )));
+        };
+        span.record("decode_instance", pick.id);
+        // Held through the prefill, so concurrent requests see this decode worker busy.
+        let load = LoadGuard::charge(pick.load.clone());
+        if request.token_ids.len() < inner.config.prefill_threshold {
+            span.record("path", "local");
+            inner.counters.local();
+            let stream = dispatch(decode, pick, load, request, ctx, span.clone());
+            drop(entered);
+            return stream;
+        }
+        drop(entered);
+        let inner = self.inner.clone();
+        let step_span = span.clone();
+        let step = async move {
+            let mut unresolved = Unresolved(Some(&inner.counters));
+            let started = Instant::now();
+            let job = Job {
+                request: &request,
+                handoff_id: &ctx.request_id,
+                decode_instance: pick.id,
+                ctx: &ctx,
+                span: &span,
+            };
+            let outcome = inner.prefill.run(job, || inner.counters.retry()).await;
+            unresolved.0 = None;
+            let c = &inner.counters;
+            match outcome {
+                Outcome::Done { instance, result } => {
+                    let latency = started.elapsed();
+                    c.prefilled(latency);
+                    span.record("path", "prefill");
+                    span.record("prefill_us", latency.as_micros() as u64);
+                    tracing::debug!(
+                        prefill = instance,
+                        blocks = result.blocks,
+                        cached_tokens = result.cached_tokens,
+                        "prefilled"
+                    );
+                }
+                Outcome::NoWorker { last } if inner.config.enforce => {
+                    c.rejected();
+                    span.record("path", "rejected");
+                    let why = last.map_or_else(String::new, |e| format!(" (last: {e})"));
+                    return error_stream(ServeError::unavailable(format!(
+                        "router `{}` has no live prefill worker and disaggregation is \
+                         enforced{why}",
+                        inner.decode.name()
+                    )));
+                }
+                Outcome::NoWorker { last } => {
+                    c.fallback();
+                    span.record("path", "fallback");
+                    match last {
+                        Some(error) => {
+                            tracing::debug!(%error, "prefill workers gone; decode alone")
+                        }
+                        None => tracing::debug!("no live prefill worker; decode alone"),
+                    }
+                }
+                Outcome::Failed(error) => {
+                    c.prefill_error();
+                    span.record("path", "prefill_failed");
+                    return error_stream(error);
+                }
+                Outcome::Cancelled => {
+                    c.cancelled();
+                    return error_stream(ServeError::cancelled());
+                }
+            }
+            dispatch(inner.decode.shared(), pick, load, request, ctx, span)
+        };
+        Box::pin(futures::stream::once(step.instrument(step_span)).flatten())
+    }
+}
+
+/// Counts a request as cancelled if its prefill step is dropped before it decided.
+struct Unresolved<'a>(Option<&'a Counters>);
+
+impl Drop for Unresolved<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            c.cancelled();
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The disaggregated router against fake prefill and decode workers.
