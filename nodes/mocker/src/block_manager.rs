@@ -17,6 +17,10 @@ use std::collections::{BTreeMap, HashMap};
 use dynamo_protocol::{BlockHash, KvEvent, KvEventData, StoredBlock};
 use foldhash::fast::RandomState;
 
+#[path = "block_import.rs"]
+mod import;
+pub use import::{ImportError, Imported};
+
 /// Index of a block in the pool.
 pub type BlockId = u32;
 

@@ -1,7 +1,7 @@
 //! The mocker's settings, with defaults close to a vLLM worker on one GPU and a
 //! `validate()` that says which setting is wrong.
 
-use dynamo_protocol::DEFAULT_BLOCK_HASH_SEED;
+use dynamo_protocol::{KvLayout, DEFAULT_BLOCK_HASH_SEED};
 use serde::{Deserialize, Serialize};
 
 /// Limits that keep the pool's bookkeeping (and a typo) from exhausting memory: 16M
@@ -9,6 +9,19 @@ use serde::{Deserialize, Serialize};
 pub const MAX_NUM_BLOCKS: usize = 1 << 24;
 pub const MAX_BLOCK_SIZE: usize = 1 << 16;
 pub const MAX_EVENT_BUFFER: usize = 1 << 20;
+/// Largest KV block a hand-off moves in one piece: 64 MiB is a 70B model's 16-token
+/// block several times over.
+pub const MAX_BLOCK_BYTES: u64 = 64 << 20;
+
+/// SmolLM2-135M's KV shape (30 layers, 3 KV heads of dim 64, f16), `block_size` 0: the
+/// block size is the config's own `block_size`.
+pub const SMOLLM2_135M_KV_LAYOUT: KvLayout = KvLayout {
+    layers: 30,
+    kv_heads: 3,
+    head_dim: 64,
+    dtype_bytes: 2,
+    block_size: 0,
+};
 
 /// Settings of one mocker worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +56,10 @@ pub struct MockerConfig {
     pub hash_seed: u64,
     /// KV events kept for a slow subscriber before it sees a gap.
     pub event_buffer: usize,
+    /// The shape of the model's KV cache, which fixes the bytes of a block handed from a
+    /// prefill worker to a decode worker. Its `block_size` is 0 (take `block_size` above)
+    /// or equal to `block_size`; [`MockerConfig::layout`] is the layout in effect.
+    pub kv_layout: KvLayout,
 }
 
 impl Default for MockerConfig {
@@ -61,6 +78,7 @@ impl Default for MockerConfig {
             seed: 0,
             hash_seed: DEFAULT_BLOCK_HASH_SEED,
             event_buffer: 4_096,
+            kv_layout: SMOLLM2_135M_KV_LAYOUT,
         }
     }
 }
@@ -85,6 +103,15 @@ pub enum ConfigError {
         value: usize,
         max: usize,
     },
+    #[error(
+        "`kv_layout.block_size` = {layout} disagrees with `block_size` = {block_size} \
+         (leave it 0 to follow `block_size`)"
+    )]
+    LayoutBlockSize { layout: u32, block_size: usize },
+    #[error("`kv_layout.{field}` must be at least 1")]
+    LayoutZero { field: &'static str },
+    #[error("a KV block of `kv_layout` takes {bytes} bytes, more than this engine moves ({max})")]
+    LayoutTooLarge { bytes: u64, max: u64 },
 }
 
 impl MockerConfig {
@@ -105,6 +132,14 @@ impl MockerConfig {
     /// Tokens the whole pool holds.
     pub fn total_kv_tokens(&self) -> usize {
         self.num_blocks.saturating_mul(self.block_size)
+    }
+
+    /// The KV layout in effect: `kv_layout` with the block size of `block_size`.
+    pub fn layout(&self) -> KvLayout {
+        KvLayout {
+            block_size: u32::try_from(self.block_size).unwrap_or(u32::MAX),
+            ..self.kv_layout
+        }
     }
 
     /// Every problem with these settings, in a stable order; `Ok` when they can work.
@@ -143,10 +178,51 @@ impl MockerConfig {
                 special,
             });
         }
+        self.validate_layout(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
             Err(errors)
+        }
+    }
+
+    fn validate_layout(&self, errors: &mut Vec<ConfigError>) {
+        let layout = self.kv_layout;
+        if layout.block_size != 0 && layout.block_size as usize != self.block_size {
+            errors.push(ConfigError::LayoutBlockSize {
+                layout: layout.block_size,
+                block_size: self.block_size,
+            });
+        }
+        let mut complete = true;
+        for (field, value) in [
+            ("layers", layout.layers),
+            ("kv_heads", layout.kv_heads),
+            ("head_dim", layout.head_dim),
+            ("dtype_bytes", layout.dtype_bytes),
+        ] {
+            if value == 0 {
+                complete = false;
+                errors.push(ConfigError::LayoutZero { field });
+            }
+        }
+        // Checked here, so `KvLayout::bytes_per_block` cannot overflow on a valid config.
+        let bytes = [
+            2,
+            u64::from(layout.layers),
+            u64::from(layout.kv_heads),
+            u64::from(layout.head_dim),
+            u64::from(layout.dtype_bytes),
+            self.block_size as u64,
+        ]
+        .into_iter()
+        .try_fold(1u64, u64::checked_mul)
+        .unwrap_or(u64::MAX);
+        if complete && bytes > MAX_BLOCK_BYTES {
+            errors.push(ConfigError::LayoutTooLarge {
+                bytes,
+                max: MAX_BLOCK_BYTES,
+            });
         }
     }
 

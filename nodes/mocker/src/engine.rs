@@ -5,14 +5,15 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use dynamo_protocol::{KvEvent, TokenDelta, TokenRequest};
-use dynamo_runtime::{RequestContext, ResponseStream, ServeError, Service};
+use dynamo_protocol::{BlockHash, KvEvent, KvLayout, TokenDelta, TokenRequest};
+use dynamo_runtime::{ErrorKind, RequestContext, ResponseStream, ServeError, Service};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::block_manager::KvSnapshot;
+use crate::block_manager::{ImportError, KvSnapshot};
 use crate::config::{ConfigError, MockerConfig};
+use crate::payload::verify_transfer;
 use crate::scheduler::{RequestLimits, Scheduler};
 use crate::sequence::NewSequence;
 use crate::stats::{MockerStats, StatsCell};
@@ -36,6 +37,9 @@ fn join(errors: &[ConfigError]) -> String {
 /// A running mocker worker. Dropping it stops the step loop.
 pub struct MockerEngine {
     config: MockerConfig,
+    layout: KvLayout,
+    /// `layout.bytes_per_block()`, bounded by the config's validation.
+    block_bytes: usize,
     limits: RequestLimits,
     control: mpsc::UnboundedSender<Control>,
     events: broadcast::Sender<KvEvent>,
@@ -49,6 +53,13 @@ impl MockerEngine {
     /// Validates `config` and spawns the step loop on the current tokio runtime.
     pub fn start(config: MockerConfig) -> Result<MockerEngine, EngineError> {
         let scheduler = Scheduler::new(&config).map_err(EngineError::Config)?;
+        let layout = config.layout();
+        let block_bytes = usize::try_from(layout.bytes_per_block()).map_err(|_| {
+            EngineError::Config(vec![ConfigError::LayoutTooLarge {
+                bytes: layout.bytes_per_block(),
+                max: crate::config::MAX_BLOCK_BYTES,
+            }])
+        })?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| EngineError::NoRuntime)?;
         let (control, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(config.event_buffer);
@@ -66,6 +77,8 @@ impl MockerEngine {
         let task = runtime.spawn(step_loop.run());
         Ok(MockerEngine {
             limits: RequestLimits::new(&config),
+            layout,
+            block_bytes,
             config,
             control,
             events,
@@ -78,6 +91,62 @@ impl MockerEngine {
 
     pub fn config(&self) -> &MockerConfig {
         &self.config
+    }
+
+    /// The shape of this worker's KV blocks (`config.layout()`).
+    pub fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    /// Bytes of one KV block of [`MockerEngine::kv_layout`].
+    pub fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// Caches blocks a prefill worker computed: checks that `layout` is this worker's, that
+    /// `payload` holds one block per hash and that every byte is the block's fabrication
+    /// ([`crate::payload`]), then stores the chain `hashes` (the first a child of `parent`)
+    /// as inactive cached blocks and publishes `Stored` for the new ones. Returns how many
+    /// blocks of the chain are now cached.
+    ///
+    /// Errors: a wrong layout, length or byte is `InvalidRequest`; a pool too full to take
+    /// the new blocks (even after evicting every inactive one) is `Overloaded`; a worker
+    /// without prefix caching refuses with `InvalidRequest`.
+    pub async fn import_blocks(
+        &self,
+        parent: Option<BlockHash>,
+        hashes: &[BlockHash],
+        payload: &[u8],
+        layout: &KvLayout,
+    ) -> Result<u32, ServeError> {
+        verify_transfer(&self.layout, self.block_bytes, layout, hashes, payload)
+            .map_err(|e| ServeError::invalid(e.to_string()))?;
+        let count = u32::try_from(hashes.len())
+            .map_err(|_| ServeError::invalid("too many blocks in one transfer"))?;
+        let (reply, rx) = oneshot::channel();
+        let stopped = || ServeError::unavailable("the mocker engine is shut down");
+        let import = Control::Import {
+            parent,
+            hashes: hashes.to_vec(),
+            reply,
+        };
+        self.control.send(import).map_err(|_| stopped())?;
+        match rx.await.map_err(|_| stopped())? {
+            Ok(_) => {
+                self.stats
+                    .add_received(hashes.len() as u64, payload.len() as u64);
+                Ok(count)
+            }
+            Err(err @ ImportError::OutOfBlocks(_)) => {
+                Err(ServeError::new(ErrorKind::Overloaded, err.to_string()))
+            }
+            Err(err) => Err(ServeError::invalid(err.to_string())),
+        }
+    }
+
+    /// Counts blocks this worker handed to a decode worker.
+    pub(crate) fn record_sent(&self, blocks: u64, bytes: u64) {
+        self.stats.add_sent(blocks, bytes);
     }
 
     /// KV events from now on. A receiver that falls more than `event_buffer` events

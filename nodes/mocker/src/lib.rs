@@ -9,6 +9,8 @@
 pub mod block_manager;
 pub mod config;
 pub mod engine;
+pub mod handoff;
+pub mod payload;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
@@ -17,9 +19,12 @@ mod step_loop;
 mod stream;
 pub mod timing;
 
-pub use block_manager::{BlockCounts, BlockId, BlockManager, KvSnapshot, OutOfBlocks, PrefixMatch};
-pub use config::{ConfigError, MockerConfig};
+pub use block_manager::{
+    BlockCounts, BlockId, BlockManager, ImportError, Imported, KvSnapshot, OutOfBlocks, PrefixMatch,
+};
+pub use config::{ConfigError, MockerConfig, SMOLLM2_135M_KV_LAYOUT};
 pub use engine::{EngineError, MockerEngine};
+pub use handoff::{KvImportService, PrefillService, KV_CHUNK_BLOCKS};
 pub use scheduler::{AdmitError, RequestLimits, Scheduler, SchedulerStats, SeqOutput};
 pub use sequence::{NewSequence, SeqId};
 pub use stats::MockerStats;

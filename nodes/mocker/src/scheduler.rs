@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use dynamo_protocol::{FinishReason, KvEvent};
 
-use crate::block_manager::{BlockCounts, BlockManager, KvSnapshot};
+use crate::block_manager::{BlockCounts, BlockManager, ImportError, Imported, KvSnapshot};
 use crate::config::{ConfigError, MockerConfig};
 use crate::sampler::Vocabulary;
 use crate::sequence::{NewSequence, SeqId, Sequence};
@@ -202,6 +202,16 @@ impl Scheduler {
     /// Forgets the prefix cache (publishes `Cleared`).
     pub fn clear_cache(&mut self) {
         self.blocks.clear();
+    }
+
+    /// Caches a chain of blocks computed elsewhere (a prefill worker's hand-off); see
+    /// [`BlockManager::import`].
+    pub fn import_blocks(
+        &mut self,
+        parent: Option<dynamo_protocol::BlockHash>,
+        hashes: &[dynamo_protocol::BlockHash],
+    ) -> Result<Imported, ImportError> {
+        self.blocks.import(parent, hashes)
     }
 
     /// Runs one step: schedules under the budget, computes, appends one output per

@@ -23,6 +23,12 @@ pub struct MockerStats {
     pub steps: u64,
     /// KV events published since start.
     pub kv_events: u64,
+    /// KV blocks handed to decode workers (prefill side), and their bytes.
+    pub kv_blocks_sent: u64,
+    pub kv_bytes_sent: u64,
+    /// KV blocks received from prefill workers and cached (decode side), and their bytes.
+    pub kv_blocks_received: u64,
+    pub kv_bytes_received: u64,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +44,11 @@ pub(crate) struct StatsCell {
     prompt_tokens: AtomicU64,
     steps: AtomicU64,
     kv_events: AtomicU64,
+    // Hand-off counters: added to by whoever moves the blocks, never overwritten by `store`.
+    kv_blocks_sent: AtomicU64,
+    kv_bytes_sent: AtomicU64,
+    kv_blocks_received: AtomicU64,
+    kv_bytes_received: AtomicU64,
 }
 
 impl StatsCell {
@@ -57,6 +68,16 @@ impl StatsCell {
         self.kv_events.store(kv_events, Relaxed);
     }
 
+    pub fn add_sent(&self, blocks: u64, bytes: u64) {
+        self.kv_blocks_sent.fetch_add(blocks, Relaxed);
+        self.kv_bytes_sent.fetch_add(bytes, Relaxed);
+    }
+
+    pub fn add_received(&self, blocks: u64, bytes: u64) {
+        self.kv_blocks_received.fetch_add(blocks, Relaxed);
+        self.kv_bytes_received.fetch_add(bytes, Relaxed);
+    }
+
     pub fn load(&self) -> MockerStats {
         MockerStats {
             blocks_total: self.blocks_total.load(Relaxed),
@@ -70,6 +91,10 @@ impl StatsCell {
             prompt_tokens: self.prompt_tokens.load(Relaxed),
             steps: self.steps.load(Relaxed),
             kv_events: self.kv_events.load(Relaxed),
+            kv_blocks_sent: self.kv_blocks_sent.load(Relaxed),
+            kv_bytes_sent: self.kv_bytes_sent.load(Relaxed),
+            kv_blocks_received: self.kv_blocks_received.load(Relaxed),
+            kv_bytes_received: self.kv_bytes_received.load(Relaxed),
         }
     }
 }

@@ -184,6 +184,16 @@ impl StepLoop {
                 self.publish();
                 let _ = reply.send(self.core.kv_snapshot());
             }
+            Control::Import {
+                parent,
+                hashes,
+                reply,
+            } => {
+                let result = self.core.import_blocks(parent, &hashes);
+                // Publish at once: the router may send the decode request right after the ack.
+                self.publish();
+                let _ = reply.send(result);
+            }
         }
     }
 

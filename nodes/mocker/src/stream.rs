@@ -26,6 +26,14 @@ pub(crate) enum Control {
     Abort(SeqId),
     ClearCache,
     Snapshot(tokio::sync::oneshot::Sender<crate::block_manager::KvSnapshot>),
+    /// Cache a chain of blocks handed over by a prefill worker (bytes already verified).
+    Import {
+        parent: Option<dynamo_protocol::BlockHash>,
+        hashes: Vec<dynamo_protocol::BlockHash>,
+        reply: tokio::sync::oneshot::Sender<
+            Result<crate::block_manager::Imported, crate::block_manager::ImportError>,
+        >,
+    },
 }
 
 pub(crate) struct DeltaStream {

@@ -1,0 +1,18 @@
+//! Disaggregated serving on mocker workers: the prefill worker's `in` port
+//! ([`PrefillService`]) and the decode worker's `kv` port ([`KvImportService`]).
+//!
+//! The prefill worker runs the prompt through its own scheduler and timing model, then
+//! sends the prompt's full blocks to the decode worker the router chose, in chunks of
+//! [`KV_CHUNK_BLOCKS`], with bytes fabricated from each block's hash
+//! ([`crate::payload`]). The decode worker verifies every byte and caches the blocks
+//! under their hashes, so the router's ordinary `TokenRequest` finds them as a prefix hit.
+
+mod kv_import;
+mod prefill;
+
+pub use kv_import::KvImportService;
+pub use prefill::PrefillService;
+
+/// Blocks per `KvTransfer` unless [`PrefillService::with_chunk_blocks`] says otherwise:
+/// about 3 MiB per call for SmolLM2-135M.
+pub const KV_CHUNK_BLOCKS: usize = 8;

@@ -1,0 +1,168 @@
+//! The prefill worker's `in` port: prefill a prompt, hand its blocks to a decode worker.
+
+use std::sync::Arc;
+
+use dynamo_protocol::{
+    block_hashes, FinishReason, KvTransfer, KvTransferAck, PrefillRequest, PrefillResult,
+    StopConditions, TokenRequest,
+};
+use dynamo_runtime::{InstanceSet, RequestContext, ResponseStream, ServeError, Service};
+use futures::StreamExt;
+
+use super::KV_CHUNK_BLOCKS;
+use crate::engine::MockerEngine;
+use crate::payload::fabricate;
+
+/// `Service<PrefillRequest, PrefillResult>` over a prefill worker's engine and its `kv`
+/// output (one instance per decode worker). Answers once the decode worker holds every
+/// full block of the prompt. Cancelling the context or dropping the stream stops it at
+/// once: the engine frees the prefill's blocks and no further chunk is sent.
+pub struct PrefillService {
+    engine: Arc<MockerEngine>,
+    kv: Arc<InstanceSet<KvTransfer, KvTransferAck>>,
+    chunk_blocks: usize,
+}
+
+impl PrefillService {
+    pub fn new(engine: Arc<MockerEngine>, kv: Arc<InstanceSet<KvTransfer, KvTransferAck>>) -> Self {
+        PrefillService {
+            engine,
+            kv,
+            chunk_blocks: KV_CHUNK_BLOCKS,
+        }
+    }
+
+    /// Blocks per `KvTransfer` (at least 1).
+    pub fn with_chunk_blocks(mut self, blocks: usize) -> Self {
+        self.chunk_blocks = blocks.max(1);
+        self
+    }
+}
+
+impl Service<PrefillRequest, PrefillResult> for PrefillService {
+    fn call(&self, req: PrefillRequest, ctx: RequestContext) -> ResponseStream<PrefillResult> {
+        let job = Prefill {
+            engine: self.engine.clone(),
+            kv: self.kv.clone(),
+            chunk_blocks: self.chunk_blocks,
+        };
+        Box::pin(futures::stream::once(async move {
+            tokio::select! {
+                biased;
+                _ = ctx.cancelled() => Err(ServeError::cancelled()),
+                result = job.run(req, &ctx) => result,
+            }
+        }))
+    }
+}
+
+struct Prefill {
+    engine: Arc<MockerEngine>,
+    kv: Arc<InstanceSet<KvTransfer, KvTransferAck>>,
+    chunk_blocks: usize,
+}
+
+impl Prefill {
+    async fn run(
+        &self,
+        req: PrefillRequest,
+        ctx: &RequestContext,
+    ) -> Result<PrefillResult, ServeError> {
+        let PrefillRequest {
+            request,
+            handoff_id,
+            decode_instance,
+        } = req;
+        let prompt_tokens = u32::try_from(request.token_ids.len())
+            .map_err(|_| ServeError::invalid("the prompt is longer than 2^32 tokens"))?;
+        let config = self.engine.config();
+        let hashes = block_hashes(&request.token_ids, config.block_size, config.hash_seed);
+        let cached_tokens = self.compute(request, ctx).await?;
+
+        let block_bytes = self.engine.block_bytes();
+        let layout = self.engine.kv_layout();
+        let chunks = hashes.len().div_ceil(self.chunk_blocks);
+        let mut bytes: u64 = 0;
+        for (i, chunk) in hashes.chunks(self.chunk_blocks).enumerate() {
+            let payload = fabricate(chunk, block_bytes);
+            let size = payload.len() as u64;
+            let transfer = KvTransfer {
+                handoff_id: handoff_id.clone(),
+                hashes: chunk.to_vec(),
+                payload,
+                layout,
+                last: i + 1 == chunks,
+            };
+            let mut answer = self
+                .kv
+                .call_instance(decode_instance, transfer, ctx.child());
+            match answer.next().await {
+                Some(Ok(_ack)) => {}
+                Some(Err(err)) => {
+                    return Err(ServeError::new(
+                        err.kind,
+                        format!(
+                            "handing KV blocks to decode instance {decode_instance}: {}",
+                            err.message
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(ServeError::unavailable(format!(
+                        "decode instance {decode_instance} ended a KV transfer without an answer"
+                    )))
+                }
+            }
+            self.engine.record_sent(chunk.len() as u64, size);
+            bytes += size;
+        }
+        let blocks = u32::try_from(hashes.len()).unwrap_or(u32::MAX);
+        tracing::debug!(
+            request_id = %ctx.request_id,
+            handoff_id,
+            decode_instance,
+            blocks,
+            bytes,
+            "mocker: prefill handed off"
+        );
+        Ok(PrefillResult {
+            prompt_tokens,
+            cached_tokens,
+            blocks,
+            bytes,
+        })
+    }
+
+    /// Runs the prompt through the engine as a one-token request; returns the prompt
+    /// tokens found in this worker's cache.
+    async fn compute(
+        &self,
+        request: TokenRequest,
+        ctx: &RequestContext,
+    ) -> Result<u32, ServeError> {
+        let request = TokenRequest {
+            stop: StopConditions {
+                max_tokens: 1,
+                ignore_eos: true,
+                ..request.stop
+            },
+            ..request
+        };
+        let mut deltas = self.engine.call(request, ctx.child());
+        let mut cached_tokens = 0;
+        while let Some(delta) = deltas.next().await {
+            let delta = delta?;
+            if let Some(cached) = delta.cached_tokens {
+                cached_tokens = cached;
+            }
+            match delta.finish_reason {
+                None => {}
+                Some(FinishReason::Cancelled) => return Err(ServeError::cancelled()),
+                Some(_) => return Ok(cached_tokens),
+            }
+        }
+        Err(ServeError::internal(
+            "the engine ended the prefill without finishing it",
+        ))
+    }
+}
