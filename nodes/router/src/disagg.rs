@@ -37,6 +37,8 @@
 //! assert_eq!(m.requests_total, 0);
 //! ```
 
+#[cfg(test)]
+mod fake_prefill;
 mod metrics;
 mod prefill;
 #[cfg(test)]
@@ -144,9 +146,9 @@ impl DisaggRouter {
         self.inner.counters.snapshot()
     }
 
-    /// `(instance id, requests in flight, requests ever routed)` per decode worker, sorted
-    /// by id. A request holds its decode worker's slot from the moment it is chosen,
-    /// prefill included.
+    /// `(instance id, requests in flight, requests ever sent)` per decode worker, sorted
+    /// by id. A request is in flight on its decode worker from the moment it is chosen,
+    /// prefill included, and counts as sent once the decode call is made.
     pub fn decode_stats(&self) -> Vec<(InstanceId, u64, u64)> {
         self.inner.decode.stats()
     }

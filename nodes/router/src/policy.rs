@@ -44,8 +44,20 @@ impl InstanceLoad {
     }
 
     /// A request was dispatched; pair with [`InstanceLoad::finish`].
+    #[cfg(test)]
     pub(crate) fn start(&self) {
+        self.reserve();
+        self.dispatched();
+    }
+
+    /// A request holds a slot of this instance (perhaps before it is sent, e.g. while its
+    /// prefill runs elsewhere); pair with [`InstanceLoad::finish`].
+    pub(crate) fn reserve(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request was sent to this instance.
+    pub(crate) fn dispatched(&self) {
         self.routed.fetch_add(1, Ordering::Relaxed);
     }
 

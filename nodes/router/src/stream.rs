@@ -20,9 +20,15 @@ use crate::table::{Client, Pick};
 pub(crate) struct LoadGuard(Arc<InstanceLoad>);
 
 impl LoadGuard {
+    /// Takes a slot; the request counts as routed once [`LoadGuard::dispatched`].
     pub(crate) fn charge(load: Arc<InstanceLoad>) -> Self {
-        load.start();
+        load.reserve();
         LoadGuard(load)
+    }
+
+    /// The request was sent to the instance.
+    pub(crate) fn dispatched(&self) {
+        self.0.dispatched();
     }
 }
 
@@ -55,6 +61,7 @@ impl Attempt {
         request: TokenRequest,
         ctx: &RequestContext,
     ) -> Self {
+        load.dispatched();
         let child = ctx.child();
         let cancel = child.drop_guard();
         Attempt {

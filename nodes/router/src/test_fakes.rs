@@ -34,6 +34,7 @@ pub struct Fake {
     pub id: InstanceId,
     behaviour: Behaviour,
     contexts: Mutex<Vec<RequestContext>>,
+    requests: Mutex<Vec<TokenRequest>>,
     pub streams_dropped: Arc<AtomicUsize>,
 }
 
@@ -43,6 +44,7 @@ impl Fake {
             id,
             behaviour,
             contexts: Mutex::new(Vec::new()),
+            requests: Mutex::new(Vec::new()),
             streams_dropped: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -53,6 +55,10 @@ impl Fake {
 
     pub fn contexts(&self) -> Vec<RequestContext> {
         self.contexts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    pub fn requests(&self) -> Vec<TokenRequest> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
     }
 }
 
@@ -80,9 +86,12 @@ impl Drop for FakeStream {
 }
 
 impl Service<TokenRequest, TokenDelta> for Fake {
-    fn call(&self, _: TokenRequest, ctx: RequestContext) -> ResponseStream<TokenDelta> {
+    fn call(&self, request: TokenRequest, ctx: RequestContext) -> ResponseStream<TokenDelta> {
         if let Ok(mut c) = self.contexts.lock() {
             c.push(ctx);
+        }
+        if let Ok(mut r) = self.requests.lock() {
+            r.push(request);
         }
         let delta = || {
             Ok(TokenDelta {

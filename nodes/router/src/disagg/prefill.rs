@@ -111,7 +111,8 @@ impl PrefillPort {
         pick: Pick<PrefillRequest, PrefillResult>,
         job: &Job<'_>,
     ) -> Result<PrefillResult, ServeError> {
-        let _load = LoadGuard::charge(pick.load);
+        let load = LoadGuard::charge(pick.load);
+        load.dispatched();
         let child = job.ctx.child();
         let cancel = child.drop_guard();
         let request = PrefillRequest {
