@@ -94,3 +94,7 @@ impl BlockManager {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "block_import_tests.rs"]
+mod tests;
