@@ -161,6 +161,11 @@ impl DisaggRouter {
 }
 
 impl Service<TokenRequest, TokenDelta> for DisaggRouter {
+    /// One `disagg_router` span per request: `decode_instance`, `prefill_instance` (and
+    /// `prefill_retried_from`), `path` (`prefill`, `local`, `fallback`, `rejected`,
+    /// `prefill_failed`), `prefill_us`; `instance`/`retried_from` when the decode call
+    /// moved to another worker, and a KV policy's `overlap_blocks`/`prompt_blocks` (the
+    /// prefill policy's, when both are KV-aware).
     fn call(&self, request: TokenRequest, ctx: RequestContext) -> ResponseStream<TokenDelta> {
         let inner = &self.inner;
         inner.counters.request();
@@ -175,6 +180,8 @@ impl Service<TokenRequest, TokenDelta> for DisaggRouter {
             prefill_us = tracing::field::Empty,
             instance = tracing::field::Empty,
             retried_from = tracing::field::Empty,
+            overlap_blocks = tracing::field::Empty,
+            prompt_blocks = tracing::field::Empty,
         );
         let entered = span.enter();
         let decode = inner.decode.shared();

@@ -5,10 +5,9 @@
 //! with every thread of the process, so other tests hitting the same span concurrently
 //! could make it flaky.
 
-use std::collections::BTreeMap;
-use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::Arc;
 
 use dynamo_protocol::{block_hashes, KvEvent, KvEventData, StoredBlock, TokenDelta, TokenRequest};
 use dynamo_router::{KvConfig, KvMode, RouterMode, RouterService};
@@ -16,10 +15,8 @@ use dynamo_runtime::{
     error_stream, InstanceSet, RequestContext, ResponseStream, ServeError, Service,
 };
 use futures::StreamExt;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Metadata, Subscriber};
-use tracing_core::span::Current;
+
+use common::{Fields, Recorder};
 
 /// A worker that is gone: every call fails with `Unavailable` before any item.
 struct Dead;
@@ -43,77 +40,6 @@ fn request() -> TokenRequest {
         token_ids: vec![1, 2, 3],
         sampling: Default::default(),
         stop: Default::default(),
-    }
-}
-
-type Fields = BTreeMap<String, String>;
-
-thread_local! {
-    /// The spans this thread is in, innermost last.
-    static ENTERED: std::cell::RefCell<Vec<Id>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Keeps the fields of every span opened while it is the default subscriber.
-#[derive(Clone, Default)]
-struct Recorder {
-    spans: Arc<Mutex<Vec<(&'static str, Fields)>>>,
-    metas: Arc<Mutex<Vec<&'static Metadata<'static>>>>,
-    next: Arc<AtomicU64>,
-}
-
-struct Collect<'a>(&'a mut Fields);
-
-impl Visit for Collect<'_> {
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().to_owned(), value.to_string());
-    }
-}
-
-impl Subscriber for Recorder {
-    fn enabled(&self, _: &Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, span: &Attributes<'_>) -> Id {
-        let mut fields = Fields::new();
-        span.record(&mut Collect(&mut fields));
-        if let Ok(mut spans) = self.spans.lock() {
-            spans.push((span.metadata().name(), fields));
-            if let Ok(mut metas) = self.metas.lock() {
-                metas.push(span.metadata());
-            }
-        }
-        Id::from_u64(self.next.fetch_add(1, Ordering::SeqCst) + 1)
-    }
-    fn record(&self, span: &Id, values: &Record<'_>) {
-        let at = span.into_u64() as usize - 1;
-        if let Ok(mut spans) = self.spans.lock() {
-            if let Some((_, fields)) = spans.get_mut(at) {
-                values.record(&mut Collect(fields));
-            }
-        }
-    }
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, _: &Event<'_>) {}
-    // `Span::current()` (used by the KV policy to record its fields) needs these.
-    fn enter(&self, span: &Id) {
-        ENTERED.with(|e| e.borrow_mut().push(span.clone()));
-    }
-    fn exit(&self, _: &Id) {
-        ENTERED.with(|e| e.borrow_mut().pop());
-    }
-    fn current_span(&self) -> Current {
-        let top = ENTERED.with(|e| e.borrow().last().cloned());
-        let meta = top.as_ref().and_then(|id| {
-            let metas = self.metas.lock().ok()?;
-            metas.get(id.into_u64() as usize - 1).copied()
-        });
-        match (top, meta) {
-            (Some(id), Some(meta)) => Current::new(id, meta),
-            _ => Current::none(),
-        }
     }
 }
 
@@ -164,16 +90,7 @@ fn each_request_has_a_span_with_its_instance_and_overhead() {
         );
         assert_eq!(items.len(), 1);
     });
-    let spans: Vec<Fields> = recorder
-        .spans
-        .lock()
-        .map(|s| {
-            s.iter()
-                .filter(|(name, _)| *name == "router")
-                .map(|(_, f)| f.clone())
-                .collect()
-        })
-        .unwrap_or_default();
+    let spans: Vec<Fields> = recorder.spans("router");
     assert_eq!(spans.len(), 3, "{spans:?}");
     let get = |span: &Fields, key: &str| span.get(key).cloned();
     for (span, id) in spans.iter().zip(["retried", "direct"]) {
