@@ -4,7 +4,9 @@
 //!
 //! The cores are pure and synchronous ([`BlockManager`], [`Scheduler`], [`timing`]); the
 //! [`MockerEngine`] is the thin async shell that serves `llm.tokens/v1` and publishes
-//! `kv.events/v1`.
+//! `kv.events/v1`. For disaggregated serving, [`PrefillService`] (a prefill worker's `in`
+//! port) hands a prompt's KV blocks to a decode worker's [`KvImportService`] (its `kv`
+//! port), which caches them so the decode request finds them as a prefix hit.
 
 pub mod block_manager;
 pub mod config;

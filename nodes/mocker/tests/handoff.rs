@@ -345,6 +345,14 @@ async fn decode_side_errors_come_back_with_their_kind() {
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidRequest, "{err}");
 
+    // The prefill worker's own refusal: an empty prompt.
+    let calls = p.calls.load(Ordering::SeqCst);
+    let err = run_prefill(&p.service, prefill_request(Vec::new(), "h"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InvalidRequest, "{err}");
+    assert_eq!(p.calls.load(Ordering::SeqCst), calls, "nothing sent");
+
     // A decode instance that is not live.
     let mut req = prefill_request(prompt, "h");
     req.decode_instance = 99;
