@@ -421,11 +421,20 @@ async fn a_prefill_dropped_while_computing_frees_its_blocks_and_sends_nothing() 
         prefill_request((3..1_003).collect(), "h"),
         RequestContext::new("drop-me"),
     );
-    let early = tokio::time::timeout(Duration::from_millis(60), stream.next()).await;
-    assert!(early.is_err(), "the prefill cannot be done yet: {early:?}");
-    let s = p.prefill.stats();
-    assert_eq!(s.running, 1, "the prefill is computing: {s:?}");
-    assert!(s.blocks_active > 0, "{s:?}");
+    // Polled until the engine holds the prefill's blocks (the whole prefill takes ~280 ms).
+    let computing = tokio::time::timeout(LIMIT, async {
+        loop {
+            let s = p.prefill.stats();
+            if s.running == 1 && s.blocks_active > 0 {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    tokio::select! {
+        early = stream.next() => panic!("the prefill cannot be done yet: {early:?}"),
+        s = computing => assert!(s.is_ok(), "the prefill never started computing"),
+    }
     drop(stream);
     let s = wait_for(&p.prefill, |s| s.running == 0 && s.waiting == 0).await;
     assert_eq!(s.blocks_active, 0, "{s:?}");
