@@ -59,6 +59,7 @@ pub use metrics::{DisaggMetrics, PREFILL_LATENCY_BUCKETS_US};
 use crate::policy::Policy;
 use crate::service::{dispatch, RouterService};
 use crate::stream::LoadGuard;
+use crate::table::Pick;
 use metrics::Counters;
 use prefill::{Job, Outcome, PrefillPort};
 
@@ -207,77 +208,99 @@ impl Service<TokenRequest, TokenDelta> for DisaggRouter {
             return stream;
         }
         drop(entered);
-        let inner = self.inner.clone();
+        let pending = Pending(Some(self.inner.clone()));
         let step_span = span.clone();
-        let step = async move {
-            let mut unresolved = Unresolved(Some(&inner.counters));
-            let started = Instant::now();
-            let job = Job {
-                request: &request,
-                handoff_id: &ctx.request_id,
-                decode_instance: pick.id,
-                ctx: &ctx,
-                span: &span,
-            };
-            let outcome = inner.prefill.run(job, || inner.counters.retry()).await;
-            unresolved.0 = None;
-            let c = &inner.counters;
-            match outcome {
-                Outcome::Done { instance, result } => {
-                    let latency = started.elapsed();
-                    c.prefilled(latency);
-                    span.record("path", "prefill");
-                    span.record("prefill_us", latency.as_micros() as u64);
-                    tracing::debug!(
-                        prefill = instance,
-                        blocks = result.blocks,
-                        cached_tokens = result.cached_tokens,
-                        "prefilled"
-                    );
-                }
-                Outcome::NoWorker { last } if inner.config.enforce => {
-                    c.rejected();
-                    span.record("path", "rejected");
-                    let why = last.map_or_else(String::new, |e| format!(" (last: {e})"));
-                    return error_stream(ServeError::unavailable(format!(
-                        "router `{}` has no live prefill worker and disaggregation is \
-                         enforced{why}",
-                        inner.decode.name()
-                    )));
-                }
-                Outcome::NoWorker { last } => {
-                    c.fallback();
-                    span.record("path", "fallback");
-                    match last {
-                        Some(error) => {
-                            tracing::debug!(%error, "prefill workers gone; decode alone")
-                        }
-                        None => tracing::debug!("no live prefill worker; decode alone"),
-                    }
-                }
-                Outcome::Failed(error) => {
-                    c.prefill_error();
-                    span.record("path", "prefill_failed");
-                    return error_stream(error);
-                }
-                Outcome::Cancelled => {
-                    c.cancelled();
-                    return error_stream(ServeError::cancelled());
-                }
-            }
-            dispatch(inner.decode.shared(), pick, load, request, ctx, span)
-        };
+        let step = prefill_then_decode(self.inner.clone(), pending, pick, load, request, ctx, span);
         Box::pin(futures::stream::once(step.instrument(step_span)).flatten())
     }
 }
 
-/// Counts a request as cancelled if its prefill step is dropped before it decided.
-struct Unresolved<'a>(Option<&'a Counters>);
-
-impl Drop for Unresolved<'_> {
-    fn drop(&mut self) {
-        if let Some(c) = self.0 {
+/// The prefill step, then the decode call (or the request's error). Dropping the future
+/// drops the prefill call, which cancels the prefill worker's request.
+async fn prefill_then_decode(
+    inner: Arc<Inner>,
+    mut pending: Pending,
+    pick: Pick,
+    load: LoadGuard,
+    request: TokenRequest,
+    ctx: RequestContext,
+    span: tracing::Span,
+) -> ResponseStream<TokenDelta> {
+    let started = Instant::now();
+    let job = Job {
+        request: &request,
+        handoff_id: &ctx.request_id,
+        decode_instance: pick.id,
+        ctx: &ctx,
+        span: &span,
+    };
+    let outcome = inner.prefill.run(job, || inner.counters.retry()).await;
+    pending.decided();
+    let c = &inner.counters;
+    let name = inner.decode.name();
+    match outcome {
+        Outcome::Done { instance, result } => {
+            let latency = started.elapsed();
+            c.prefilled(latency);
+            span.record("path", "prefill");
+            span.record("prefill_us", latency.as_micros() as u64);
+            tracing::debug!(
+                prefill = instance,
+                blocks = result.blocks,
+                cached_tokens = result.cached_tokens,
+                "prefilled"
+            );
+        }
+        Outcome::NoWorker { last } if inner.config.enforce => {
+            c.rejected();
+            span.record("path", "rejected");
+            let why = last.map_or_else(String::new, |e| format!(" (last: {e})"));
+            return error_stream(ServeError::unavailable(format!(
+                "router `{name}` has no live prefill worker and disaggregation is enforced{why}"
+            )));
+        }
+        Outcome::NoWorker { last } => {
+            c.fallback();
+            span.record("path", "fallback");
+            match last {
+                Some(error) => tracing::debug!(%error, "prefill workers gone; decode alone"),
+                None => tracing::debug!("no live prefill worker; decode alone"),
+            }
+        }
+        Outcome::Failed { instance, error } => {
+            c.prefill_error();
+            span.record("path", "prefill_failed");
+            return error_stream(ServeError::new(
+                error.kind,
+                format!(
+                    "router `{name}`: prefill worker {instance} failed: {}",
+                    error.message
+                ),
+            ));
+        }
+        Outcome::Cancelled => {
             c.cancelled();
+            span.record("path", "cancelled");
+            return error_stream(ServeError::cancelled());
+        }
+    }
+    dispatch(inner.decode.shared(), pick, load, request, ctx, span)
+}
+
+/// Counts a request as cancelled if it is dropped before its prefill step decided (also
+/// before it was first polled).
+struct Pending(Option<Arc<Inner>>);
+
+impl Pending {
+    fn decided(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.take() {
+            inner.counters.cancelled();
         }
     }
 }

@@ -31,7 +31,10 @@ pub(crate) enum Outcome {
     /// No prefill worker was live, or every one tried was gone (`last` says why).
     NoWorker { last: Option<ServeError> },
     /// The prefill worker answered with an error other than `Unavailable`.
-    Failed(ServeError),
+    Failed {
+        instance: InstanceId,
+        error: ServeError,
+    },
     /// The caller cancelled the request.
     Cancelled,
 }
@@ -75,7 +78,7 @@ impl PrefillPort {
             Err(error) => error,
         };
         if error.kind != ErrorKind::Unavailable {
-            return failed(error, job.ctx);
+            return failed(first, error, job.ctx);
         }
         if job.ctx.is_cancelled() {
             return Outcome::Cancelled;
@@ -100,7 +103,7 @@ impl PrefillPort {
                     Outcome::NoWorker { last: Some(error) }
                 }
             }
-            Err(error) => failed(error, job.ctx),
+            Err(error) => failed(id, error, job.ctx),
         }
     }
 
@@ -155,10 +158,10 @@ fn done(
     Outcome::Done { instance, result }
 }
 
-fn failed(error: ServeError, ctx: &RequestContext) -> Outcome {
+fn failed(instance: InstanceId, error: ServeError, ctx: &RequestContext) -> Outcome {
     if error.kind == ErrorKind::Cancelled && ctx.is_cancelled() {
         Outcome::Cancelled
     } else {
-        Outcome::Failed(error)
+        Outcome::Failed { instance, error }
     }
 }

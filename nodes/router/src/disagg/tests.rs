@@ -243,6 +243,10 @@ async fn a_prefill_error_fails_the_request_with_its_kind() {
     };
     assert_eq!(e.kind, ErrorKind::InvalidRequest);
     assert!(
+        e.message.contains("router `r1`: prefill worker 10 failed"),
+        "{e}"
+    );
+    assert!(
         other.calls().is_empty(),
         "only `Unavailable` moves a prefill"
     );
@@ -348,4 +352,38 @@ async fn counters_add_up_over_a_mix_of_requests() {
     assert_eq!(m.prefill_latency_us_buckets.iter().sum::<u64>(), 3);
     assert_adds_up(&m);
     assert_eq!(r.decode_stats(), vec![(1, 0, 6)]);
+}
+
+#[tokio::test]
+async fn a_decode_worker_gone_after_the_prefill_is_replaced() {
+    let p = FakePrefill::new(10, Prefill::Answer);
+    let gone = Fake::new(1, Behaviour::FailAfter(0, ErrorKind::Unavailable));
+    let alive = Fake::new(2, Behaviour::Stream(2));
+    let r = DisaggRouter::new(
+        always(),
+        prefill_set(&[&p]),
+        Arc::new(RoundRobin::default()),
+        set_of(&[&gone, &alive]),
+        Arc::new(RoundRobin::default()),
+    );
+    let items = collect(r.call(request(8), RequestContext::new("a"))).await;
+    assert_eq!(items.iter().map(worker).collect::<Vec<_>>(), vec![2, 2]);
+    assert_eq!(
+        p.calls()[0].0.decode_instance,
+        1,
+        "the blocks went to the first choice"
+    );
+    assert_eq!(r.decode_stats(), vec![(1, 0, 1), (2, 0, 1)]);
+}
+
+#[tokio::test]
+async fn a_request_dropped_before_it_is_polled_counts_as_cancelled() {
+    let p = FakePrefill::new(10, Prefill::Answer);
+    let d = Fake::new(1, Behaviour::Stream(1));
+    let r = router(always(), prefill_set(&[&p]), set_of(&[&d]));
+    drop(r.call(request(8), RequestContext::new("a")));
+    assert!(p.calls().is_empty());
+    assert_eq!(r.decode_stats(), vec![(1, 0, 0)]);
+    assert_eq!(r.metrics().cancelled_total, 1);
+    assert_adds_up(&r.metrics());
 }
