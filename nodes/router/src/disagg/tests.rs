@@ -66,7 +66,9 @@ async fn prefills_on_p_then_streams_from_d_with_the_same_request() {
     let d = Fake::new(1, Behaviour::Stream(3));
     let r = router(always(), prefill_set(&[&p]), set_of(&[&d]));
     let req = request(8);
-    let mut stream = r.call(req.clone(), RequestContext::new("req-7"));
+    let trace = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned());
+    let ctx = RequestContext::new("req-7").with_traceparent(trace.clone());
+    let mut stream = r.call(req.clone(), ctx);
 
     // P is working: nothing from D yet, and D's slot is already held.
     assert!(stays_pending(&mut stream).await);
@@ -90,6 +92,10 @@ async fn prefills_on_p_then_streams_from_d_with_the_same_request() {
         }
     );
     assert_eq!(p_ctx.request_id, "req-7");
+    assert_eq!(
+        p_ctx.traceparent, trace,
+        "the trace travels to the prefill worker"
+    );
     assert!(
         !p_ctx.is_cancelled(),
         "a prefill that answered is not cancelled"
