@@ -13,7 +13,7 @@ use std::time::Duration;
 use dynamo_frontend::Frontend;
 use dynamo_graph::plan::{Plan, ReplicaId};
 use dynamo_mocker::MockerEngine;
-use dynamo_router::KvRouterHandle;
+use dynamo_router::{DisaggRouter, KvRouterHandle};
 use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
 use dynamo_runtime::{RequestContext, ResponseStream, Service};
 use futures::StreamExt;
@@ -98,11 +98,16 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "gauge",
         "Blocks in the router's index",
     ),
+    ("dynamo_engine_kv_transfer_blocks_total", "counter", "KV blocks handed from prefill to decode workers, by direction"),
+    ("dynamo_engine_kv_transfer_bytes_total", "counter", "Bytes of KV blocks handed from prefill to decode workers, by direction"),
+    ("dynamo_router_disagg_requests_total", "counter", "Requests of a disaggregated router by path: prefill (on a prefill worker), local (short prompt), fallback (no prefill worker), rejected"),
+    ("dynamo_router_disagg_prefill_seconds_total", "counter", "Time spent waiting for prefill workers"),
 ];
 
 pub struct MetricsHub {
     engines: Mutex<Vec<(ReplicaId, Arc<MockerEngine>)>>,
     routers: Mutex<Vec<(ReplicaId, KvRouterHandle)>>,
+    disagg: Mutex<Vec<(ReplicaId, Arc<DisaggRouter>)>>,
     peers: Vec<(String, PathBuf)>,
     peer_text: Mutex<String>,
 }
@@ -122,6 +127,7 @@ impl MetricsHub {
         Arc::new(MetricsHub {
             engines: Mutex::new(Vec::new()),
             routers: Mutex::new(Vec::new()),
+            disagg: Mutex::new(Vec::new()),
             peers,
             peer_text: Mutex::new(String::new()),
         })
@@ -139,9 +145,37 @@ impl MetricsHub {
         }
     }
 
-    /// Sample lines (no headers) of this process's engines and KV routers.
+    pub fn add_disagg(&self, id: ReplicaId, router: Arc<DisaggRouter>) {
+        if let Ok(mut r) = self.disagg.lock() {
+            r.push((id, router));
+        }
+    }
+
+    /// Sample lines (no headers) of this process's engines and routers.
     pub fn local_samples(&self) -> String {
         let mut out = String::new();
+        if let Ok(routers) = self.disagg.lock() {
+            for (id, r) in routers.iter() {
+                let m = r.metrics();
+                let l = format!("node=\"{}\",replica=\"{}\"", id.node, id.index);
+                for (path, n) in [
+                    ("prefill", m.prefill_total),
+                    ("local", m.local_prefill_total),
+                    ("fallback", m.fallback_total),
+                    ("rejected", m.rejected_total),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "dynamo_router_disagg_requests_total{{{l},path=\"{path}\"}} {n}"
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "dynamo_router_disagg_prefill_seconds_total{{{l}}} {}",
+                    m.prefill_latency_us_sum as f64 / 1e6
+                );
+            }
+        }
         if let Ok(routers) = self.routers.lock() {
             for (id, kv) in routers.iter() {
                 let m = kv.metrics();
@@ -223,6 +257,26 @@ impl MetricsHub {
                 s.prefix_hit_tokens
             );
             let _ = writeln!(out, "dynamo_engine_kv_events_total{{{l}}} {}", s.kv_events);
+            let _ = writeln!(
+                out,
+                "dynamo_engine_kv_transfer_blocks_total{{{l},direction=\"sent\"}} {}",
+                s.kv_blocks_sent
+            );
+            let _ = writeln!(
+                out,
+                "dynamo_engine_kv_transfer_blocks_total{{{l},direction=\"received\"}} {}",
+                s.kv_blocks_received
+            );
+            let _ = writeln!(
+                out,
+                "dynamo_engine_kv_transfer_bytes_total{{{l},direction=\"sent\"}} {}",
+                s.kv_bytes_sent
+            );
+            let _ = writeln!(
+                out,
+                "dynamo_engine_kv_transfer_bytes_total{{{l},direction=\"received\"}} {}",
+                s.kv_bytes_received
+            );
         }
         out
     }

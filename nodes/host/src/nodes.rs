@@ -9,7 +9,11 @@ use dynamo_mocker::{MockerConfig, MockerEngine};
 use dynamo_preprocessor::gguf::GgufFile;
 use dynamo_preprocessor::{Preprocessor, PreprocessorConfig, PreprocessorService};
 use dynamo_protocol::{ChatRequest, TextDelta, TokenDelta, TokenRequest};
-use dynamo_router::{KvConfig, KvMode, KvRouterHandle, RouterMode, RouterService};
+use dynamo_protocol::{PrefillRequest, PrefillResult};
+use dynamo_router::{
+    DisaggConfig, DisaggRouter, KvConfig, KvMode, KvRouterHandle, LeastLoaded, Policy, RouterMode,
+    RouterService,
+};
 use dynamo_runtime::{InstanceSet, Service};
 
 use crate::endpoints::instance_id;
@@ -88,6 +92,7 @@ pub fn mocker(
     };
     let config = MockerConfig {
         worker_id: instance_id(&replica.id),
+        kv_layout: kv_layout(&gguf),
         block_size: usize_of("block_size", 16),
         num_blocks: usize_of("num_blocks", 8192),
         max_num_seqs: usize_of("max_num_seqs", 256),
@@ -102,10 +107,42 @@ pub fn mocker(
     MockerEngine::start(config).map_err(|e| invalid(node, e))
 }
 
+/// The KV layout of a llama-family GGUF (f16 KV), for the size of handed-over blocks.
+fn kv_layout(gguf: &GgufFile) -> dynamo_protocol::KvLayout {
+    let arch = gguf
+        .opt_str("general.architecture")
+        .ok()
+        .flatten()
+        .unwrap_or("llama")
+        .to_string();
+    let get = |key: &str| {
+        gguf.opt_u64(&format!("{arch}.{key}"))
+            .ok()
+            .flatten()
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    let mut layout = dynamo_mocker::SMOLLM2_135M_KV_LAYOUT;
+    if let (Some(layers), Some(heads), Some(embd)) = (
+        get("block_count"),
+        get("attention.head_count"),
+        get("embedding_length"),
+    ) {
+        layout.layers = layers;
+        layout.kv_heads = get("attention.head_count_kv").unwrap_or(heads);
+        layout.head_dim = if heads > 0 {
+            embd / heads
+        } else {
+            layout.head_dim
+        };
+    }
+    layout.block_size = 0; // follows the engine's block_size
+    layout
+}
+
 /// An input port that takes token requests.
 pub type TokenService = Arc<dyn Service<TokenRequest, TokenDelta>>;
 
-/// A worker's service, by engine.
+/// An engine replica of any kind (worker, prefill, decode): only the mocker for now.
 pub fn engine(
     node: &PlannedNode,
     replica: &PlannedReplica,
@@ -162,6 +199,57 @@ pub fn router(
         .named(node.name.clone());
     let handle = svc.kv_handle();
     Ok((Arc::new(svc), handle))
+}
+
+/// A disaggregated router: decode workers by load, prefill workers by KV overlap (`kv`,
+/// `kv-approx`) or round-robin; prompts shorter than `prefill_threshold` stay on the
+/// decode worker; with no live prefill worker it serves aggregated unless `enforce_disagg`.
+pub fn disagg_router(
+    node: &PlannedNode,
+    block_size: Option<usize>,
+    prefill: Arc<InstanceSet<PrefillRequest, PrefillResult>>,
+    decode: Arc<InstanceSet<TokenRequest, TokenDelta>>,
+    hub: &Arc<crate::metrics::MetricsHub>,
+    id: &dynamo_graph::plan::ReplicaId,
+) -> Result<(TokenService, Option<KvRouterHandle>), BuildError> {
+    let mode_name = node.str("mode").unwrap_or("round-robin");
+    let mode: RouterMode = mode_name.parse().map_err(|e| invalid(node, e))?;
+    let (prefill_policy, kv): (Arc<dyn Policy>, Option<KvRouterHandle>) = match mode.kv_mode() {
+        Some(kv_mode) => {
+            let mut config = KvConfig::for_mode(kv_mode);
+            if let Some(b) = block_size {
+                config.block_size = b;
+            }
+            if let Some(w) = node.f64("overlap_weight") {
+                config.overlap_weight = w;
+            }
+            if let Some(t) = node.f64("temperature") {
+                config.temperature = t;
+            }
+            let handle = KvRouterHandle::new(kv_mode, config).map_err(|e| invalid(node, e))?;
+            (handle.policy(), Some(handle))
+        }
+        None => (mode.policy(), None),
+    };
+    let config = DisaggConfig {
+        prefill_threshold: node
+            .u64("prefill_threshold")
+            .and_then(|v| usize::try_from(v).ok())
+            .unwrap_or(0),
+        enforce: node.bool("enforce_disagg").unwrap_or(false),
+    };
+    let router = Arc::new(
+        DisaggRouter::new(
+            config,
+            prefill,
+            prefill_policy,
+            decode,
+            Arc::new(LeastLoaded::default()),
+        )
+        .named(node.name.clone()),
+    );
+    hub.add_disagg(id.clone(), router.clone());
+    Ok((router, kv))
 }
 
 pub fn preprocessor(

@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use dynamo_graph::kinds::EdgeKind;
 use dynamo_graph::plan::{Plan, PlannedReplica, ReplicaId, Transport};
+use dynamo_mocker::{KvImportService, PrefillService};
 use dynamo_protocol::{
-    ChatRequest, KvStreamItem, KvSubscribe, TextDelta, TokenDelta, TokenRequest,
+    ChatRequest, KvStreamItem, KvSubscribe, KvTransfer, KvTransferAck, PrefillRequest,
+    PrefillResult, TextDelta, TokenDelta, TokenRequest,
 };
 use dynamo_runtime::transport::in_process::InProcessClient;
 use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
@@ -182,6 +184,13 @@ impl Ctx<'_> {
 /// A producer on a feedback edge: its instance id and the client that subscribes to it.
 type Source<Req, Resp> = (u64, Arc<dyn Service<Req, Resp>>);
 
+/// A router whose requests go through `prefill` and `decode` outputs.
+fn routes_disaggregated(plan: &Plan, router: &str) -> bool {
+    plan.edges
+        .iter()
+        .any(|e| e.kind == EdgeKind::Call && e.from.node == router && e.from.port == "decode")
+}
+
 /// The block size of the engines a router's `out` port reaches (validation made them agree).
 fn worker_block_size(plan: &Plan, router: &str) -> Option<usize> {
     plan.edges
@@ -256,6 +265,8 @@ pub async fn run(
     let mut chat: Local<ChatRequest, TextDelta> = Local::default();
     let mut tokens: Local<TokenRequest, TokenDelta> = Local::default();
     let mut kv_events: Local<KvSubscribe, KvStreamItem> = Local::default();
+    let mut kv_in: Local<KvTransfer, KvTransferAck> = Local::default();
+    let mut prefill_in: Local<PrefillRequest, PrefillResult> = Local::default();
     let hub = MetricsHub::new(&plan, process, run_dir);
     let mut frontends = Vec::new();
     let mut tasks_before_ready = Vec::new();
@@ -275,15 +286,7 @@ pub async fn run(
             continue;
         };
         match node.kind.as_str() {
-            "decode" | "prefill" => {
-                return Err(BuildError::NotYet {
-                    node: node.name.clone(),
-                    what: "disaggregated prefill/decode".into(),
-                    issue: "issue #4",
-                }
-                .into())
-            }
-            "worker" => {
+            "worker" | "prefill" | "decode" => {
                 let model = nodes::model_of(node, &plan.models)?;
                 let (svc, engine) = nodes::engine(node, replica, nodes::model_path(node, model)?)?;
                 let events: Arc<dyn Service<KvSubscribe, KvStreamItem>> =
@@ -293,7 +296,61 @@ pub async fn run(
                     .register(&events_ep, events.clone())
                     .map_err(register_err)?;
                 kv_events.services.insert(events_ep, events);
+                let ep = endpoint(&replica.id, "in");
+                if node.kind == "prefill" {
+                    // Its `kv` output reaches the decode workers, built before it.
+                    let kv_out = ctx.outputs(replica, "kv", &kv_in)?;
+                    let prefill: Arc<dyn Service<PrefillRequest, PrefillResult>> =
+                        Arc::new(PrefillService::new(engine.clone(), kv_out));
+                    server
+                        .register(&ep, prefill.clone())
+                        .map_err(register_err)?;
+                    prefill_in.services.insert(ep, prefill);
+                } else {
+                    if node.kind == "decode" {
+                        let import: Arc<dyn Service<KvTransfer, KvTransferAck>> =
+                            Arc::new(KvImportService::new(engine.clone()));
+                        let kv_ep = endpoint(&replica.id, "kv");
+                        server
+                            .register(&kv_ep, import.clone())
+                            .map_err(register_err)?;
+                        kv_in.services.insert(kv_ep, import);
+                    }
+                    server.register(&ep, svc.clone()).map_err(register_err)?;
+                    tokens.services.insert(ep, svc);
+                }
                 hub.add_engine(replica.id.clone(), engine);
+            }
+            "router" if routes_disaggregated(&plan, &replica.id.node) => {
+                let decode = ctx.outputs(replica, "decode", &tokens)?;
+                let prefill = ctx.outputs(replica, "prefill", &prefill_in)?;
+                let block_size = worker_block_size(&plan, &replica.id.node);
+                let (svc, kv) =
+                    nodes::disagg_router(node, block_size, prefill, decode, &hub, &replica.id)?;
+                if let Some(kv) = kv.filter(|k| k.mode() == dynamo_router::KvMode::Events) {
+                    // The prefill choice is by KV overlap: index the prefill workers' caches.
+                    let prefill_nodes: Vec<&str> = plan
+                        .edges
+                        .iter()
+                        .filter(|e| e.from.node == replica.id.node && e.from.port == "prefill")
+                        .map(|e| e.to.node.as_str())
+                        .collect();
+                    for (worker, source) in ctx.feedback_sources(replica, "events", &kv_events)? {
+                        let from_prefill = plan.replicas.iter().any(|r| {
+                            instance_id(&r.id) == worker
+                                && prefill_nodes.contains(&r.id.node.as_str())
+                        });
+                        if from_prefill {
+                            tasks_before_ready.push(tokio::spawn(crate::events::follow(
+                                kv.clone(),
+                                worker,
+                                source,
+                                shutdown.clone(),
+                            )));
+                        }
+                    }
+                    hub.add_router(replica.id.clone(), kv);
+                }
                 let ep = endpoint(&replica.id, "in");
                 server.register(&ep, svc.clone()).map_err(register_err)?;
                 tokens.services.insert(ep, svc);
