@@ -129,11 +129,7 @@ fn kv_layout(gguf: &GgufFile) -> dynamo_protocol::KvLayout {
     ) {
         layout.layers = layers;
         layout.kv_heads = get("attention.head_count_kv").unwrap_or(heads);
-        layout.head_dim = if heads > 0 {
-            embd / heads
-        } else {
-            layout.head_dim
-        };
+        layout.head_dim = embd.checked_div(heads).unwrap_or(layout.head_dim);
     }
     layout.block_size = 0; // follows the engine's block_size
     layout
