@@ -3,7 +3,6 @@
 //! streams back, cancelled requests free blocks on both sides, and a dead prefill worker
 //! makes requests fall back to the decode worker — or fail clearly when enforced.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use dynamo_tests::{model_cached, workspace, Graph};
