@@ -28,7 +28,10 @@ pub struct KvLayout {
 impl KvLayout {
     /// Keys and values of every layer for one token.
     pub fn bytes_per_token(&self) -> u64 {
-        2 * u64::from(self.layers) * u64::from(self.kv_heads) * u64::from(self.head_dim) * u64::from(self.dtype_bytes)
+        2 * u64::from(self.layers)
+            * u64::from(self.kv_heads)
+            * u64::from(self.head_dim)
+            * u64::from(self.dtype_bytes)
     }
 
     pub fn bytes_per_block(&self) -> u64 {

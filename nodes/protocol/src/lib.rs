@@ -14,8 +14,8 @@ pub mod disagg;
 pub mod kv;
 pub mod tokens;
 
-pub use disagg::{KvLayout, KvTransfer, KvTransferAck, PrefillRequest, PrefillResult};
 pub use chat::{ChatMessage, ChatRequest, FinishReason, Prompt, TextDelta, Usage};
+pub use disagg::{KvLayout, KvTransfer, KvTransferAck, PrefillRequest, PrefillResult};
 pub use kv::{
     block_hashes, BlockHash, KvEvent, KvEventData, KvStreamItem, KvSubscribe, StoredBlock,
     DEFAULT_BLOCK_HASH_SEED,
