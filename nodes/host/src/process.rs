@@ -321,26 +321,33 @@ pub async fn run(
                 }
                 hub.add_engine(replica.id.clone(), engine);
             }
-            "router" if routes_disaggregated(&plan, &replica.id.node) => {
-                let decode = ctx.outputs(replica, "decode", &tokens)?;
-                let prefill = ctx.outputs(replica, "prefill", &prefill_in)?;
+            "router" => {
                 let block_size = worker_block_size(&plan, &replica.id.node);
-                let (svc, kv) =
-                    nodes::disagg_router(node, block_size, prefill, decode, &hub, &replica.id)?;
+                // A KV router indexes the workers it chooses by overlap: the prefill workers
+                // when it disaggregates, else the workers behind `out`.
+                let (svc, kv, indexed_port) = if routes_disaggregated(&plan, &replica.id.node) {
+                    let decode = ctx.outputs(replica, "decode", &tokens)?;
+                    let prefill = ctx.outputs(replica, "prefill", &prefill_in)?;
+                    let (svc, kv) =
+                        nodes::disagg_router(node, block_size, prefill, decode, &hub, &replica.id)?;
+                    (svc, kv, "prefill")
+                } else {
+                    let workers = ctx.outputs(replica, "out", &tokens)?;
+                    let (svc, kv) = nodes::router(node, block_size, workers)?;
+                    (svc, kv, "out")
+                };
                 if let Some(kv) = kv.filter(|k| k.mode() == dynamo_router::KvMode::Events) {
-                    // The prefill choice is by KV overlap: index the prefill workers' caches.
-                    let prefill_nodes: Vec<&str> = plan
+                    let indexed: Vec<&str> = plan
                         .edges
                         .iter()
-                        .filter(|e| e.from.node == replica.id.node && e.from.port == "prefill")
+                        .filter(|e| e.from.node == replica.id.node && e.from.port == indexed_port)
                         .map(|e| e.to.node.as_str())
                         .collect();
                     for (worker, source) in ctx.feedback_sources(replica, "events", &kv_events)? {
-                        let from_prefill = plan.replicas.iter().any(|r| {
-                            instance_id(&r.id) == worker
-                                && prefill_nodes.contains(&r.id.node.as_str())
+                        let wanted = plan.replicas.iter().any(|r| {
+                            instance_id(&r.id) == worker && indexed.contains(&r.id.node.as_str())
                         });
-                        if from_prefill {
+                        if wanted {
                             tasks_before_ready.push(tokio::spawn(crate::events::follow(
                                 kv.clone(),
                                 worker,
@@ -348,25 +355,6 @@ pub async fn run(
                                 shutdown.clone(),
                             )));
                         }
-                    }
-                    hub.add_router(replica.id.clone(), kv);
-                }
-                let ep = endpoint(&replica.id, "in");
-                server.register(&ep, svc.clone()).map_err(register_err)?;
-                tokens.services.insert(ep, svc);
-            }
-            "router" => {
-                let workers = ctx.outputs(replica, "out", &tokens)?;
-                let block_size = worker_block_size(&plan, &replica.id.node);
-                let (svc, kv) = nodes::router(node, block_size, workers)?;
-                if let Some(kv) = kv.filter(|k| k.mode() == dynamo_router::KvMode::Events) {
-                    for (worker, source) in ctx.feedback_sources(replica, "events", &kv_events)? {
-                        tasks_before_ready.push(tokio::spawn(crate::events::follow(
-                            kv.clone(),
-                            worker,
-                            source,
-                            shutdown.clone(),
-                        )));
                     }
                     hub.add_router(replica.id.clone(), kv);
                 }
