@@ -240,6 +240,12 @@ const ROUTER_SETTINGS: &[Field] = &[
         "disaggregated: prompts shorter than this many tokens are prefilled on the decode worker itself",
     ),
     Field::opt(
+        "max_prefill_queue",
+        NON_NEGATIVE,
+        Some("0"),
+        "disaggregated: when every prefill worker has this many prefills in flight, the decode worker prefills itself (0: never)",
+    ),
+    Field::opt(
         "enforce_disagg",
         Ty::Bool,
         Some("false"),

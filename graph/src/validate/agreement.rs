@@ -270,7 +270,7 @@ fn engine_settings(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
             .iter()
             .any(|e| e.from.node == i && e.from.port.name == "decode");
         if kind.name == "router" && !disaggregated {
-            for key in ["prefill_threshold", "enforce_disagg"] {
+            for key in ["prefill_threshold", "max_prefill_queue", "enforce_disagg"] {
                 if let Some(span) = node.setting_span(key) {
                     diags.push(
                         Diagnostic::at(Code::W0002, span, format!("`{key}` only applies to a router with a `decode` output"))

@@ -233,6 +233,10 @@ pub fn disagg_router(
             .and_then(|v| usize::try_from(v).ok())
             .unwrap_or(0),
         enforce: node.bool("enforce_disagg").unwrap_or(false),
+        max_prefill_queue: node
+            .u64("max_prefill_queue")
+            .and_then(|v| usize::try_from(v).ok())
+            .unwrap_or(0),
     };
     let router = Arc::new(
         DisaggRouter::new(

@@ -24,7 +24,7 @@
 //!
 //! let prefill = Arc::new(InstanceSet::<PrefillRequest, PrefillResult>::new("prefill"));
 //! let decode = Arc::new(InstanceSet::<TokenRequest, TokenDelta>::new("decode"));
-//! let config = DisaggConfig { prefill_threshold: 64, enforce: false };
+//! let config = DisaggConfig { prefill_threshold: 64, enforce: false, max_prefill_queue: 4 };
 //! let router = DisaggRouter::new(
 //!     config,
 //!     prefill,
@@ -72,6 +72,10 @@ pub struct DisaggConfig {
     /// When no prefill worker is live: fail the request with `Unavailable` instead of
     /// falling back to aggregated serving on the decode worker.
     pub enforce: bool,
+    /// The other half of the conditional policy: when every live prefill worker already
+    /// has this many prefills in flight, the decode worker prefills the prompt itself
+    /// rather than queue behind them. 0 never does.
+    pub max_prefill_queue: usize,
 }
 
 /// The router of a disaggregated deployment: one input port, a `decode` and a `prefill`
@@ -161,6 +165,26 @@ impl DisaggRouter {
     }
 }
 
+impl Inner {
+    /// Whether every live prefill worker has `max_prefill_queue` prefills in flight.
+    fn prefill_queue_full(&self) -> bool {
+        let limit = self.config.max_prefill_queue as u64;
+        if limit == 0 {
+            return false;
+        }
+        let live = self.prefill.set.ids();
+        let stats = self.prefill.loads.stats(&self.prefill.set);
+        let mut in_flight = stats
+            .iter()
+            .filter(|(id, _, _)| live.contains(id))
+            .map(|(_, n, _)| *n);
+        match in_flight.next() {
+            None => false,
+            Some(first) => in_flight.fold(first, u64::min) >= limit,
+        }
+    }
+}
+
 impl Service<TokenRequest, TokenDelta> for DisaggRouter {
     /// One `disagg_router` span per request: `decode_instance`, `prefill_instance` (and
     /// `prefill_retried_from`), `path` (`prefill`, `local`, `fallback`, `rejected`,
@@ -200,7 +224,7 @@ impl Service<TokenRequest, TokenDelta> for DisaggRouter {
         span.record("decode_instance", pick.id);
         // Held through the prefill, so concurrent requests see this decode worker busy.
         let load = LoadGuard::charge(pick.load.clone());
-        if request.token_ids.len() < inner.config.prefill_threshold {
+        if request.token_ids.len() < inner.config.prefill_threshold || inner.prefill_queue_full() {
             span.record("path", "local");
             inner.counters.local();
             let stream = dispatch(decode, pick, load, request, ctx, span.clone());

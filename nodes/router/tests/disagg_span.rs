@@ -81,6 +81,7 @@ fn each_request_has_a_span_with_its_prefill_and_decode_choices() {
     let disagg = DisaggConfig {
         prefill_threshold: 4,
         enforce: false,
+        ..DisaggConfig::default()
     };
     let router = DisaggRouter::new(
         disagg,

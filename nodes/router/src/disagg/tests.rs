@@ -142,6 +142,7 @@ async fn short_prompts_are_prefilled_by_the_decode_worker() {
     let config = DisaggConfig {
         prefill_threshold: 4,
         enforce: true,
+        ..DisaggConfig::default()
     };
     let r = router(config, prefill_set(&[&p]), set_of(&[&d]));
     assert_eq!(
@@ -215,6 +216,7 @@ async fn enforced_disaggregation_without_prefill_workers_is_unavailable() {
     let enforce = DisaggConfig {
         prefill_threshold: 0,
         enforce: true,
+        ..DisaggConfig::default()
     };
     let gone = FakePrefill::new(10, Prefill::Fail(ErrorKind::Unavailable));
     for set in [prefill_set(&[]), prefill_set(&[&gone])] {
@@ -342,6 +344,7 @@ async fn counters_add_up_over_a_mix_of_requests() {
     let config = DisaggConfig {
         prefill_threshold: 4,
         enforce: false,
+        ..DisaggConfig::default()
     };
     let r = router(config, prefill.clone(), set_of(&[&d]));
     for (i, tokens) in [2, 8, 3, 16, 8].into_iter().enumerate() {
@@ -392,4 +395,32 @@ async fn a_request_dropped_before_it_is_polled_counts_as_cancelled() {
     assert_eq!(r.decode_stats(), vec![(1, 0, 0)]);
     assert_eq!(r.metrics().cancelled_total, 1);
     assert_adds_up(&r.metrics());
+}
+
+#[tokio::test]
+async fn a_full_prefill_queue_sends_prompts_to_the_decode_worker() {
+    let (p, open) = FakePrefill::gated(10);
+    let d = Fake::new(1, Behaviour::Stream(2));
+    let config = DisaggConfig {
+        max_prefill_queue: 1,
+        ..DisaggConfig::default()
+    };
+    let r = router(config, prefill_set(&[&p]), set_of(&[&d]));
+    // The first request occupies the only prefill worker...
+    let mut first = r.call(request(8), RequestContext::new("a"));
+    assert!(stays_pending(&mut first).await);
+    assert_eq!(p.calls().len(), 1);
+    // ...so the second is prefilled by the decode worker instead of queueing.
+    let second = collect(r.call(request(8), RequestContext::new("b"))).await;
+    assert_eq!(second.len(), 2);
+    assert_eq!(
+        p.calls().len(),
+        1,
+        "the busy prefill worker got no second request"
+    );
+    let _ = open.send(());
+    assert_eq!(collect(first).await.len(), 2);
+    let m = r.metrics();
+    assert_eq!((m.prefill_total, m.local_prefill_total), (1, 1));
+    assert_adds_up(&m);
 }
