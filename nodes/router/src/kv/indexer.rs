@@ -7,7 +7,6 @@
 //! (any epoch), so tests are deterministic.
 
 use std::cmp::Reverse;
-use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
@@ -16,7 +15,11 @@ use dynamo_runtime::InstanceId;
 use foldhash::fast::RandomState;
 
 use super::sync::{EventOutcome, EventSync, Verdict};
-use super::worker_set::{Dropped, PrefixWalk, WorkerSet};
+use super::worker_set::{Dropped, PrefixWalk};
+use table::BlockTable;
+
+#[path = "indexer_table.rs"]
+mod table;
 
 /// Worker ids by slot and back; shared with the results of `find_matches`, copied only
 /// when a worker comes or goes while a result is alive.
@@ -97,7 +100,7 @@ struct Worker {
 /// the index once.
 #[derive(Debug, Default)]
 pub struct KvIndexer {
-    blocks: HashMap<BlockHash, WorkerSet, RandomState>,
+    blocks: BlockTable,
     slots: Arc<Slots>,
     workers: Vec<Worker>,
     free_slots: Vec<u32>,
@@ -182,11 +185,13 @@ impl KvIndexer {
     pub fn find_matches(&self, hashes: &[BlockHash]) -> OverlapScores {
         let mut dropped = Dropped::default();
         let mut iter = hashes.iter();
-        if let Some(first) = iter.next().and_then(|h| self.blocks.get(h)) {
+        if let Some(first) = iter.next().and_then(|&h| self.blocks.get(h)) {
             let mut walk = PrefixWalk::start(first);
             let mut alive = true;
             for h in iter {
-                let Some(set) = self.blocks.get(h) else { break };
+                let Some(set) = self.blocks.get(*h) else {
+                    break;
+                };
                 if !walk.step(set, &mut dropped) {
                     alive = false;
                     break;
@@ -210,7 +215,7 @@ impl KvIndexer {
         let slot = self.slot(worker);
         let mut added = 0;
         for &h in hashes {
-            if self.blocks.entry(h).or_default().insert(slot) {
+            if self.blocks.insert(h, slot) {
                 added += 1;
                 self.expiring.insert((slot, h), expires_at);
             } else {
@@ -265,7 +270,7 @@ impl KvIndexer {
         };
         let mut out: Vec<_> = (self.blocks.iter())
             .filter(|(_, set)| set.contains(slot))
-            .map(|(&h, _)| h)
+            .map(|(h, _)| h)
             .collect();
         out.sort_unstable();
         out
@@ -289,7 +294,7 @@ impl KvIndexer {
                 self.warm(blocks.iter().map(|b| b.hash));
                 let mut added = 0;
                 for b in blocks {
-                    if self.blocks.entry(b.hash).or_default().insert(slot) {
+                    if self.blocks.insert(b.hash, slot) {
                         added += 1;
                     } else if !self.expiring.is_empty() {
                         // A predicted block, now confirmed.
@@ -310,22 +315,17 @@ impl KvIndexer {
         }
     }
 
-    /// Independent lookups of a batch's blocks first: the CPU overlaps their cache misses,
-    /// so the updates that follow find the entries in cache.
+    /// Starts the cache misses of a batch's slots together, so the updates that follow
+    /// find them loaded instead of waiting for each in turn.
     fn warm(&self, hashes: impl Iterator<Item = BlockHash>) {
-        let found = hashes.filter(|h| self.blocks.contains_key(h)).count();
-        std::hint::black_box(found);
+        for h in hashes {
+            self.blocks.prefetch(h);
+        }
     }
 
     fn remove_block(&mut self, slot: u32, hash: BlockHash) {
-        let Entry::Occupied(mut e) = self.blocks.entry(hash) else {
+        if !self.blocks.remove(hash, slot) {
             return;
-        };
-        if !e.get_mut().remove(slot) {
-            return;
-        }
-        if e.get().is_empty() {
-            e.remove();
         }
         if !self.expiring.is_empty() {
             self.expiring.remove(&(slot, hash));
@@ -344,9 +344,8 @@ impl KvIndexer {
             return;
         }
         w.live = 0;
-        self.blocks.retain(|_, set| {
+        self.blocks.retain(|set| {
             set.remove(slot);
-            !set.is_empty()
         });
         self.expiring.retain(|&(s, _), _| s != slot);
     }
