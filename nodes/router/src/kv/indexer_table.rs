@@ -49,7 +49,13 @@ impl BlockTable {
     /// Starts loading the slot of `hash` into the cache, without waiting for it.
     #[inline]
     pub fn prefetch(&self, hash: BlockHash) {
-        if let Some(slot) = self.slots.get(self.home(hash)) {
+        let i = self.home(hash);
+        if let Some(slot) = self.slots.get(i) {
+            prefetch_read(slot);
+        }
+        // The next slot too: a probe or a removal's backward shift reads it, and it is
+        // often on the next cache line.
+        if let Some(slot) = self.slots.get((i + 1) & self.mask()) {
             prefetch_read(slot);
         }
     }
@@ -121,8 +127,9 @@ impl BlockTable {
     /// every entry stays reachable from its home without tombstones.
     fn vacate(&mut self, mut i: usize) {
         let mask = self.mask();
-        if let Some(s) = self.slots.get_mut(i) {
-            *s = (0, WorkerSet::default());
+        if let Some((key, set)) = self.slots.get_mut(i) {
+            *key = 0;
+            *set = WorkerSet::default();
         }
         self.len -= 1;
         let mut j = (i + 1) & mask;
