@@ -155,7 +155,7 @@ impl BlockTable {
     pub fn retain(&mut self, mut f: impl FnMut(&mut WorkerSet)) {
         let old = std::mem::take(&mut self.slots);
         let capacity = old.len();
-        self.slots = vec![(0, WorkerSet::default()); capacity];
+        self.slots = vacant_slots(capacity);
         self.len = 0;
         for (key, mut set) in old {
             if vacant(&set) {
@@ -177,7 +177,7 @@ impl BlockTable {
 
     fn grow(&mut self) {
         let capacity = (self.slots.len() * 2).max(MIN_CAPACITY);
-        let old = std::mem::replace(&mut self.slots, vec![(0, WorkerSet::default()); capacity]);
+        let old = std::mem::replace(&mut self.slots, vacant_slots(capacity));
         self.len = 0;
         for (key, set) in old {
             if !vacant(&set) {
@@ -200,6 +200,36 @@ impl BlockTable {
         }
     }
 }
+
+/// `capacity` vacant slots. A large table asks for 2 MiB pages: its lookups land on
+/// random pages, and with 4 KiB ones most would also miss the TLB.
+fn vacant_slots(capacity: usize) -> Vec<(BlockHash, WorkerSet)> {
+    let slots = vec![(0, WorkerSet::default()); capacity];
+    advise_huge_pages(&slots);
+    slots
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge_pages<T>(slots: &[T]) {
+    const PAGE: usize = 4096;
+    const HUGE: usize = 2 << 20;
+    let bytes = std::mem::size_of_val(slots);
+    if bytes < 2 * HUGE {
+        return;
+    }
+    let start = slots.as_ptr() as usize;
+    let aligned = start.next_multiple_of(PAGE);
+    let len = (bytes - (aligned - start)) / PAGE * PAGE;
+    // SAFETY: madvise only advises the kernel about pages inside `slots`' allocation
+    // (the range is rounded inward to whole pages); it changes no contents. Failure
+    // (no THP support) leaves ordinary pages, so its result is ignored.
+    unsafe {
+        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages<T>(_slots: &[T]) {}
 
 /// Loads the slot's key into nothing: the load has no dependants, so the CPU issues the
 /// misses of a batch together (a prefetch without `unsafe`).
