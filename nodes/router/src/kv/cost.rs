@@ -6,6 +6,10 @@
 //!         + active_decode_blocks(w)
 //! ```
 //!
+//! As in Dynamo's router, a request's pending prefill is its *new* blocks, those the chosen
+//! worker did not hold when it was routed (`prompt_blocks − overlap`): the cached part
+//! costs the worker no compute, so it must not count as queued prefill either.
+//!
 //! Lowest cost wins; ties go to the lower load (requests in flight), then at random. With a
 //! temperature above 0 the worker is sampled with `p ∝ exp(−normalised_cost / T)`.
 
@@ -16,7 +20,8 @@ use dynamo_runtime::InstanceId;
 /// Work the router has sent one worker and not yet seen finish.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WorkerLoad {
-    /// Prompt blocks of requests whose first token has not come back yet.
+    /// Uncached prompt blocks (prompt − overlap at routing) of requests whose first token
+    /// has not come back yet.
     pub prefill_blocks: u64,
     /// Prompt blocks of requests whose stream is still open (their KV is held).
     pub decode_blocks: u64,
@@ -35,28 +40,37 @@ impl ActiveLoads {
         self.by_worker.get(&worker).copied().unwrap_or_default()
     }
 
-    /// A request of `prompt_blocks` blocks was sent to `worker`.
-    pub fn dispatched(&mut self, worker: InstanceId, prompt_blocks: u64) {
+    /// A request of `prompt_blocks` blocks, `new_blocks` of them not cached on `worker`,
+    /// was sent to `worker`.
+    pub fn dispatched(&mut self, worker: InstanceId, prompt_blocks: u64, new_blocks: u64) {
         let l = self.by_worker.entry(worker).or_default();
-        l.prefill_blocks += prompt_blocks;
+        l.prefill_blocks += new_blocks.min(prompt_blocks);
         l.decode_blocks += prompt_blocks;
         l.requests += 1;
     }
 
-    /// Its first token came back: its prefill is done.
-    pub fn prefilled(&mut self, worker: InstanceId, prompt_blocks: u64) {
+    /// Its first token came back: its `new_blocks` are prefilled.
+    pub fn prefilled(&mut self, worker: InstanceId, new_blocks: u64) {
         if let Some(l) = self.by_worker.get_mut(&worker) {
-            l.prefill_blocks = l.prefill_blocks.saturating_sub(prompt_blocks);
+            l.prefill_blocks = l.prefill_blocks.saturating_sub(new_blocks);
         }
     }
 
     /// Its stream ended; `prefilled` says whether [`ActiveLoads::prefilled`] was called.
-    pub fn finished(&mut self, worker: InstanceId, prompt_blocks: u64, prefilled: bool) {
+    pub fn finished(
+        &mut self,
+        worker: InstanceId,
+        prompt_blocks: u64,
+        new_blocks: u64,
+        prefilled: bool,
+    ) {
         let Some(l) = self.by_worker.get_mut(&worker) else {
             return;
         };
         if !prefilled {
-            l.prefill_blocks = l.prefill_blocks.saturating_sub(prompt_blocks);
+            l.prefill_blocks = l
+                .prefill_blocks
+                .saturating_sub(new_blocks.min(prompt_blocks));
         }
         l.decode_blocks = l.decode_blocks.saturating_sub(prompt_blocks);
         l.requests = l.requests.saturating_sub(1);
@@ -169,6 +183,34 @@ mod tests {
     }
 
     #[test]
+    fn pending_prefill_counts_only_the_uncached_blocks() {
+        // A 100-block prompt routed for its 90 cached blocks queues 10 blocks of prefill,
+        // not 100: the worker computes only those.
+        let mut a = ActiveLoads::default();
+        a.dispatched(1, 100, 10);
+        assert_eq!(
+            a.get(1),
+            WorkerLoad {
+                prefill_blocks: 10,
+                decode_blocks: 100,
+                requests: 1
+            }
+        );
+        // Its cost to the next request: 10 blocks queued, not 100.
+        assert_eq!(cost(1.0, 100, 90, a.get(1)), 10.0 + 10.0 + 100.0);
+        a.dispatched(1, 8, 20);
+        assert_eq!(
+            a.get(1).prefill_blocks,
+            18,
+            "new blocks never exceed the prompt"
+        );
+        a.prefilled(1, 10);
+        a.finished(1, 100, 10, true);
+        a.finished(1, 8, 20, false);
+        assert_eq!(a.get(1), WorkerLoad::default());
+    }
+
+    #[test]
     fn argmin_then_load_then_random() {
         let mut rng = fastrand::Rng::with_seed(7);
         assert_eq!(select(&[], 0.0, &mut rng), None);
@@ -217,8 +259,8 @@ mod tests {
     #[test]
     fn bookkeeping_moves_prefill_to_decode_and_back_to_zero() {
         let mut a = ActiveLoads::default();
-        a.dispatched(1, 10);
-        a.dispatched(1, 4);
+        a.dispatched(1, 10, 10);
+        a.dispatched(1, 4, 4);
         assert_eq!(
             a.get(1),
             WorkerLoad {
@@ -229,10 +271,10 @@ mod tests {
         );
         a.prefilled(1, 10);
         assert_eq!(a.get(1).prefill_blocks, 4);
-        a.finished(1, 10, true);
-        a.finished(1, 4, false);
+        a.finished(1, 10, 10, true);
+        a.finished(1, 4, 4, false);
         assert_eq!(a.get(1), WorkerLoad::default());
-        a.finished(2, 3, false);
+        a.finished(2, 3, 3, false);
         assert_eq!(a.get(2), WorkerLoad::default(), "unknown worker is a no-op");
     }
 }

@@ -241,7 +241,10 @@ impl Policy for KvPolicy {
         let decision = {
             let mut state = self.shared.state.lock();
             let d = self.decide(&mut state, candidates, &hashes, prompt_blocks);
-            state.loads.dispatched(d.instance, prompt_blocks);
+            let new_blocks = prompt_blocks.saturating_sub(u64::from(d.overlap));
+            state
+                .loads
+                .dispatched(d.instance, prompt_blocks, new_blocks);
             let expires = self.shared.expires_at();
             state.indexer.insert_expiring(d.instance, &hashes, expires);
             d
@@ -260,6 +263,7 @@ impl Policy for KvPolicy {
                 shared: self.shared.clone(),
                 worker: decision.instance,
                 prompt_blocks,
+                new_blocks: prompt_blocks.saturating_sub(u64::from(decision.overlap)),
                 hashes,
                 prefilled: false,
             })),
@@ -272,6 +276,8 @@ struct KvTracker {
     shared: Arc<KvShared>,
     worker: InstanceId,
     prompt_blocks: u64,
+    /// Its blocks the worker did not hold when it was routed: its pending prefill.
+    new_blocks: u64,
     hashes: Vec<BlockHash>,
     prefilled: bool,
 }
@@ -281,7 +287,7 @@ impl RequestTracker for KvTracker {
         if !self.prefilled {
             self.prefilled = true;
             let mut state = self.shared.state.lock();
-            state.loads.prefilled(self.worker, self.prompt_blocks);
+            state.loads.prefilled(self.worker, self.new_blocks);
         }
     }
 
@@ -292,8 +298,12 @@ impl RequestTracker for KvTracker {
         let expires = self.shared.expires_at();
         let mut state = self.shared.state.lock();
         let (old, blocks) = (self.worker, self.prompt_blocks);
-        state.loads.finished(old, blocks, self.prefilled);
-        state.loads.dispatched(instance, blocks);
+        state
+            .loads
+            .finished(old, blocks, self.new_blocks, self.prefilled);
+        // What the new worker holds of it is unknown here: count it all as new.
+        self.new_blocks = blocks;
+        state.loads.dispatched(instance, blocks, blocks);
         if self.prefilled {
             state.loads.prefilled(instance, blocks);
         }
@@ -307,9 +317,12 @@ impl RequestTracker for KvTracker {
 impl Drop for KvTracker {
     fn drop(&mut self) {
         let mut state = self.shared.state.lock();
-        state
-            .loads
-            .finished(self.worker, self.prompt_blocks, self.prefilled);
+        state.loads.finished(
+            self.worker,
+            self.prompt_blocks,
+            self.new_blocks,
+            self.prefilled,
+        );
     }
 }
 

@@ -222,3 +222,26 @@ fn kv_modes_built_from_the_mode_have_a_handle_with_their_defaults() {
     };
     assert!(RouterService::with_kv(KvMode::Events, bad, set_of(&[&fake])).is_err());
 }
+
+#[tokio::test]
+async fn pending_prefill_is_the_part_the_worker_did_not_hold() {
+    let fake = Fake::new(7, Behaviour::HangAfter(1));
+    let router = RouterService::with_kv(KvMode::Events, config(KvMode::Events), set_of(&[&fake]))
+        .expect("valid config");
+    let kv = router.kv_handle().expect("handle");
+    kv.apply_event(stored(7, 0, &prompt(32, 0, 0)));
+    // 40 tokens = 10 blocks, the first 8 cached: 2 blocks to prefill, all 10 held.
+    let mut s = router.call(request(prompt(32, 8, 1)), RequestContext::new("c"));
+    assert_eq!(
+        kv.load_of(7),
+        WorkerLoad {
+            prefill_blocks: 2,
+            decode_blocks: 10,
+            requests: 1,
+        }
+    );
+    assert!(next(&mut s).await.is_some());
+    assert_eq!(kv.load_of(7).prefill_blocks, 0);
+    drop(s);
+    assert_eq!(kv.load_of(7), WorkerLoad::default());
+}
