@@ -20,7 +20,14 @@ const MIN_CAPACITY: usize = 16;
 #[derive(Debug, Default)]
 pub(crate) struct BlockTable {
     slots: Vec<(BlockHash, WorkerSet)>,
+    /// One byte per slot: 0 if vacant, else 7 bits of its key's hash. A lookup of a block
+    /// nobody holds (most requests' first block) reads this 1 MiB array, not a cold slot.
+    tags: Vec<u8>,
     len: usize,
+}
+
+fn tag(hash: BlockHash) -> u8 {
+    ((hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u8) | 0x80
 }
 
 fn vacant(set: &WorkerSet) -> bool {
@@ -53,6 +60,9 @@ impl BlockTable {
         if let Some(slot) = self.slots.get(i) {
             prefetch_read(slot);
         }
+        if let Some(&t) = self.tags.get(i) {
+            std::hint::black_box(t);
+        }
         // The next slot too: a probe or a removal's backward shift reads it, and it is
         // often on the next cache line.
         if let Some(slot) = self.slots.get((i + 1) & self.mask()) {
@@ -62,14 +72,14 @@ impl BlockTable {
 
     /// The index of `hash`'s slot, if stored.
     fn find(&self, hash: BlockHash) -> Option<usize> {
-        let mask = self.mask();
+        let (mask, want) = (self.mask(), tag(hash));
         let mut i = self.home(hash);
         loop {
-            let (key, set) = self.slots.get(i)?;
-            if vacant(set) {
+            let t = *self.tags.get(i)?;
+            if t == 0 {
                 return None;
             }
-            if *key == hash {
+            if t == want && self.slots.get(i)?.0 == hash {
                 return Some(i);
             }
             i = (i + 1) & mask;
@@ -96,6 +106,9 @@ impl BlockTable {
             if vacant(set) {
                 *key = hash;
                 self.len += 1;
+                if let Some(t) = self.tags.get_mut(i) {
+                    *t = tag(hash);
+                }
                 return set.insert(slot);
             }
             if *key == hash {
@@ -131,6 +144,9 @@ impl BlockTable {
             *key = 0;
             *set = WorkerSet::default();
         }
+        if let Some(t) = self.tags.get_mut(i) {
+            *t = 0;
+        }
         self.len -= 1;
         let mut j = (i + 1) & mask;
         loop {
@@ -144,6 +160,7 @@ impl BlockTable {
             // Move j back to i unless its home lies cyclically in (i, j].
             if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(i) & mask) {
                 self.slots.swap(i, j);
+                self.tags.swap(i, j);
                 i = j;
             }
             j = (j + 1) & mask;
@@ -156,6 +173,7 @@ impl BlockTable {
         let old = std::mem::take(&mut self.slots);
         let capacity = old.len();
         self.slots = vacant_slots(capacity);
+        self.tags = vec![0; capacity];
         self.len = 0;
         for (key, mut set) in old {
             if vacant(&set) {
@@ -178,6 +196,7 @@ impl BlockTable {
     fn grow(&mut self) {
         let capacity = (self.slots.len() * 2).max(MIN_CAPACITY);
         let old = std::mem::replace(&mut self.slots, vacant_slots(capacity));
+        self.tags = vec![0; capacity];
         self.len = 0;
         for (key, set) in old {
             if !vacant(&set) {
@@ -194,6 +213,9 @@ impl BlockTable {
             if vacant(&s.1) {
                 *s = (hash, set);
                 self.len += 1;
+                if let Some(t) = self.tags.get_mut(i) {
+                    *t = tag(hash);
+                }
                 return;
             }
             i = (i + 1) & mask;
