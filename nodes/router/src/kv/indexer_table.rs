@@ -150,12 +150,13 @@ impl BlockTable {
         self.len -= 1;
         let mut j = (i + 1) & mask;
         loop {
-            let Some((key, set)) = self.slots.get(j) else {
-                return;
-            };
-            if vacant(set) {
+            // The tag says whether to read the slot at all: usually not.
+            if self.tags.get(j).is_none_or(|&t| t == 0) {
                 return;
             }
+            let Some((key, _)) = self.slots.get(j) else {
+                return;
+            };
             let home = self.home(*key);
             // Move j back to i unless its home lies cyclically in (i, j].
             if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(i) & mask) {
