@@ -148,7 +148,7 @@ impl BenchArgs {
     }
 
     pub(crate) fn timeout_duration(&self) -> Result<Duration, BenchError> {
-        positive_secs("--timeout", self.timeout)
+        secs("--timeout", self.timeout, false)
     }
 
     pub(crate) fn load(&self) -> Result<Load, BenchError> {
@@ -177,7 +177,7 @@ impl BenchArgs {
 
     pub(crate) fn bound(&self) -> Result<Bound, BenchError> {
         let duration = match self.duration {
-            Some(secs) => Some(positive_secs("--duration", secs)?),
+            Some(d) => Some(secs("--duration", d, false)?),
             None => None,
         };
         if self.requests == Some(0) {
@@ -215,8 +215,11 @@ impl BenchArgs {
     }
 }
 
-fn positive_secs(flag: &str, secs: f64) -> Result<Duration, BenchError> {
-    if !(secs.is_finite() && secs > 0.0) {
+/// `secs` as a duration: positive (or zero when `zero_ok`) and finite, else an error
+/// naming `flag`. Shared by every benchmark's flags.
+pub(crate) fn secs(flag: &str, secs: f64, zero_ok: bool) -> Result<Duration, BenchError> {
+    let ok = secs.is_finite() && (secs > 0.0 || (zero_ok && secs == 0.0));
+    if !ok {
         return Err(invalid(&format!(
             "{flag} must be a positive number of seconds"
         )));
@@ -224,7 +227,7 @@ fn positive_secs(flag: &str, secs: f64) -> Result<Duration, BenchError> {
     Duration::try_from_secs_f64(secs).map_err(|_| invalid(&format!("{flag} is too large")))
 }
 
-fn invalid(message: &str) -> BenchError {
+pub(crate) fn invalid(message: &str) -> BenchError {
     BenchError::InvalidArgs(message.to_string())
 }
 

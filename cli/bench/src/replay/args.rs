@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
 
+use crate::args::{invalid, secs};
 use crate::BenchError;
 
 /// What to do with a row whose prompt is longer than `--max-input-tokens`.
@@ -143,20 +144,6 @@ impl ReplayArgs {
         }
         Ok(())
     }
-}
-
-fn secs(flag: &str, secs: f64, zero_ok: bool) -> Result<Duration, BenchError> {
-    let ok = secs.is_finite() && (secs > 0.0 || (zero_ok && secs == 0.0));
-    if !ok {
-        return Err(invalid(&format!(
-            "{flag} must be a positive number of seconds"
-        )));
-    }
-    Duration::try_from_secs_f64(secs).map_err(|_| invalid(&format!("{flag} is too large")))
-}
-
-fn invalid(message: &str) -> BenchError {
-    BenchError::InvalidArgs(message.to_string())
 }
 
 #[cfg(test)]
