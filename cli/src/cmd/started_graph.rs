@@ -54,8 +54,8 @@ pub fn start(graph: &Path, sets: &[String]) -> anyhow::Result<Started> {
             }
         });
     }
-    let (mut url, mut ready_ms) = (None, 0);
-    while url.is_none() {
+    let (mut url, mut ready_ms, mut run_dir) = (None, 0, None);
+    while url.is_none() || run_dir.is_none() {
         let line = rx
             .recv_timeout(Duration::from_secs(120))
             .context("the graph did not start within 120 s")?;
@@ -73,21 +73,15 @@ pub fn start(graph: &Path, sets: &[String]) -> anyhow::Result<Started> {
                 .next()
                 .map(|u| u.trim_end_matches("/v1").to_string());
         }
+        if let Some(dir) = line.trim().strip_prefix("run directory: ") {
+            run_dir = Some(PathBuf::from(dir));
+        }
     }
-    let name: String = dynamo_graph::read(graph)
-        .ok()
-        .map(|f| dynamo_graph::check(f, &Default::default()).spec.name.value)
-        .unwrap_or_default();
-    let run_dir = dynamo_host::controller::run_dir_for(&std::env::temp_dir(), &name);
-    let run_dir = PathBuf::from(run_dir.display().to_string().replace(
-        &format!("-{}", std::process::id()),
-        &format!("-{}", child.id()),
-    ));
     Ok(Started {
         url: url.unwrap_or_default(),
         child,
         ready_ms,
-        run_dir,
+        run_dir: run_dir.unwrap_or_default(),
     })
 }
 
@@ -96,16 +90,10 @@ pub fn non_engine_pids(run_dir: &Path) -> anyhow::Result<Vec<u32>> {
     let text = std::fs::read_to_string(run_dir.join("plan.json"))
         .with_context(|| format!("reading {}/plan.json", run_dir.display()))?;
     let plan: dynamo_graph::Plan = serde_json::from_str(&text)?;
-    let engines = ["worker", "prefill", "decode"];
     let wanted: Vec<&str> = plan
         .processes
         .iter()
-        .filter(|p| {
-            !p.replicas
-                .iter()
-                .filter_map(|r| plan.node(&r.node))
-                .any(|n| engines.contains(&n.kind.as_str()))
-        })
+        .filter(|p| !dynamo_host::controller::is_engine_process(&plan, &p.name))
         .map(|p| p.name.as_str())
         .collect();
     let dir = run_dir.display().to_string();

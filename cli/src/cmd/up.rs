@@ -149,6 +149,7 @@ async fn serve(
     for (replica, url) in &running.http {
         println!("  {replica}: OpenAI API {url}/v1   metrics {url}/metrics");
     }
+    println!("  run directory: {}", running.run_dir.display());
     println!(
         "Ctrl-C stops it (in-flight requests get {} s to finish).",
         grace.as_secs()

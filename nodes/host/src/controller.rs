@@ -90,12 +90,13 @@ fn restart_policy(r: &GraphRestart) -> RestartPolicy {
     base.with_backoff(r.backoff, r.max_backoff)
 }
 
-fn is_engine_process(plan: &Plan, process: &str) -> bool {
+/// Whether `process` runs a replica of an engine kind (worker, prefill, decode).
+pub fn is_engine_process(plan: &Plan, process: &str) -> bool {
     plan.process(process).is_some_and(|p| {
         p.replicas
             .iter()
             .filter_map(|r| plan.node(&r.node))
-            .any(|n| matches!(n.kind.as_str(), "worker" | "prefill" | "decode"))
+            .any(|n| dynamo_graph::kinds::kind(&n.kind).is_some_and(|k| k.engine))
     })
 }
 
