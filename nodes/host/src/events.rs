@@ -5,10 +5,11 @@
 use std::sync::Arc;
 
 use dynamo_mocker::MockerEngine;
-use dynamo_protocol::{KvStreamItem, KvSubscribe};
+use dynamo_protocol::{KvEvent, KvStreamItem, KvSubscribe};
 use dynamo_runtime::{RequestContext, ResponseStream, ServeError, Service};
 use futures::StreamExt;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::Receiver;
 
 /// A worker's `events` port.
 pub struct EventsService {
@@ -21,89 +22,62 @@ impl EventsService {
     }
 }
 
+/// Where a subscriber's stream stands.
+enum Feed {
+    /// The snapshot is still to be taken; `live` already collects what comes after.
+    Snapshot(Arc<MockerEngine>, Receiver<KvEvent>),
+    /// Streaming live events, skipping those the snapshot covered (ids ≤ `after`).
+    Live(Receiver<KvEvent>, Option<u64>),
+    Ended,
+}
+
 impl Service<KvSubscribe, KvStreamItem> for EventsService {
     fn call(&self, _req: KvSubscribe, ctx: RequestContext) -> ResponseStream<KvStreamItem> {
-        let engine = self.engine.clone();
         // Subscribe before taking the snapshot: nothing published in between is lost,
         // and what the snapshot already holds is skipped by event id.
-        let mut live = engine.subscribe_events();
-        let stream = async_stream_of(move |tx| async move {
-            let snap = match engine.kv_snapshot().await {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            let after = snap.last_event_id;
-            let first = KvStreamItem::Snapshot {
-                worker_id: snap.worker_id,
-                last_event_id: snap.last_event_id,
-                events: snap.events,
-            };
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
-            loop {
-                let ev = tokio::select! {
-                    _ = ctx.cancelled() => return,
-                    ev = live.recv() => ev,
-                };
-                match ev {
-                    Ok(ev) if after.is_some_and(|a| ev.event_id <= a) => continue,
-                    Ok(ev) => {
-                        if tx.send(Ok(KvStreamItem::Event(ev))).await.is_err() {
-                            return;
+        let start = Feed::Snapshot(self.engine.clone(), self.engine.subscribe_events());
+        futures::stream::unfold(start, move |feed| {
+            let ctx = ctx.clone();
+            async move {
+                match feed {
+                    Feed::Ended => None,
+                    Feed::Snapshot(engine, live) => Some(match engine.kv_snapshot().await {
+                        Ok(snap) => (
+                            Ok(KvStreamItem::Snapshot {
+                                worker_id: snap.worker_id,
+                                last_event_id: snap.last_event_id,
+                                events: snap.events,
+                            }),
+                            Feed::Live(live, snap.last_event_id),
+                        ),
+                        Err(e) => (Err(e), Feed::Ended),
+                    }),
+                    Feed::Live(mut live, after) => loop {
+                        let ev = tokio::select! {
+                            _ = ctx.cancelled() => return None,
+                            ev = live.recv() => ev,
+                        };
+                        match ev {
+                            Ok(ev) if after.is_some_and(|a| ev.event_id <= a) => continue,
+                            Ok(ev) => {
+                                return Some((Ok(KvStreamItem::Event(ev)), Feed::Live(live, after)))
+                            }
+                            // The subscriber fell behind: end the stream so it resubscribes
+                            // and gets a fresh snapshot rather than a silent gap.
+                            Err(RecvError::Lagged(n)) => {
+                                let e = ServeError::unavailable(format!(
+                                    "event stream lagged by {n} events; resubscribe"
+                                ));
+                                return Some((Err(e), Feed::Ended));
+                            }
+                            Err(RecvError::Closed) => return None,
                         }
-                    }
-                    // The subscriber fell behind: end the stream so it resubscribes and
-                    // gets a fresh snapshot rather than a silent gap.
-                    Err(RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(ServeError::unavailable(format!(
-                                "event stream lagged by {n} events; resubscribe"
-                            ))))
-                            .await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => return,
+                    },
                 }
             }
-        });
-        stream.boxed()
+        })
+        .boxed()
     }
-}
-
-/// A stream fed by a task through a small channel.
-fn async_stream_of<F, Fut>(
-    f: F,
-) -> impl futures::Stream<Item = Result<KvStreamItem, ServeError>> + Send + 'static
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<KvStreamItem, ServeError>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    let task = tokio::spawn(f(tx));
-    let guard = AbortOnDrop(task);
-    tokio_stream_from(rx, guard)
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<Result<KvStreamItem, ServeError>>,
-    guard: AbortOnDrop,
-) -> impl futures::Stream<Item = Result<KvStreamItem, ServeError>> + Send + 'static {
-    futures::stream::poll_fn(move |cx| {
-        let _keep = &guard;
-        rx.poll_recv(cx)
-    })
 }
 
 /// Keep a KV router's index of one worker current: subscribe to its `events` port, apply
