@@ -1,0 +1,1 @@
+//! Quantized weight matrices and the matmul kernels over them.
