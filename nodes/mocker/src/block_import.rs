@@ -9,7 +9,7 @@ use foldhash::fast::RandomState;
 use super::{BlockId, BlockManager, OutOfBlocks};
 
 /// Why blocks could not be imported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImportError {
     #[error("prefix caching is off on this worker: imported blocks would never be found")]
     CachingDisabled,
@@ -17,11 +17,15 @@ pub enum ImportError {
     RepeatedHash(BlockHash),
     #[error("cannot import the KV blocks: {0}")]
     OutOfBlocks(#[from] OutOfBlocks),
+    #[error("writing the KV blocks failed: {0}")]
+    Backend(String),
 }
 
 /// What an import did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Imported {
+    /// The pool blocks now holding the chain, in chain order.
+    pub chain: Vec<BlockId>,
     /// Blocks that became cached.
     pub stored: usize,
     /// Blocks that were cached already (now among the most recently used).
@@ -89,6 +93,7 @@ impl BlockManager {
         // Tail first, so the chain's suffix is evicted before its prefix.
         self.release(&chain);
         Ok(Imported {
+            chain,
             stored: hashes.len() - refreshed,
             refreshed,
         })

@@ -44,21 +44,11 @@ fn imported_chain_is_cached_inactive_and_found_as_a_prefix() {
     let mut bm = BlockManager::new(3, 8, true);
     let hashes = chain(10, 5);
     let done = bm.import(None, &hashes[..3]).unwrap();
-    assert_eq!(
-        done,
-        Imported {
-            stored: 3,
-            refreshed: 0
-        }
-    );
+    assert_eq!((done.stored, done.refreshed), (3, 0));
+    assert_eq!(done.chain.len(), 3);
     let done = bm.import(Some(hashes[2]), &hashes[3..]).unwrap();
-    assert_eq!(
-        done,
-        Imported {
-            stored: 2,
-            refreshed: 0
-        }
-    );
+    assert_eq!((done.stored, done.refreshed), (2, 0));
+    assert_eq!(done.chain.len(), 2);
     check(&bm);
     let c = bm.counts();
     assert_eq!((c.active, c.cached_inactive, c.free), (0, 5, 3));
@@ -85,13 +75,8 @@ fn cached_blocks_are_refreshed_not_stored_again() {
     bm.import(None, &other).unwrap();
     events(&mut bm);
     let done = bm.import(None, &hashes).unwrap();
-    assert_eq!(
-        done,
-        Imported {
-            stored: 2,
-            refreshed: 2
-        }
-    );
+    assert_eq!((done.stored, done.refreshed), (2, 2));
+    assert_eq!(done.chain.len(), 4);
     assert_eq!(
         data(&events(&mut bm)),
         vec![stored(Some(hashes[1]), &hashes[2..])]
@@ -121,13 +106,8 @@ fn a_full_pool_evicts_inactive_blocks_but_never_the_chain_itself() {
     bm.import(None, &hashes[..2]).unwrap();
     events(&mut bm);
     let done = bm.import(None, &hashes).unwrap();
-    assert_eq!(
-        done,
-        Imported {
-            stored: 2,
-            refreshed: 2
-        }
-    );
+    assert_eq!((done.stored, done.refreshed), (2, 2));
+    assert_eq!(done.chain.len(), 4);
     let ev = data(&events(&mut bm));
     // The old chain went tail first.
     assert_eq!(
@@ -187,4 +167,16 @@ fn no_caching_and_repeated_hashes_are_refused() {
     assert_eq!(bm.counts().free, 4);
     assert!(events(&mut bm).is_empty());
     assert_eq!(bm.import(None, &[]), Ok(Imported::default()));
+}
+
+#[test]
+fn the_chain_names_the_blocks_holding_each_hash() {
+    let mut bm = BlockManager::new(1, 8, true);
+    let hashes = chain(3, 4);
+    let done = bm.import(None, &hashes).unwrap();
+    let found: Vec<_> = hashes.iter().map(|&h| bm.block_of(h)).collect();
+    let expected: Vec<_> = done.chain.iter().map(|&id| Some(id)).collect();
+    assert_eq!(found, expected);
+    let again = bm.import(None, &hashes[..2]).unwrap();
+    assert_eq!(again.chain, done.chain[..2].to_vec());
 }

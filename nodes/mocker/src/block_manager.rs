@@ -104,6 +104,11 @@ impl BlockManager {
         }
     }
 
+    /// The block caching `hash`, if any.
+    pub fn block_of(&self, hash: BlockHash) -> Option<BlockId> {
+        self.by_hash.get(&hash).copied()
+    }
+
     pub fn counts(&self) -> BlockCounts {
         let total = self.blocks.len();
         let free = self.free.len();

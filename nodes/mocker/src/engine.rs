@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::StepBackend;
 use crate::block_manager::{ImportError, KvSnapshot};
 use crate::config::{ConfigError, MockerConfig};
 use crate::payload::verify_transfer;
@@ -27,6 +28,8 @@ pub enum EngineError {
     Config(Vec<ConfigError>),
     #[error("the mocker engine must be started inside a tokio runtime")]
     NoRuntime,
+    #[error("cannot start the engine's step thread: {0}")]
+    Thread(String),
 }
 
 fn join(errors: &[ConfigError]) -> String {
@@ -46,12 +49,40 @@ pub struct MockerEngine {
     stats: Arc<StatsCell>,
     next_id: AtomicU64,
     stop: CancellationToken,
-    task: Mutex<Option<JoinHandle<()>>>,
+    task: Mutex<Option<Task>>,
+    /// A real model computes the steps and holds real KV bytes.
+    real_kv: bool,
+}
+
+/// Where the step loop runs: a tokio task for the mocker, its own thread for a model
+/// whose steps compute for milliseconds.
+enum Task {
+    Tokio(JoinHandle<()>),
+    Thread(std::thread::JoinHandle<()>),
 }
 
 impl MockerEngine {
     /// Validates `config` and spawns the step loop on the current tokio runtime.
     pub fn start(config: MockerConfig) -> Result<MockerEngine, EngineError> {
+        Self::launch(config, None)
+    }
+
+    /// Starts an engine whose steps `backend` computes: the same scheduler, block manager,
+    /// KV events and hand-off, with real tokens and real KV bytes. The step loop runs on
+    /// its own thread (a step computes for milliseconds), and the timing model is off.
+    pub fn start_with_backend(
+        mut config: MockerConfig,
+        backend: Box<dyn StepBackend>,
+    ) -> Result<MockerEngine, EngineError> {
+        config.speedup = f64::INFINITY;
+        Self::launch(config, Some(backend))
+    }
+
+    fn launch(
+        config: MockerConfig,
+        backend: Option<Box<dyn StepBackend>>,
+    ) -> Result<MockerEngine, EngineError> {
+        let real_kv = backend.is_some();
         let scheduler = Scheduler::new(&config).map_err(EngineError::Config)?;
         let layout = config.layout();
         let block_bytes = usize::try_from(layout.bytes_per_block()).map_err(|_| {
@@ -66,15 +97,30 @@ impl MockerEngine {
         let stats = Arc::new(StatsCell::default());
         stats.store(&scheduler.stats(), 0, 0);
         let stop = CancellationToken::new();
+        let threaded = backend.is_some();
         let step_loop = StepLoop::new(
             scheduler,
+            backend,
             rx,
             events.clone(),
             stats.clone(),
             stop.clone(),
             config.speedup,
         );
-        let task = runtime.spawn(step_loop.run());
+        let task = if threaded {
+            let loop_runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| EngineError::Thread(e.to_string()))?;
+            let thread = std::thread::Builder::new()
+                .name("engine-step".into())
+                .spawn(move || loop_runtime.block_on(step_loop.run()))
+                .map_err(|e| EngineError::Thread(e.to_string()))?;
+            drop(runtime);
+            Task::Thread(thread)
+        } else {
+            Task::Tokio(runtime.spawn(step_loop.run()))
+        };
         Ok(MockerEngine {
             limits: RequestLimits::new(&config),
             layout,
@@ -86,6 +132,7 @@ impl MockerEngine {
             next_id: AtomicU64::new(0),
             stop,
             task: Mutex::new(Some(task)),
+            real_kv,
         })
     }
 
@@ -119,8 +166,25 @@ impl MockerEngine {
         payload: &[u8],
         layout: &KvLayout,
     ) -> Result<u32, ServeError> {
-        verify_transfer(&self.layout, self.block_bytes, layout, hashes, payload)
-            .map_err(|e| ServeError::invalid(e.to_string()))?;
+        if self.real_kv {
+            if *layout != self.layout {
+                return Err(ServeError::invalid(format!(
+                    "KV layout mismatch: the blocks are {layout:?}, this worker's are {:?}",
+                    self.layout
+                )));
+            }
+            if payload.len() != hashes.len() * self.block_bytes {
+                return Err(ServeError::invalid(format!(
+                    "{} KV bytes for {} blocks of {} bytes",
+                    payload.len(),
+                    hashes.len(),
+                    self.block_bytes
+                )));
+            }
+        } else {
+            verify_transfer(&self.layout, self.block_bytes, layout, hashes, payload)
+                .map_err(|e| ServeError::invalid(e.to_string()))?;
+        }
         let count = u32::try_from(hashes.len())
             .map_err(|_| ServeError::invalid("too many blocks in one transfer"))?;
         let (reply, rx) = oneshot::channel();
@@ -128,6 +192,11 @@ impl MockerEngine {
         let import = Control::Import {
             parent,
             hashes: hashes.to_vec(),
+            payload: if self.real_kv {
+                payload.to_vec()
+            } else {
+                Vec::new()
+            },
             reply,
         };
         self.control.send(import).map_err(|_| stopped())?;
@@ -142,6 +211,24 @@ impl MockerEngine {
             }
             Err(err) => Err(ServeError::invalid(err.to_string())),
         }
+    }
+
+    /// The bytes of the cached blocks `hashes` for a hand-off: read from the model's pool,
+    /// or fabricated from the hashes by the mocker ([`crate::payload`]).
+    pub async fn export_blocks(&self, hashes: &[BlockHash]) -> Result<Vec<u8>, ServeError> {
+        if !self.real_kv {
+            return Ok(crate::payload::fabricate(hashes, self.block_bytes));
+        }
+        let (reply, rx) = oneshot::channel();
+        let stopped = || ServeError::unavailable("the engine is shut down");
+        let export = Control::Export {
+            hashes: hashes.to_vec(),
+            reply,
+        };
+        self.control.send(export).map_err(|_| stopped())?;
+        rx.await
+            .map_err(|_| stopped())?
+            .map_err(|e| ServeError::new(ErrorKind::Overloaded, e))
     }
 
     /// Counts blocks this worker handed to a decode worker.
@@ -184,10 +271,19 @@ impl MockerEngine {
             Ok(mut slot) => slot.take(),
             Err(poisoned) => poisoned.into_inner().take(),
         };
-        if let Some(task) = task {
-            if let Err(err) = task.await {
-                tracing::error!(%err, "mocker step loop failed");
+        match task {
+            Some(Task::Tokio(task)) => {
+                if let Err(err) = task.await {
+                    tracing::error!(%err, "mocker step loop failed");
+                }
             }
+            Some(Task::Thread(thread)) => {
+                let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+                if !matches!(joined, Ok(Ok(()))) {
+                    tracing::error!("the engine's step thread failed");
+                }
+            }
+            None => {}
         }
     }
 
@@ -224,6 +320,7 @@ impl Service<TokenRequest, TokenDelta> for MockerEngine {
             stop_token_ids: req.stop.stop_token_ids,
             ignore_eos: req.stop.ignore_eos,
             seed,
+            sampling: req.sampling,
         };
         tracing::debug!(request_id = %ctx.request_id, seq = id, "mocker: request queued");
         let submit = Control::Submit {

@@ -8,6 +8,7 @@
 //! port) hands a prompt's KV blocks to a decode worker's [`KvImportService`] (its `kv`
 //! port), which caches them so the decode request finds them as a prefix hit.
 
+pub mod backend;
 pub mod block_manager;
 pub mod config;
 pub mod engine;
@@ -21,13 +22,14 @@ mod step_loop;
 mod stream;
 pub mod timing;
 
+pub use backend::{BackendError, StepBackend, StepSeq};
 pub use block_manager::{
     BlockCounts, BlockId, BlockManager, ImportError, Imported, KvSnapshot, OutOfBlocks, PrefixMatch,
 };
 pub use config::{ConfigError, MockerConfig, SMOLLM2_135M_KV_LAYOUT};
 pub use engine::{EngineError, MockerEngine};
 pub use handoff::{KvImportService, PrefillService, KV_CHUNK_BLOCKS};
-pub use scheduler::{AdmitError, RequestLimits, Scheduler, SchedulerStats, SeqOutput};
+pub use scheduler::{AdmitError, RequestLimits, Scheduler, SchedulerStats, SeqOutput, StepFailed};
 pub use sequence::{NewSequence, SeqId};
 pub use stats::MockerStats;
 pub use timing::{decode_ms, prefill_ms, step_duration, StepWork};

@@ -6,7 +6,8 @@ use std::collections::VecDeque;
 
 use dynamo_protocol::{FinishReason, KvEvent};
 
-use crate::block_manager::{BlockCounts, BlockManager, ImportError, Imported, KvSnapshot};
+use crate::backend::{BackendError, StepBackend, StepSeq};
+use crate::block_manager::{BlockCounts, BlockId, BlockManager, ImportError, Imported, KvSnapshot};
 use crate::config::{ConfigError, MockerConfig};
 use crate::sampler::Vocabulary;
 use crate::sequence::{NewSequence, SeqId, Sequence};
@@ -94,6 +95,14 @@ impl RequestLimits {
         }
         Ok(())
     }
+}
+
+/// A step whose backend failed: why, and the sequences it took down (already aborted).
+#[derive(Debug)]
+pub struct StepFailed {
+    pub error: BackendError,
+    pub ids: Vec<SeqId>,
+    pub work: StepWork,
 }
 
 #[derive(Debug)]
@@ -218,6 +227,28 @@ impl Scheduler {
     /// sequence that produced a token to `out`, retires finished sequences. Returns what
     /// the step computed, for the timing model.
     pub fn step(&mut self, out: &mut Vec<SeqOutput>) -> StepWork {
+        match self.run_step(out, None) {
+            Ok(work) => work,
+            // Without a backend nothing can fail.
+            Err(failed) => failed.work,
+        }
+    }
+
+    /// Runs one step whose tokens `backend` computes and samples. When the backend fails,
+    /// every sequence it was given is aborted (blocks freed) and named in the error.
+    pub fn step_with(
+        &mut self,
+        out: &mut Vec<SeqOutput>,
+        backend: &mut dyn StepBackend,
+    ) -> Result<StepWork, StepFailed> {
+        self.run_step(out, Some(backend))
+    }
+
+    fn run_step(
+        &mut self,
+        out: &mut Vec<SeqOutput>,
+        backend: Option<&mut dyn StepBackend>,
+    ) -> Result<StepWork, StepFailed> {
         let mut budget = self.max_batched_tokens;
         self.plan.clear();
         let preempted = self.schedule_running(&mut budget);
@@ -228,6 +259,19 @@ impl Scheduler {
         let mut work = StepWork {
             kv_usage: self.blocks.counts().active as f64 / total as f64,
             ..StepWork::default()
+        };
+
+        let mut sampled = match backend {
+            None => None,
+            Some(backend) => match self.forward(backend) {
+                Ok(tokens) => Some(tokens.into_iter()),
+                Err((error, ids)) => {
+                    for &id in &ids {
+                        self.abort(id);
+                    }
+                    return Err(StepFailed { error, ids, work });
+                }
+            },
         };
 
         for (seq, &num_new) in self.running.iter_mut().zip(&self.plan) {
@@ -241,7 +285,10 @@ impl Scheduler {
                 seq.promote_full_blocks(&mut self.blocks, self.block_size, self.hash_seed);
             }
             if seq.remaining() == 0 {
-                let (token, finish) = seq.generate(&self.vocab);
+                let (token, finish) = match sampled.as_mut().and_then(Iterator::next) {
+                    Some(token) => seq.accept(token),
+                    None => seq.generate(&self.vocab),
+                };
                 out.push(SeqOutput {
                     id: seq.id,
                     token,
@@ -258,7 +305,49 @@ impl Scheduler {
             }
             !seq.finished
         });
-        work
+        Ok(work)
+    }
+
+    /// Hands the planned batch to `backend`; checks it sampled one token per sampling
+    /// entry. On failure, the ids of the batch's sequences.
+    fn forward(
+        &self,
+        backend: &mut dyn StepBackend,
+    ) -> Result<Vec<u32>, (BackendError, Vec<SeqId>)> {
+        let batch: Vec<StepSeq<'_>> = self
+            .running
+            .iter()
+            .zip(&self.plan)
+            .map(|(seq, &len)| StepSeq {
+                id: seq.id,
+                tokens: &seq.tokens,
+                prompt_len: seq.prompt_len,
+                start: seq.computed,
+                len,
+                table: &seq.table,
+                sample: seq.remaining() == len,
+                sampling: &seq.sampling,
+                seed: seq.seed,
+            })
+            .collect();
+        let wanted = batch.iter().filter(|s| s.sample).count();
+        let ids = || batch.iter().map(|s| s.id).collect::<Vec<_>>();
+        match backend.forward(&batch) {
+            Ok(tokens) if tokens.len() == wanted => Ok(tokens),
+            Ok(tokens) => Err((
+                BackendError(format!(
+                    "the model sampled {} tokens for {wanted} sequences",
+                    tokens.len()
+                )),
+                ids(),
+            )),
+            Err(err) => Err((err, ids())),
+        }
+    }
+
+    /// The pool block caching `hash`, if any.
+    pub fn block_of(&self, hash: dynamo_protocol::BlockHash) -> Option<BlockId> {
+        self.blocks.block_of(hash)
     }
 
     /// Gives every running sequence its share of the budget in queue order, preempting

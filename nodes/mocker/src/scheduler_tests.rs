@@ -21,6 +21,7 @@ fn req(id: SeqId, prompt: Vec<u32>, max_tokens: u32) -> NewSequence {
         stop_token_ids: vec![2],
         ignore_eos: false,
         seed: id,
+        sampling: Default::default(),
     }
 }
 
@@ -379,4 +380,90 @@ fn random_workloads_complete_without_leaks() {
         preempted_somewhere,
         "the workloads should exercise preemption"
     );
+}
+
+/// Records what it is asked to compute; "samples" the number of positions computed so far.
+#[derive(Default)]
+struct Recorder {
+    steps: Vec<Vec<(SeqId, usize, usize, bool, usize)>>,
+    fail: bool,
+}
+
+impl StepBackend for Recorder {
+    fn forward(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<u32>, BackendError> {
+        self.steps.push(
+            batch
+                .iter()
+                .map(|s| (s.id, s.start, s.len, s.sample, s.table.len()))
+                .collect(),
+        );
+        if self.fail {
+            return Err(BackendError("boom".into()));
+        }
+        Ok(batch
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| 100 + (s.start + s.len) as u32)
+            .collect())
+    }
+    fn block_bytes(&self) -> usize {
+        1
+    }
+    fn export_blocks(&self, _: &[BlockId], _: &mut Vec<u8>) {}
+    fn import_blocks(&mut self, _: &[BlockId], _: &[u8]) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_backend_computes_each_position_once_and_its_tokens_are_the_outputs() {
+    let cfg = MockerConfig {
+        max_batched_tokens: 8,
+        ..config(4, 64)
+    };
+    let mut s = Scheduler::new(&cfg).unwrap();
+    s.add(req(1, vec![7; 10], 3)).unwrap();
+    s.add(req(2, vec![8; 3], 2)).unwrap();
+    let mut backend = Recorder::default();
+    let mut tokens: BTreeMap<SeqId, Vec<u32>> = BTreeMap::new();
+    let mut out = Vec::new();
+    while !s.is_idle() {
+        out.clear();
+        s.step_with(&mut out, &mut backend).unwrap();
+        for o in &out {
+            tokens.entry(o.id).or_default().push(o.token);
+        }
+    }
+    // Prompt 1 (10 tokens) is chunked under the 8-token budget, then decodes one at a time.
+    assert_eq!(backend.steps[0], vec![(1, 0, 8, false, 2)]);
+    assert_eq!(backend.steps[1][0], (1, 8, 2, true, 3));
+    assert_eq!(tokens[&1], vec![110, 111, 112]);
+    assert_eq!(tokens[&2], vec![103, 104]);
+    // Every position of every sequence was computed exactly once.
+    let mut computed: BTreeMap<SeqId, usize> = BTreeMap::new();
+    for step in &backend.steps {
+        for &(id, start, len, _, table) in step {
+            let seen = computed.entry(id).or_default();
+            assert_eq!(*seen, start, "seq {id} skipped or repeated positions");
+            *seen += len;
+            assert!(table * 4 >= start + len, "seq {id}: table too short");
+        }
+    }
+}
+
+#[test]
+fn a_failing_backend_aborts_the_sequences_it_was_given() {
+    let mut s = Scheduler::new(&config(4, 16)).unwrap();
+    s.add(req(1, vec![7; 6], 3)).unwrap();
+    s.add(req(2, vec![8; 6], 3)).unwrap();
+    let mut backend = Recorder {
+        fail: true,
+        ..Recorder::default()
+    };
+    let mut out = Vec::new();
+    let failed = s.step_with(&mut out, &mut backend).unwrap_err();
+    assert_eq!(failed.ids, vec![1, 2]);
+    assert!(out.is_empty());
+    assert!(s.is_idle());
+    assert_eq!(s.stats().blocks.active, 0, "blocks were not freed");
 }

@@ -1,7 +1,7 @@
 //! One request inside the scheduler: its tokens, how far its KV is computed, and the
 //! blocks that hold it.
 
-use dynamo_protocol::{block_hashes, BlockHash, FinishReason};
+use dynamo_protocol::{block_hashes, BlockHash, FinishReason, SamplingOptions};
 
 use crate::block_manager::{BlockId, BlockManager};
 use crate::sampler::{TokenSampler, Vocabulary};
@@ -20,6 +20,8 @@ pub struct NewSequence {
     pub ignore_eos: bool,
     /// Seeds the output tokens.
     pub seed: u64,
+    /// How a real model samples (the mocker draws uniformly whatever they say).
+    pub sampling: SamplingOptions,
 }
 
 #[derive(Debug)]
@@ -45,6 +47,8 @@ pub(crate) struct Sequence {
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
     sampler: TokenSampler,
+    pub seed: u64,
+    pub sampling: SamplingOptions,
 }
 
 impl Sequence {
@@ -68,6 +72,8 @@ impl Sequence {
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
             sampler: TokenSampler::new(req.seed),
+            seed: req.seed,
+            sampling: req.sampling,
         }
     }
 
@@ -112,6 +118,11 @@ impl Sequence {
         let token = self
             .sampler
             .next_token(vocab, &self.stop_token_ids, self.ignore_eos);
+        self.accept(token)
+    }
+
+    /// Appends a token produced for this sequence; returns why it finished, if it did.
+    pub fn accept(&mut self, token: u32) -> (u32, Option<FinishReason>) {
         self.tokens.push(token);
         self.generated += 1;
         let finish = if !self.ignore_eos && self.stop_token_ids.contains(&token) {

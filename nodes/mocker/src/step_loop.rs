@@ -13,6 +13,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::StepBackend;
+use crate::block_manager::ImportError;
 use crate::scheduler::{Scheduler, SeqOutput};
 use crate::sequence::SeqId;
 use crate::stats::StatsCell;
@@ -33,6 +35,8 @@ const CANCEL_SWEEP_STEPS: u64 = 64;
 /// The task that owns the scheduler.
 pub(crate) struct StepLoop {
     core: Scheduler,
+    /// A real model computing the steps; `None` for the mocker's timing model.
+    backend: Option<Box<dyn StepBackend>>,
     rx: mpsc::UnboundedReceiver<Control>,
     events: broadcast::Sender<KvEvent>,
     stats: Arc<StatsCell>,
@@ -54,6 +58,7 @@ const CATCH_UP: Duration = Duration::from_millis(2);
 impl StepLoop {
     pub(crate) fn new(
         core: Scheduler,
+        backend: Option<Box<dyn StepBackend>>,
         rx: mpsc::UnboundedReceiver<Control>,
         events: broadcast::Sender<KvEvent>,
         stats: Arc<StatsCell>,
@@ -62,6 +67,7 @@ impl StepLoop {
     ) -> Self {
         StepLoop {
             core,
+            backend,
             rx,
             events,
             stats,
@@ -114,7 +120,24 @@ impl StepLoop {
             if !instant || self.steps % CANCEL_SWEEP_STEPS == 0 {
                 self.sweep_cancelled();
             }
-            let work = self.core.step(&mut self.outputs);
+            let work = match self.backend.as_mut() {
+                None => self.core.step(&mut self.outputs),
+                Some(backend) => match self.core.step_with(&mut self.outputs, backend.as_mut()) {
+                    Ok(work) => work,
+                    Err(failed) => {
+                        tracing::error!(error = %failed.error, seqs = failed.ids.len(), "engine step failed");
+                        for id in &failed.ids {
+                            if let Some(caller) = self.streams.remove(id) {
+                                let _ = caller.tx.send(Err(ServeError::internal(format!(
+                                    "the model failed: {}",
+                                    failed.error
+                                ))));
+                            }
+                        }
+                        failed.work
+                    }
+                },
+            };
             self.steps += 1;
             self.publish();
 
@@ -178,6 +201,9 @@ impl StepLoop {
                 }
             }
             Control::Abort(id) => self.abort(id),
+            Control::Export { hashes, reply } => {
+                let _ = reply.send(self.export(&hashes));
+            }
             Control::ClearCache => self.core.clear_cache(),
             Control::Snapshot(reply) => {
                 // Publish first, so the snapshot's last event id is one subscribers saw.
@@ -187,14 +213,43 @@ impl StepLoop {
             Control::Import {
                 parent,
                 hashes,
+                payload,
                 reply,
             } => {
-                let result = self.core.import_blocks(parent, &hashes);
+                let mut result = self.core.import_blocks(parent, &hashes);
+                if let (Ok(imported), Some(backend)) = (&result, self.backend.as_mut()) {
+                    if let Err(err) = backend.import_blocks(&imported.chain, &payload) {
+                        tracing::error!(%err, "writing imported KV blocks failed");
+                        result = Err(ImportError::Backend(err.0));
+                    }
+                }
                 // Publish at once: the router may send the decode request right after the ack.
                 self.publish();
                 let _ = reply.send(result);
             }
         }
+    }
+
+    /// The bytes of the cached blocks `hashes`, read from the backend's pool.
+    fn export(&self, hashes: &[dynamo_protocol::BlockHash]) -> Result<Vec<u8>, String> {
+        let Some(backend) = self.backend.as_ref() else {
+            return Err("the mocker has no KV bytes to export".into());
+        };
+        let mut blocks = Vec::with_capacity(hashes.len());
+        for (i, &hash) in hashes.iter().enumerate() {
+            match self.core.block_of(hash) {
+                Some(id) => blocks.push(id),
+                None => {
+                    return Err(format!(
+                        "block {i} of {} ({hash:#018x}) left the cache before its hand-off",
+                        hashes.len()
+                    ))
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(blocks.len() * backend.block_bytes());
+        backend.export_blocks(&blocks, &mut out);
+        Ok(out)
     }
 
     /// Removes a request and frees its blocks, if it is still here.

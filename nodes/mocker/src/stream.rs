@@ -26,10 +26,17 @@ pub(crate) enum Control {
     Abort(SeqId),
     ClearCache,
     Snapshot(tokio::sync::oneshot::Sender<crate::block_manager::KvSnapshot>),
+    /// The bytes of the cached blocks `hashes` (a real backend's pool), for a hand-off.
+    Export {
+        hashes: Vec<dynamo_protocol::BlockHash>,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>,
+    },
     /// Cache a chain of blocks handed over by a prefill worker (bytes already verified).
     Import {
         parent: Option<dynamo_protocol::BlockHash>,
         hashes: Vec<dynamo_protocol::BlockHash>,
+        /// The blocks' bytes, written into the pool by a real backend (empty for the mocker).
+        payload: Vec<u8>,
         reply: tokio::sync::oneshot::Sender<
             Result<crate::block_manager::Imported, crate::block_manager::ImportError>,
         >,

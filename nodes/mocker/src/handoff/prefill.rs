@@ -11,7 +11,6 @@ use futures::StreamExt;
 
 use super::KV_CHUNK_BLOCKS;
 use crate::engine::MockerEngine;
-use crate::payload::fabricate;
 
 /// `Service<PrefillRequest, PrefillResult>` over a prefill worker's engine and its `kv`
 /// output (one instance per decode worker). Answers once the decode worker holds every
@@ -83,8 +82,14 @@ impl Prefill {
         let layout = self.engine.kv_layout();
         let chunks = hashes.len().div_ceil(self.chunk_blocks);
         let mut bytes: u64 = 0;
+        // Read every block at once: they are cached now, and could be evicted later.
+        let all = self.engine.export_blocks(&hashes).await?;
         for (i, chunk) in hashes.chunks(self.chunk_blocks).enumerate() {
-            let payload = fabricate(chunk, block_bytes);
+            let first = i * self.chunk_blocks * block_bytes;
+            let payload = all
+                .get(first..first + chunk.len() * block_bytes)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| ServeError::internal("the engine exported too few KV bytes"))?;
             let size = payload.len() as u64;
             let transfer = KvTransfer {
                 handoff_id: handoff_id.clone(),
