@@ -13,6 +13,12 @@
 //! oldest ones (one `Removed` event). Each pass salts the ids, so every pass is a fresh
 //! trace over the same warm index. Operations = find_matches calls + events applied.
 //!
+//! Two figures: *interleaved* times each operation alone (a clock read either side) while
+//! the simulation runs between them and evicts the index from the cache; *replay* records
+//! the same operations and runs them again, in the same order, on a fresh index with one
+//! clock read around the whole run (`--replays N` times), as a router applying a stream
+//! of events and requests would.
+//!
 //! The trace is Qin et al., "Mooncake", USENIX FAST 2025 (Apache-2.0); see
 //! `shared/data/README.md`.
 
@@ -29,6 +35,14 @@ struct Args {
     workers: u64,
     passes: u64,
     capacity: usize,
+    replays: u64,
+}
+
+/// Recorded indexer operations, for the replay: a request's lookup, or the events that
+/// followed it (its worker's `Stored` and `Removed`).
+enum Op {
+    Find(Vec<u64>),
+    Events(Vec<KvEvent>),
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -38,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         workers: 1000,
         passes: 20,
         capacity: 512,
+        replays: 3,
     };
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> Result<u64, String> {
@@ -49,13 +64,14 @@ fn parse_args() -> Result<Args, String> {
             "--workers" => out.workers = num("--workers")?.max(1),
             "--passes" => out.passes = num("--passes")?.max(1),
             "--capacity" => out.capacity = num("--capacity")?.max(1) as usize,
+            "--replays" => out.replays = num("--replays")?,
             _ if out.trace.is_empty() => out.trace = a,
             _ => return Err(format!("unexpected argument `{a}`")),
         }
     }
     if out.trace.is_empty() {
         return Err(
-            "usage: indexer_bench TRACE.jsonl [--workers N] [--passes N] [--capacity BLOCKS]"
+            "usage: indexer_bench TRACE.jsonl [--workers N] [--passes N] [--capacity BLOCKS] [--replays N]"
                 .into(),
         );
     }
@@ -138,6 +154,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     let mut in_indexer = Duration::ZERO;
     let mut in_events = Duration::ZERO;
     let mut event_log: Vec<KvEvent> = Vec::new();
+    let mut ops_log: Vec<Op> = Vec::new();
     let wall = Instant::now();
     for pass in 0..args.passes {
         for ids in &trace {
@@ -148,6 +165,7 @@ fn run() -> Result<(), Box<dyn Error>> {
             in_indexer += took;
             find_ns.push(took.as_nanos() as u64);
             finds += 1;
+            ops_log.push(Op::Find(hashes.clone()));
             let best = scores.best();
             let (worker, overlap) = match best {
                 Some((w, n)) if rng.f64() < 0.8 => (w, n as usize),
@@ -203,7 +221,11 @@ fn run() -> Result<(), Box<dyn Error>> {
                 in_events += took;
                 events += 1;
                 if event_log.len() < 200_000 {
-                    event_log.push(event);
+                    event_log.push(event.clone());
+                }
+                match ops_log.last_mut() {
+                    Some(Op::Events(queued)) => queued.push(event),
+                    _ => ops_log.push(Op::Events(vec![event])),
                 }
             }
         }
@@ -246,11 +268,51 @@ fn run() -> Result<(), Box<dyn Error>> {
         events as f64 / in_events.as_secs_f64() / 1e6,
         (stored_blocks + evicted_blocks) as f64 / in_events.as_secs_f64() / 1e6
     );
+    replay(&ops_log, args.replays);
     let first_pass: Vec<Vec<u64>> = (trace.iter())
         .map(|ids| ids.iter().map(|&id| mix(id)).collect())
         .collect();
     handle_ingest(&event_log, &first_pass)?;
     Ok(())
+}
+
+/// The recorded operations again, on a fresh index each time, timed as a whole: events
+/// applied one by one, then each request's events as one batch.
+fn replay(log: &[Op], times: u64) {
+    let ops: usize = (log.iter())
+        .map(|op| match op {
+            Op::Find(_) => 1,
+            Op::Events(events) => events.len(),
+        })
+        .sum();
+    for batched in [false, true] {
+        let mut rates = Vec::new();
+        for _ in 0..times {
+            let mut ix = KvIndexer::new();
+            let mut matched = 0u64;
+            let t = Instant::now();
+            for op in log {
+                match op {
+                    Op::Find(hashes) => matched += u64::from(ix.find_matches(hashes).max()),
+                    Op::Events(events) if batched => ix.apply_batch(events, |_, _| {}),
+                    Op::Events(events) => {
+                        for e in events {
+                            ix.apply(e);
+                        }
+                    }
+                }
+            }
+            let took = t.elapsed();
+            std::hint::black_box(matched);
+            rates.push(ops as f64 / took.as_secs_f64() / 1e6);
+        }
+        let shown: Vec<String> = rates.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "replay{}: {ops} operations, {} M ops/s (each run on a fresh index, one clock read around it)",
+            if batched { " (a request's events as one apply_batch)" } else { "" },
+            shown.join(" / ")
+        );
+    }
 }
 
 /// The host's entry point: the same events through `KvRouterHandle::apply_event` (one

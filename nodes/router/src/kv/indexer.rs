@@ -118,6 +118,30 @@ impl KvIndexer {
 
     /// Applies one event if it continues the worker's stream; see [`EventOutcome`].
     pub fn apply(&mut self, event: &KvEvent) -> EventOutcome {
+        self.warm(&event.data);
+        self.apply_warm(event)
+    }
+
+    /// Applies `events` in order, as [`KvIndexer::apply`] would one by one, calling
+    /// `outcome` after each. The slots of every event's blocks are loaded together first,
+    /// so a batch waits for memory about once instead of once per event: a caller with
+    /// several events queued (a request's `Stored` and its `Removed`, a burst from many
+    /// workers) should pass them together.
+    pub fn apply_batch(
+        &mut self,
+        events: &[KvEvent],
+        mut outcome: impl FnMut(&KvEvent, EventOutcome),
+    ) {
+        for event in events {
+            self.warm(&event.data);
+        }
+        for event in events {
+            let result = self.apply_warm(event);
+            outcome(event, result);
+        }
+    }
+
+    fn apply_warm(&mut self, event: &KvEvent) -> EventOutcome {
         let slot = self.slot(event.worker_id);
         let Some(worker) = self.workers.get_mut(slot as usize) else {
             return EventOutcome::NeedsResync;
@@ -291,7 +315,6 @@ impl KvIndexer {
     fn apply_data(&mut self, slot: u32, data: &KvEventData) {
         match data {
             KvEventData::Stored { blocks, .. } => {
-                self.warm(blocks.iter().map(|b| b.hash));
                 let mut added = 0;
                 for b in blocks {
                     if self.blocks.insert(b.hash, slot) {
@@ -306,7 +329,6 @@ impl KvIndexer {
                 }
             }
             KvEventData::Removed { blocks } => {
-                self.warm(blocks.iter().copied());
                 for &h in blocks {
                     self.remove_block(slot, h);
                 }
@@ -315,11 +337,21 @@ impl KvIndexer {
         }
     }
 
-    /// Starts the cache misses of a batch's slots together, so the updates that follow
+    /// Starts the cache misses of an event's slots together, so the updates that follow
     /// find them loaded instead of waiting for each in turn.
-    fn warm(&self, hashes: impl Iterator<Item = BlockHash>) {
-        for h in hashes {
-            self.blocks.prefetch(h);
+    fn warm(&self, data: &KvEventData) {
+        match data {
+            KvEventData::Stored { blocks, .. } => {
+                for b in blocks {
+                    self.blocks.prefetch(b.hash);
+                }
+            }
+            KvEventData::Removed { blocks } => {
+                for &h in blocks {
+                    self.blocks.prefetch(h);
+                }
+            }
+            KvEventData::Cleared => {}
         }
     }
 
@@ -344,9 +376,7 @@ impl KvIndexer {
             return;
         }
         w.live = 0;
-        self.blocks.retain(|set| {
-            set.remove(slot);
-        });
+        self.blocks.remove_everywhere(slot);
         self.expiring.retain(|&(s, _), _| s != slot);
     }
 

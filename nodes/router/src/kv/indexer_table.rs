@@ -1,37 +1,40 @@
 //! The index's map from block hash to worker set: open addressing with linear probing in
-//! one flat array, key and set side by side in a 24-byte slot.
+//! one flat array of 16-byte slots, the key and its packed worker set side by side.
 //!
 //! Why not a general-purpose map: applying an event is one lookup per block in a table far
 //! larger than the L2 cache, so each lookup is a cache miss. Here a lookup touches one slot
-//! (one line, rarely two) where a control-byte map touches a control group and a bucket,
+//! (a quarter of a line) where a control-byte map touches a control group and a bucket,
 //! and the slot of a hash is known before probing, so [`BlockTable::prefetch`] can start a
-//! whole event's misses at once with plain loads.
+//! whole event's misses at once. A set of up to three workers is inline in the slot
+//! ([`PackedSet`]); wider ones are bitsets in a side arena ([`WideSets`]).
 //!
-//! A vacant slot holds an empty inline set: the table never stores an empty set (a set
-//! that empties is removed), so vacancy is read from the slot itself.
+//! A vacant slot is all zeros (the empty set): the table never stores an empty set (a set
+//! that empties is removed), so a fresh zeroed mapping is an empty table.
 
 use dynamo_protocol::BlockHash;
 
-use crate::kv::worker_set::WorkerSet;
+use crate::kv::pages::ZeroedPairs;
+use crate::kv::worker_set::{PackedSet, SetRef, WideSets};
 
 /// Smallest capacity once anything is stored.
 const MIN_CAPACITY: usize = 16;
+/// Fibonacci hashing: structured keys (small test numbers) spread as well as xxh3 outputs.
+const MIX: u64 = 0x9E37_79B9_7F4A_7C15;
 
 #[derive(Debug, Default)]
 pub(crate) struct BlockTable {
-    slots: Vec<(BlockHash, WorkerSet)>,
-    /// One byte per slot: 0 if vacant, else 7 bits of its key's hash. A lookup of a block
-    /// nobody holds (most requests' first block) reads this 1 MiB array, not a cold slot.
-    tags: Vec<u8>,
+    /// `[key, packed set]` per slot; vacant when the set is 0.
+    slots: ZeroedPairs,
+    /// `64 - log2(capacity)`: the home slot is the product's top bits.
+    shift: u32,
     len: usize,
+    wide: WideSets,
 }
 
-fn tag(hash: BlockHash) -> u8 {
-    ((hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u8) | 0x80
-}
-
-fn vacant(set: &WorkerSet) -> bool {
-    matches!(set, WorkerSet::Few { len: 0, .. })
+/// The home slot of `hash`: the top bits of one multiply.
+#[inline(always)]
+fn home(hash: BlockHash, shift: u32) -> usize {
+    (hash.wrapping_mul(MIX) >> shift) as usize
 }
 
 impl BlockTable {
@@ -43,53 +46,47 @@ impl BlockTable {
         self.slots.len().wrapping_sub(1)
     }
 
-    /// The home slot of `hash`: a Fibonacci multiply, so structured keys (small test
-    /// numbers) spread as well as xxh3 outputs do.
-    fn home(&self, hash: BlockHash) -> usize {
-        let bits = self.slots.len().trailing_zeros();
-        if bits == 0 {
-            return 0;
-        }
-        (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits)) as usize
-    }
-
-    /// Starts loading the slot of `hash` into the cache, without waiting for it.
+    /// Starts loading the slot of `hash` into the cache, without waiting for it, and the
+    /// slot after it: a probe or a removal's backward shift reads it, and a quarter of the
+    /// time it is on the next line.
     #[inline]
     pub fn prefetch(&self, hash: BlockHash) {
-        let i = self.home(hash);
+        let i = home(hash, self.shift);
         if let Some(slot) = self.slots.get(i) {
-            prefetch_read(slot);
+            prefetch(slot);
         }
-        if let Some(&t) = self.tags.get(i) {
-            std::hint::black_box(t);
-        }
-        // The next slot too: a probe or a removal's backward shift reads it, and it is
-        // often on the next cache line.
-        if let Some(slot) = self.slots.get((i + 1) & self.mask()) {
-            prefetch_read(slot);
+        if let Some(next) = self.slots.get((i + 1) & self.mask()) {
+            prefetch(next);
         }
     }
 
     /// The index of `hash`'s slot, if stored.
+    #[inline]
     fn find(&self, hash: BlockHash) -> Option<usize> {
-        let (mask, want) = (self.mask(), tag(hash));
-        let mut i = self.home(hash);
+        let mask = self.mask();
+        let mut i = home(hash, self.shift);
         loop {
-            let t = *self.tags.get(i)?;
-            if t == 0 {
+            let pair = self.slots.get(i)?;
+            if pair[1] == 0 {
                 return None;
             }
-            if t == want && self.slots.get(i)?.0 == hash {
+            if pair[0] == hash {
                 return Some(i);
             }
             i = (i + 1) & mask;
         }
     }
 
-    pub fn get(&self, hash: BlockHash) -> Option<&WorkerSet> {
-        self.find(hash)
-            .and_then(|i| self.slots.get(i))
-            .map(|s| &s.1)
+    pub fn get(&self, hash: BlockHash) -> Option<SetRef<'_>> {
+        let slot = self.slots.get(self.find(hash)?)?;
+        Some(PackedSet(slot[1]).view(&self.wide))
+    }
+
+    /// Whether `slot` holds `hash`.
+    #[cfg(test)]
+    pub fn contains(&self, hash: BlockHash, slot: u32) -> bool {
+        (self.find(hash).and_then(|i| self.slots.get(i)))
+            .is_some_and(|s| PackedSet(s[1]).contains(slot, &self.wide))
     }
 
     /// Adds `slot` to the workers of `hash`; false if it was there already.
@@ -98,21 +95,21 @@ impl BlockTable {
             self.grow();
         }
         let mask = self.mask();
-        let mut i = self.home(hash);
+        let mut i = home(hash, self.shift);
         loop {
-            let Some((key, set)) = self.slots.get_mut(i) else {
+            let Some(pair) = self.slots.get_mut(i) else {
                 return false;
             };
-            if vacant(set) {
-                *key = hash;
+            if pair[1] == 0 {
+                *pair = [hash, PackedSet::one(slot, &mut self.wide).0];
                 self.len += 1;
-                if let Some(t) = self.tags.get_mut(i) {
-                    *t = tag(hash);
-                }
-                return set.insert(slot);
+                return true;
             }
-            if *key == hash {
-                return set.insert(slot);
+            if pair[0] == hash {
+                let mut set = PackedSet(pair[1]);
+                let added = set.insert(slot, &mut self.wide);
+                pair[1] = set.0;
+                return added;
             }
             i = (i + 1) & mask;
         }
@@ -124,12 +121,14 @@ impl BlockTable {
         let Some(i) = self.find(hash) else {
             return false;
         };
-        let Some((_, set)) = self.slots.get_mut(i) else {
+        let Some(pair) = self.slots.get_mut(i) else {
             return false;
         };
-        if !set.remove(slot) {
+        let mut set = PackedSet(pair[1]);
+        if !set.remove(slot, &mut self.wide) {
             return false;
         }
+        pair[1] = set.0;
         if set.is_empty() {
             self.vacate(i);
         }
@@ -140,83 +139,76 @@ impl BlockTable {
     /// every entry stays reachable from its home without tombstones.
     fn vacate(&mut self, mut i: usize) {
         let mask = self.mask();
-        if let Some((key, set)) = self.slots.get_mut(i) {
-            *key = 0;
-            *set = WorkerSet::default();
-        }
-        if let Some(t) = self.tags.get_mut(i) {
-            *t = 0;
+        if let Some(pair) = self.slots.get_mut(i) {
+            *pair = [0, 0];
         }
         self.len -= 1;
         let mut j = (i + 1) & mask;
         loop {
-            // The tag says whether to read the slot at all: usually not.
-            if self.tags.get(j).is_none_or(|&t| t == 0) {
-                return;
-            }
-            let Some((key, _)) = self.slots.get(j) else {
+            let Some(pair) = self.slots.get(j) else {
                 return;
             };
-            let home = self.home(*key);
+            if pair[1] == 0 {
+                return;
+            }
+            let at = home(pair[0], self.shift);
             // Move j back to i unless its home lies cyclically in (i, j].
-            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(i) & mask) {
+            if (j.wrapping_sub(at) & mask) >= (j.wrapping_sub(i) & mask) {
                 self.slots.swap(i, j);
-                self.tags.swap(i, j);
                 i = j;
             }
             j = (j + 1) & mask;
         }
     }
 
-    /// Calls `f` on every set; drops the entries whose set `f` leaves empty. Rebuilds the
-    /// table in one pass.
-    pub fn retain(&mut self, mut f: impl FnMut(&mut WorkerSet)) {
+    /// Takes `slot` out of every set and drops the entries left empty: one pass that
+    /// rebuilds the table.
+    pub fn remove_everywhere(&mut self, slot: u32) {
         let old = std::mem::take(&mut self.slots);
-        let capacity = old.len();
-        self.slots = vacant_slots(capacity);
-        self.tags = vec![0; capacity];
-        self.len = 0;
-        for (key, mut set) in old {
-            if vacant(&set) {
+        self.reset(old.len());
+        for pair in old.iter() {
+            let mut set = PackedSet(pair[1]);
+            if set.is_empty() {
                 continue;
             }
-            f(&mut set);
+            set.remove(slot, &mut self.wide);
             if !set.is_empty() {
-                self.place(key, set);
+                self.place(pair[0], set);
             }
         }
     }
 
     /// `(hash, set)` of every entry, in slot order.
-    pub fn iter(&self) -> impl Iterator<Item = (BlockHash, &WorkerSet)> {
+    pub fn iter(&self) -> impl Iterator<Item = (BlockHash, SetRef<'_>)> {
         (self.slots.iter())
-            .filter(|(_, set)| !vacant(set))
-            .map(|(key, set)| (*key, set))
+            .filter(|pair| pair[1] != 0)
+            .map(|pair| (pair[0], PackedSet(pair[1]).view(&self.wide)))
     }
 
     fn grow(&mut self) {
         let capacity = (self.slots.len() * 2).max(MIN_CAPACITY);
-        let old = std::mem::replace(&mut self.slots, vacant_slots(capacity));
-        self.tags = vec![0; capacity];
-        self.len = 0;
-        for (key, set) in old {
-            if !vacant(&set) {
-                self.place(key, set);
-            }
+        let old = std::mem::take(&mut self.slots);
+        self.reset(capacity);
+        for pair in old.iter().filter(|pair| pair[1] != 0) {
+            self.place(pair[0], PackedSet(pair[1]));
         }
     }
 
+    /// Empty slots for `capacity` entries (a power of two, or 0); the wide sets stay.
+    fn reset(&mut self, capacity: usize) {
+        self.slots = ZeroedPairs::new(capacity);
+        self.shift = 64 - capacity.max(1).trailing_zeros();
+        self.len = 0;
+    }
+
     /// Puts a non-empty `set` of a key not in the table at its first free slot.
-    fn place(&mut self, hash: BlockHash, set: WorkerSet) {
+    fn place(&mut self, hash: BlockHash, set: PackedSet) {
         let mask = self.mask();
-        let mut i = self.home(hash);
-        while let Some(s) = self.slots.get_mut(i) {
-            if vacant(&s.1) {
-                *s = (hash, set);
+        let mut i = home(hash, self.shift);
+        while let Some(pair) = self.slots.get_mut(i) {
+            if pair[1] == 0 {
+                *pair = [hash, set.0];
                 self.len += 1;
-                if let Some(t) = self.tags.get_mut(i) {
-                    *t = tag(hash);
-                }
                 return;
             }
             i = (i + 1) & mask;
@@ -224,41 +216,18 @@ impl BlockTable {
     }
 }
 
-/// `capacity` vacant slots. A large table asks for 2 MiB pages: its lookups land on
-/// random pages, and with 4 KiB ones most would also miss the TLB.
-fn vacant_slots(capacity: usize) -> Vec<(BlockHash, WorkerSet)> {
-    let slots = vec![(0, WorkerSet::default()); capacity];
-    advise_huge_pages(&slots);
-    slots
-}
-
-#[cfg(target_os = "linux")]
-fn advise_huge_pages<T>(slots: &[T]) {
-    const PAGE: usize = 4096;
-    const HUGE: usize = 2 << 20;
-    let bytes = std::mem::size_of_val(slots);
-    if bytes < 2 * HUGE {
-        return;
-    }
-    let start = slots.as_ptr() as usize;
-    let aligned = start.next_multiple_of(PAGE);
-    let len = (bytes - (aligned - start)) / PAGE * PAGE;
-    // SAFETY: madvise only advises the kernel about pages inside `slots`' allocation
-    // (the range is rounded inward to whole pages); it changes no contents. Failure
-    // (no THP support) leaves ordinary pages, so its result is ignored.
-    unsafe {
-        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn advise_huge_pages<T>(_slots: &[T]) {}
-
-/// Loads the slot's key into nothing: the load has no dependants, so the CPU issues the
-/// misses of a batch together (a prefetch without `unsafe`).
+/// Asks for the line holding `*at` without waiting for it (a hint: never faults).
 #[inline(always)]
-fn prefetch_read(slot: &(BlockHash, WorkerSet)) {
-    std::hint::black_box(slot.0);
+fn prefetch<T>(at: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetcht0 reads nothing architecturally and cannot fault; `at` is a valid
+    // reference anyway.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((at as *const T).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 #[cfg(test)]
@@ -281,16 +250,11 @@ mod tests {
             assert!(!t.remove(k, 1));
         }
         for (n, &k) in keys.iter().enumerate() {
-            let held = t.get(k).is_some_and(|s| s.contains(1));
+            let held = t.contains(k, 1);
             assert_eq!(held, n % 3 != 0, "key {k}");
         }
-        assert!(
-            t.get(0).is_some_and(|s| s.contains(2)),
-            "another worker kept it"
-        );
-        t.retain(|s| {
-            s.remove(1);
-        });
+        assert!(t.contains(0, 2), "another worker kept it");
+        t.remove_everywhere(1);
         assert_eq!(t.len(), 1);
         assert_eq!(t.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0]);
     }

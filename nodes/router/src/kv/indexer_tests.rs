@@ -295,3 +295,89 @@ fn snapshots_repair_the_index_exactly_against_the_real_block_manager() {
     }
     assert!(resyncs > 20, "the test lost events: {resyncs} gaps");
 }
+
+#[test]
+fn a_batch_applies_like_its_events_one_by_one() {
+    let events = vec![
+        stored(1, 0, None, &[10, 11, 12]),
+        stored(2, 0, None, &[10, 11]),
+        removed(1, 1, &[12]),
+        stored(3, 0, None, &[10, 11, 12, 13]),
+        stored(4, 0, None, &[10]),
+        stored(5, 0, None, &[10]),
+        removed(3, 1, &[13, 99]),
+        stored(2, 5, None, &[20]), // a gap
+        removed(2, 6, &[10]),      // buffered behind it
+    ];
+    let mut one = KvIndexer::new();
+    let want: Vec<EventOutcome> = events.iter().map(|e| one.apply(e)).collect();
+    let mut batch = KvIndexer::new();
+    let mut got = Vec::new();
+    batch.apply_batch(&events, |e, outcome| got.push((e.worker_id, outcome)));
+    let want: Vec<_> = events.iter().map(|e| e.worker_id).zip(want).collect();
+    assert_eq!(got, want);
+    for hashes in [&[10, 11, 12, 13][..], &[10, 20], &[11]] {
+        assert_eq!(scores(&batch, hashes), scores(&one, hashes), "{hashes:?}");
+    }
+    assert_eq!(batch.block_count(), one.block_count());
+}
+
+#[test]
+fn a_large_index_survives_growth_churn_and_a_cleared_worker() {
+    // Past the size where the table is mapped on huge pages; checked against a model.
+    let mut ix = KvIndexer::new();
+    let mut model: std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>> =
+        Default::default();
+    let mut ids = [0u64; 8];
+    let mut rng = fastrand::Rng::with_seed(7);
+    for round in 0..400_000u64 {
+        let w = rng.u64(..8);
+        let h = rng.u64(..300_000).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let data = if round % 3 == 2 {
+            model.entry(h).or_default().remove(&w);
+            KvEventData::Removed { blocks: vec![h] }
+        } else {
+            model.entry(h).or_default().insert(w);
+            KvEventData::Stored {
+                parent: None,
+                blocks: vec![StoredBlock { hash: h }],
+            }
+        };
+        let id = ids[w as usize];
+        ids[w as usize] += 1;
+        assert_eq!(
+            ix.apply(&KvEvent {
+                worker_id: w,
+                event_id: id,
+                data
+            }),
+            EventOutcome::Applied
+        );
+    }
+    model.retain(|_, ws| !ws.is_empty());
+    assert_eq!(ix.block_count(), model.len());
+    for (h, ws) in model.iter().take(5_000) {
+        let got: Vec<u64> = ix
+            .find_matches(&[*h])
+            .sorted()
+            .iter()
+            .map(|s| s.0)
+            .collect();
+        assert_eq!(got, ws.iter().copied().collect::<Vec<_>>());
+    }
+    let clear = KvEvent {
+        worker_id: 3,
+        event_id: ids[3],
+        data: KvEventData::Cleared,
+    };
+    assert_eq!(ix.apply(&clear), EventOutcome::Applied);
+    let mut want_3 = Vec::new();
+    for (h, ws) in model.iter_mut() {
+        ws.remove(&3);
+        if !ws.is_empty() {
+            want_3.push(*h);
+        }
+    }
+    assert_eq!(ix.block_count(), want_3.len());
+    assert!(ix.worker_blocks(3).is_empty());
+}

@@ -11,6 +11,7 @@ pub mod config;
 pub mod cost;
 pub mod indexer;
 pub mod metrics;
+mod pages;
 pub mod router;
 mod sync;
 mod worker_set;

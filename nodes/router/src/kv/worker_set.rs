@@ -1,109 +1,74 @@
 //! The set of workers holding one block, and the prefix walk over such sets.
 //!
 //! Workers are dense slot numbers (`u32`) handed out by the indexer. Most blocks are held
-//! by one or a few workers, so a set starts inline (no allocation); a widely shared block
-//! (a system prompt on every worker) becomes a bitset, so intersecting it with the walk's
-//! active set costs one AND per 64 workers instead of one probe per worker.
+//! by one or a few workers, so a set is packed into one `u64` (up to three 16-bit slots
+//! and a count) and the table's slot is 16 bytes; a widely shared block (a system prompt
+//! on every worker) keeps a bitset in a side arena ([`WideSets`]), so intersecting it with
+//! the walk's active set costs one AND per 64 workers instead of one probe per worker.
 
-/// Workers kept inline before a set turns into a bitset: three keep the set at 16 bytes,
-/// so an index entry is 24 and a million-block index stays in a 32 MiB L3 cache.
+/// Workers kept inline before a set turns into a bitset.
 const FEW: usize = 3;
+/// Inline slots are 16 bits; a worker with a larger slot is only ever in a bitset.
+const INLINE_LIMIT: u32 = 1 << 16;
+/// Set in a wide set's word; the low 32 bits are then its index in [`WideSets`].
+const WIDE: u64 = 1 << 63;
+const LEN_SHIFT: u32 = 48;
 
-#[derive(Debug, Clone)]
-pub(crate) enum WorkerSet {
-    Few { len: u8, ids: [u32; FEW] },
-    Many(Box<Bits>),
-}
+/// One block's workers in a `u64`, as the table stores them: either up to three 16-bit
+/// slots (bits 0–47) and their count (bits 48–49), or [`WIDE`] and the index of a bitset.
+/// The empty set is 0, so a zeroed table is a vacant one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PackedSet(pub u64);
 
-#[derive(Debug, Clone)]
+/// A wide set: one bit per worker slot, and how many are set.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Bits {
     words: Vec<u64>,
     count: u32,
 }
 
-impl Default for WorkerSet {
-    fn default() -> Self {
-        WorkerSet::Few {
-            len: 0,
-            ids: [0; FEW],
+/// The bitsets of the wide sets, by index; freed ones are reused (their words kept,
+/// zeroed), so a block that keeps gaining and losing holders does not allocate each time.
+#[derive(Debug, Default)]
+pub(crate) struct WideSets {
+    sets: Vec<Bits>,
+    free: Vec<u32>,
+}
+
+impl WideSets {
+    /// Wide sets in use.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.sets.len() - self.free.len()
+    }
+
+    fn alloc(&mut self) -> u32 {
+        if let Some(i) = self.free.pop() {
+            return i;
+        }
+        self.sets.push(Bits::default());
+        (self.sets.len() - 1) as u32
+    }
+
+    fn release(&mut self, i: u32) {
+        if let Some(bits) = self.sets.get_mut(i as usize) {
+            bits.words.fill(0);
+            bits.count = 0;
+            self.free.push(i);
         }
     }
+}
+
+/// A set read out of the table.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SetRef<'a> {
+    Few { len: u8, ids: [u32; FEW] },
+    Many(&'a Bits),
 }
 
 fn bit(words: &[u64], slot: u32) -> bool {
     let (w, b) = ((slot / 64) as usize, slot % 64);
     words.get(w).is_some_and(|word| word & (1 << b) != 0)
-}
-
-impl WorkerSet {
-    pub fn len(&self) -> usize {
-        match self {
-            WorkerSet::Few { len, .. } => usize::from(*len),
-            WorkerSet::Many(bits) => bits.count as usize,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn contains(&self, slot: u32) -> bool {
-        match self {
-            WorkerSet::Few { len, ids } => ids[..usize::from(*len)].contains(&slot),
-            WorkerSet::Many(bits) => bit(&bits.words, slot),
-        }
-    }
-
-    /// Adds `slot`; false if it was there already.
-    pub fn insert(&mut self, slot: u32) -> bool {
-        if self.contains(slot) {
-            return false;
-        }
-        match self {
-            WorkerSet::Few { len, ids } if usize::from(*len) < FEW => {
-                ids[usize::from(*len)] = slot;
-                *len += 1;
-            }
-            WorkerSet::Few { len, ids } => {
-                let mut words = Vec::new();
-                for &s in ids[..usize::from(*len)].iter().chain([&slot]) {
-                    set_bit(&mut words, s);
-                }
-                *self = WorkerSet::Many(Box::new(Bits {
-                    words,
-                    count: FEW as u32 + 1,
-                }));
-            }
-            WorkerSet::Many(bits) => {
-                set_bit(&mut bits.words, slot);
-                bits.count += 1;
-            }
-        }
-        true
-    }
-
-    /// Removes `slot`; false if it was not there.
-    pub fn remove(&mut self, slot: u32) -> bool {
-        match self {
-            WorkerSet::Few { len, ids } => {
-                let n = usize::from(*len);
-                let Some(at) = ids[..n].iter().position(|&s| s == slot) else {
-                    return false;
-                };
-                ids[at] = ids[n - 1];
-                *len -= 1;
-                true
-            }
-            WorkerSet::Many(bits) => {
-                if !bit(&bits.words, slot) {
-                    return false;
-                }
-                bits.words[(slot / 64) as usize] &= !(1 << (slot % 64));
-                bits.count -= 1;
-                true
-            }
-        }
-    }
 }
 
 fn set_bit(words: &mut Vec<u64>, slot: u32) {
@@ -112,6 +77,169 @@ fn set_bit(words: &mut Vec<u64>, slot: u32) {
         words.resize(w + 1, 0);
     }
     words[w] |= 1 << (slot % 64);
+}
+
+impl PackedSet {
+    pub const EMPTY: PackedSet = PackedSet(0);
+
+    #[inline]
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    #[inline]
+    fn wide_index(self) -> Option<u32> {
+        (self.0 & WIDE != 0).then_some(self.0 as u32)
+    }
+
+    #[inline]
+    fn inline_len(self) -> usize {
+        ((self.0 >> LEN_SHIFT) & 0x3) as usize
+    }
+
+    #[inline]
+    fn inline_id(self, k: usize) -> u32 {
+        ((self.0 >> (16 * k)) & 0xFFFF) as u32
+    }
+
+    /// Whether `slot` is among the inline ids.
+    #[inline]
+    fn inline_has(self, slot: u32) -> bool {
+        slot < INLINE_LIMIT && (0..self.inline_len()).any(|k| self.inline_id(k) == slot)
+    }
+
+    /// The set of `slot` alone.
+    #[inline]
+    pub fn one(slot: u32, wide: &mut WideSets) -> PackedSet {
+        if slot < INLINE_LIMIT {
+            return PackedSet(u64::from(slot) | (1 << LEN_SHIFT));
+        }
+        let mut set = PackedSet::EMPTY;
+        set.insert(slot, wide);
+        set
+    }
+
+    #[inline]
+    pub fn view(self, wide: &WideSets) -> SetRef<'_> {
+        match self.wide_index() {
+            Some(i) => match wide.sets.get(i as usize) {
+                Some(bits) => SetRef::Many(bits),
+                None => SetRef::Few {
+                    len: 0,
+                    ids: [0; FEW],
+                },
+            },
+            None => {
+                let len = self.inline_len();
+                let mut ids = [0; FEW];
+                for (k, id) in ids.iter_mut().enumerate().take(len) {
+                    *id = self.inline_id(k);
+                }
+                SetRef::Few {
+                    len: len as u8,
+                    ids,
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn contains(self, slot: u32, wide: &WideSets) -> bool {
+        match self.wide_index() {
+            Some(i) => wide
+                .sets
+                .get(i as usize)
+                .is_some_and(|b| bit(&b.words, slot)),
+            None => self.inline_has(slot),
+        }
+    }
+
+    /// Adds `slot`; false if it was there already.
+    #[inline]
+    pub fn insert(&mut self, slot: u32, wide: &mut WideSets) -> bool {
+        if let Some(i) = self.wide_index() {
+            let Some(bits) = wide.sets.get_mut(i as usize) else {
+                return false;
+            };
+            if bit(&bits.words, slot) {
+                return false;
+            }
+            set_bit(&mut bits.words, slot);
+            bits.count += 1;
+            return true;
+        }
+        if self.inline_has(slot) {
+            return false;
+        }
+        let len = self.inline_len();
+        if len < FEW && slot < INLINE_LIMIT {
+            let cleared = self.0 & !(0x3 << LEN_SHIFT);
+            self.0 = cleared | (u64::from(slot) << (16 * len)) | ((len as u64 + 1) << LEN_SHIFT);
+            return true;
+        }
+        // Full, or a slot too large to be inline: the set becomes a bitset.
+        let i = wide.alloc();
+        let Some(bits) = wide.sets.get_mut(i as usize) else {
+            return false;
+        };
+        for k in 0..len {
+            set_bit(&mut bits.words, self.inline_id(k));
+        }
+        set_bit(&mut bits.words, slot);
+        bits.count = len as u32 + 1;
+        self.0 = WIDE | u64::from(i);
+        true
+    }
+
+    /// Removes `slot`; false if it was not there. A bitset left empty is freed.
+    #[inline]
+    pub fn remove(&mut self, slot: u32, wide: &mut WideSets) -> bool {
+        if let Some(i) = self.wide_index() {
+            let Some(bits) = wide.sets.get_mut(i as usize) else {
+                return false;
+            };
+            if !bit(&bits.words, slot) {
+                return false;
+            }
+            bits.words[(slot / 64) as usize] &= !(1 << (slot % 64));
+            bits.count -= 1;
+            if bits.count == 0 {
+                wide.release(i);
+                *self = PackedSet::EMPTY;
+            }
+            return true;
+        }
+        let len = self.inline_len();
+        let Some(at) = (0..len).find(|&k| slot < INLINE_LIMIT && self.inline_id(k) == slot) else {
+            return false;
+        };
+        // The last id moves into the hole; the last field and the count shrink.
+        let last = u64::from(self.inline_id(len - 1));
+        let mut word = self.0 & !(0xFFFF << (16 * at));
+        word |= last << (16 * at);
+        word &= !(0xFFFF << (16 * (len - 1)));
+        word = (word & !(0x3 << LEN_SHIFT)) | ((len as u64 - 1) << LEN_SHIFT);
+        // An emptied set comes out all zeros: vacant.
+        self.0 = word;
+        true
+    }
+}
+
+impl SetRef<'_> {
+    pub fn contains(&self, slot: u32) -> bool {
+        match self {
+            SetRef::Few { len, ids } => ids[..usize::from(*len)].contains(&slot),
+            SetRef::Many(bits) => bit(&bits.words, slot),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        match self {
+            SetRef::Few { len, .. } => usize::from(*len),
+            SetRef::Many(bits) => bits.count as usize,
+        }
+    }
 }
 
 fn first_bit(words: &[u64]) -> Option<u32> {
@@ -131,19 +259,41 @@ fn each_bit(words: &[u64], mut f: impl FnMut(u32)) {
     }
 }
 
-/// The workers still matching every block so far.
+/// Up to [`FEW`] slots, inline.
+#[derive(Debug, Clone, Copy, Default)]
+struct Short<T: Copy + Default> {
+    len: u8,
+    items: [T; FEW],
+}
+
+impl<T: Copy + Default> Short<T> {
+    fn as_slice(&self) -> &[T] {
+        &self.items[..usize::from(self.len)]
+    }
+
+    fn push(&mut self, item: T) {
+        if let Some(at) = self.items.get_mut(usize::from(self.len)) {
+            *at = item;
+            self.len += 1;
+        }
+    }
+}
+
+/// The workers still matching every block so far. A list comes from a set of at most
+/// [`FEW`] and only shrinks, so it stays inline.
 enum Active {
-    List(Vec<u32>),
+    List(Short<u32>),
     Bits(Vec<u64>),
 }
 
 /// Where a walk reports the workers that dropped out, with the depth each reached. A
 /// wide group (the many workers holding only a shared system prompt) stays a bitset, so
-/// a walk never touches its workers one by one.
+/// a walk never touches its workers one by one. At most [`FEW`] workers are ever single
+/// (they come from one short list), so a walk over inline sets allocates nothing.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Dropped {
-    pub singles: Vec<(u32, u32)>,
-    pub groups: Vec<(u32, Vec<u64>)>,
+    singles: Short<(u32, u32)>,
+    groups: Vec<(u32, Vec<u64>)>,
 }
 
 impl Dropped {
@@ -159,12 +309,15 @@ impl Dropped {
             .iter()
             .find(|(_, words)| bit(words, slot))
             .map(|g| g.0)
-            .or_else(|| self.singles.iter().find(|s| s.0 == slot).map(|s| s.1))
+            .or_else(|| {
+                let singles = self.singles.as_slice();
+                singles.iter().find(|s| s.0 == slot).map(|s| s.1)
+            })
     }
 
     /// Every `(slot, depth)`, groups expanded.
     pub fn for_each(&self, mut f: impl FnMut(u32, u32)) {
-        for &(s, d) in &self.singles {
+        for &(s, d) in self.singles.as_slice() {
             f(s, d);
         }
         for (d, words) in &self.groups {
@@ -179,12 +332,12 @@ impl Dropped {
             .flat_map(|g| g.1.iter())
             .map(|w| w.count_ones())
             .sum();
-        self.singles.len() + grouped as usize
+        usize::from(self.singles.len) + grouped as usize
     }
 
     /// A slot with the greatest depth, and the depth.
     pub fn deepest(&self) -> Option<(u32, u32)> {
-        let single = self.singles.iter().copied().max_by_key(|s| s.1);
+        let single = self.singles.as_slice().iter().copied().max_by_key(|s| s.1);
         let group = (self.groups.iter())
             .filter_map(|(d, words)| Some((first_bit(words)?, *d)))
             .max_by_key(|g| g.1);
@@ -195,7 +348,7 @@ impl Dropped {
     }
 
     pub fn max_depth(&self) -> u32 {
-        let singles = self.singles.iter().map(|s| s.1);
+        let singles = self.singles.as_slice().iter().map(|s| s.1);
         singles
             .chain(self.groups.iter().map(|g| g.0))
             .max()
@@ -212,44 +365,44 @@ pub(crate) struct PrefixWalk {
 
 impl PrefixWalk {
     /// The walk after the first block, held by `first`.
-    pub fn start(first: &WorkerSet) -> Self {
+    pub fn start(first: SetRef<'_>) -> Self {
         let active = match first {
-            WorkerSet::Few { len, ids } => Active::List(ids[..usize::from(*len)].to_vec()),
-            WorkerSet::Many(bits) => Active::Bits(bits.words.clone()),
+            SetRef::Few { len, ids } => Active::List(Short { len, items: ids }),
+            SetRef::Many(bits) => Active::Bits(bits.words.clone()),
         };
         PrefixWalk { active, depth: 1 }
     }
 
     /// One more block, held by `next`: workers not in it leave with the depth so far.
     /// False once no worker is left.
-    pub fn step(&mut self, next: &WorkerSet, out: &mut Dropped) -> bool {
+    pub fn step(&mut self, next: SetRef<'_>, out: &mut Dropped) -> bool {
         let depth = self.depth;
         let left = match (&mut self.active, next) {
             (Active::List(list), _) => {
-                list.retain(|&s| {
-                    let keep = next.contains(s);
-                    if !keep {
+                let mut kept = Short::default();
+                for &s in list.as_slice() {
+                    if next.contains(s) {
+                        kept.push(s);
+                    } else {
                         out.singles.push((s, depth));
                     }
-                    keep
-                });
-                !list.is_empty()
+                }
+                *list = kept;
+                list.len > 0
             }
-            (Active::Bits(words), WorkerSet::Few { len, ids }) => {
-                let kept: Vec<u32> = ids[..usize::from(*len)]
-                    .iter()
-                    .copied()
-                    .filter(|&s| bit(words, s))
-                    .collect();
-                for &s in &kept {
-                    words[(s / 64) as usize] &= !(1 << (s % 64));
+            (Active::Bits(words), SetRef::Few { len, ids }) => {
+                let mut kept = Short::default();
+                for &s in &ids[..usize::from(len)] {
+                    if bit(words, s) {
+                        kept.push(s);
+                        words[(s / 64) as usize] &= !(1 << (s % 64));
+                    }
                 }
                 out.group(depth, std::mem::take(words));
-                let left = !kept.is_empty();
                 self.active = Active::List(kept);
-                left
+                kept.len > 0
             }
-            (Active::Bits(words), WorkerSet::Many(bits)) => {
+            (Active::Bits(words), SetRef::Many(bits)) => {
                 let other = &bits.words;
                 let other_at = |i: usize| other.get(i).copied().unwrap_or(0);
                 let leaving = words.iter().enumerate().any(|(i, w)| w & !other_at(i) != 0);
@@ -275,7 +428,11 @@ impl PrefixWalk {
     pub fn finish(self, out: &mut Dropped) {
         let depth = self.depth;
         match self.active {
-            Active::List(list) => out.singles.extend(list.into_iter().map(|s| (s, depth))),
+            Active::List(list) => {
+                for &s in list.as_slice() {
+                    out.singles.push((s, depth));
+                }
+            }
             Active::Bits(words) => out.group(depth, words),
         }
     }
@@ -285,41 +442,101 @@ impl PrefixWalk {
 mod tests {
     use super::*;
 
-    fn set(slots: &[u32]) -> WorkerSet {
-        let mut s = WorkerSet::default();
+    fn set(slots: &[u32], wide: &mut WideSets) -> PackedSet {
+        let mut s = PackedSet::EMPTY;
         for &x in slots {
-            assert!(s.insert(x));
+            assert!(s.insert(x, wide));
         }
         s
     }
 
-    #[test]
-    fn grows_into_a_bitset_and_shrinks() {
-        assert_eq!(
-            std::mem::size_of::<WorkerSet>(),
-            16,
-            "an index entry stays small"
-        );
-        let mut s = set(&[3, 1, 200]);
-        assert!(matches!(s, WorkerSet::Few { .. }));
-        assert!(!s.insert(1), "no duplicates");
-        assert!(s.insert(7) && s.insert(9) && s.insert(64));
-        assert!(matches!(s, WorkerSet::Many(_)));
-        assert_eq!(s.len(), 6);
-        for x in [1, 3, 7, 9, 64, 200] {
-            assert!(s.contains(x), "{x}");
-        }
-        assert!(!s.contains(2) && !s.contains(100_000));
-        assert!(s.remove(200) && !s.remove(200));
-        assert_eq!(s.len(), 5);
+    fn sorted(s: PackedSet, wide: &WideSets) -> Vec<u32> {
+        let mut out = match s.view(wide) {
+            SetRef::Few { len, ids } => ids[..usize::from(len)].to_vec(),
+            SetRef::Many(bits) => {
+                let mut v = Vec::new();
+                each_bit(&bits.words, |x| v.push(x));
+                v
+            }
+        };
+        out.sort_unstable();
+        out
     }
 
-    fn walk(sets: &[WorkerSet]) -> Vec<(u32, u32)> {
+    #[test]
+    fn grows_into_a_bitset_and_shrinks() {
+        let mut wide = WideSets::default();
+        let mut s = set(&[3, 1, 200], &mut wide);
+        assert!(matches!(s.view(&wide), SetRef::Few { len: 3, .. }));
+        assert_eq!(wide.len(), 0, "three stay inline");
+        assert!(!s.insert(1, &mut wide), "no duplicates");
+        assert!(s.insert(7, &mut wide) && s.insert(9, &mut wide) && s.insert(64, &mut wide));
+        assert!(matches!(s.view(&wide), SetRef::Many(_)));
+        assert_eq!(s.view(&wide).len(), 6);
+        for x in [1, 3, 7, 9, 64, 200] {
+            assert!(s.contains(x, &wide), "{x}");
+        }
+        assert!(!s.contains(2, &wide) && !s.contains(100_000, &wide));
+        assert!(s.remove(200, &mut wide) && !s.remove(200, &mut wide));
+        assert_eq!(s.view(&wide).len(), 5);
+        for x in [1, 3, 7, 9, 64] {
+            assert!(s.remove(x, &mut wide), "{x}");
+        }
+        assert_eq!(
+            s,
+            PackedSet::EMPTY,
+            "an emptied bitset leaves a vacant word"
+        );
+        assert_eq!(wide.len(), 0, "and is freed");
+        // The freed bitset is reused, zeroed.
+        let t = set(&[5, 6, 7, 8], &mut wide);
+        assert_eq!(sorted(t, &wide), vec![5, 6, 7, 8]);
+        assert_eq!(wide.sets.len(), 1);
+    }
+
+    #[test]
+    fn inline_removal_keeps_the_others_and_empties_to_zero() {
+        let mut wide = WideSets::default();
+        for gone in [10, 20, 30] {
+            let mut s = set(&[10, 20, 30], &mut wide);
+            assert!(s.remove(gone, &mut wide));
+            assert!(!s.remove(gone, &mut wide) && !s.contains(gone, &wide));
+            let mut want = vec![10, 20, 30];
+            want.retain(|&x| x != gone);
+            assert_eq!(sorted(s, &wide), want);
+            for x in want {
+                assert!(s.remove(x, &mut wide));
+            }
+            assert_eq!(s.0, 0, "vacant is all zeros");
+        }
+        // Slot 0 is a worker like any other: a set of it alone is not vacant.
+        let s = set(&[0], &mut wide);
+        assert!(!s.is_empty() && s.contains(0, &wide));
+        assert_eq!(wide.len(), 0);
+    }
+
+    #[test]
+    fn slots_past_sixteen_bits_go_to_a_bitset() {
+        let mut wide = WideSets::default();
+        let mut s = PackedSet::one(70_000, &mut wide);
+        assert!(matches!(s.view(&wide), SetRef::Many(_)));
+        assert!(s.contains(70_000, &wide) && !s.contains(70_000 - 65_536, &wide));
+        let mut t = set(&[4, 70_000 - 65_536], &mut wide);
+        assert!(!t.contains(70_000, &wide), "no aliasing on the low 16 bits");
+        assert!(!t.remove(70_000, &mut wide));
+        assert!(t.insert(70_000, &mut wide));
+        assert_eq!(sorted(t, &wide), vec![4, 70_000 - 65_536, 70_000]);
+        assert!(s.remove(70_000, &mut wide) && s.is_empty());
+    }
+
+    fn walk(slots: &[&[u32]]) -> Vec<(u32, u32)> {
+        let mut wide = WideSets::default();
+        let sets: Vec<PackedSet> = slots.iter().map(|s| set(s, &mut wide)).collect();
         let mut out = Dropped::default();
-        let mut w = PrefixWalk::start(&sets[0]);
+        let mut w = PrefixWalk::start(sets[0].view(&wide));
         let mut alive = true;
         for s in &sets[1..] {
-            if !w.step(s, &mut out) {
+            if !w.step(s.view(&wide), &mut out) {
                 alive = false;
                 break;
             }
@@ -343,13 +560,8 @@ mod tests {
     #[test]
     fn walk_scores_contiguous_prefixes_across_representations() {
         let wide: Vec<u32> = (0..130).collect();
-        let sets = [
-            set(&wide),
-            set(&(0..70).collect::<Vec<_>>()),
-            set(&[5, 69, 129]),
-            set(&[69]),
-        ];
-        let got = walk(&sets);
+        let seventy: Vec<u32> = (0..70).collect();
+        let got = walk(&[&wide, &seventy, &[5, 69, 129], &[69]]);
         let mut want: Vec<(u32, u32)> = (70..130).map(|s| (s, 1)).collect();
         want.extend((0..70).filter(|&s| s != 5 && s != 69).map(|s| (s, 2)));
         want.push((5, 3));
@@ -361,7 +573,10 @@ mod tests {
     #[test]
     fn a_worker_missing_a_middle_block_stops_there() {
         // Worker 2 holds blocks 0 and 2 but not 1: its prefix is 1 block long.
-        let sets = [set(&[1, 2]), set(&[1]), set(&[1, 2])];
-        assert_eq!(walk(&sets), vec![(1, 3), (2, 1)]);
+        assert_eq!(walk(&[&[1, 2], &[1], &[1, 2]]), vec![(1, 3), (2, 1)]);
+        assert_eq!(
+            walk(&[&[1, 2, 3], &[3, 1], &[3]]),
+            vec![(1, 2), (2, 1), (3, 3)]
+        );
     }
 }
