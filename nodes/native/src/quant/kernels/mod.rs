@@ -16,6 +16,9 @@ mod x86;
 /// vector is used this many times).
 pub const MAX_R: usize = 4;
 
+/// How far ahead of the block being computed the x86 kernels prefetch weights.
+pub const PREFETCH_BYTES: usize = 2048;
+
 /// `out[j][i]` = dot of activation row `j0 + j` with panel row `i`.
 pub type PanelOut = [[f32; PANEL]; MAX_R];
 
