@@ -14,6 +14,9 @@ pub enum BenchCommand {
     /// Replay a Mooncake trace (`../shared/data/mooncake_*.jsonl`) on the trace's schedule,
     /// scaled; report TTFT/ITL/E2E, throughput, errors and the KV hit rate.
     Replay(Box<crate::cmd::replay::Args>),
+    /// The native engine on a GGUF model: prefill, decode, batched decode, cached TTFT and
+    /// KV hand-off; with `--llamacpp`, llama.cpp on the same file in the same run.
+    Engine(crate::cmd::bench_engine::Args),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -21,5 +24,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Graph(a) => crate::cmd::bench_graph::run(a),
         BenchCommand::Serve(a) => crate::cmd::bench_serve::run(*a),
         BenchCommand::Replay(a) => crate::cmd::replay::run(*a),
+        BenchCommand::Engine(a) => crate::cmd::bench_engine::run(a),
     }
 }

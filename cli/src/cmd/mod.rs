@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_engine;
 pub mod bench_graph;
 pub mod bench_serve;
 pub mod chat;

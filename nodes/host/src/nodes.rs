@@ -107,6 +107,34 @@ pub fn mocker(
     MockerEngine::start(config).map_err(|e| invalid(node, e))
 }
 
+/// A native worker: the model computed in this process over a paged KV pool, scheduled by
+/// the same engine shell as the mocker.
+pub fn native(
+    node: &PlannedNode,
+    replica: &PlannedReplica,
+    model_file: &Path,
+) -> Result<MockerEngine, BuildError> {
+    let mut config = dynamo_native::NativeConfig::new(model_file);
+    let usize_of = |key: &str| node.u64(key).and_then(|v| usize::try_from(v).ok());
+    config.worker_id = instance_id(&replica.id);
+    config.threads = usize_of("threads").unwrap_or(1);
+    if let Some(v) = usize_of("block_size") {
+        config.block_size = v;
+    }
+    if let Some(v) = usize_of("num_blocks") {
+        config.num_blocks = v;
+    }
+    if let Some(v) = usize_of("max_num_seqs") {
+        config.max_num_seqs = v;
+    }
+    if let Some(v) = usize_of("max_batched_tokens") {
+        config.max_batched_tokens = v;
+    }
+    config.enable_prefix_caching = node.bool("enable_prefix_caching").unwrap_or(true);
+    config.seed = node.u64("seed").unwrap_or(0);
+    dynamo_native::start(&config).map_err(|e| invalid(node, e))
+}
+
 /// The KV layout of a llama-family GGUF (f16 KV), for the size of handed-over blocks.
 fn kv_layout(gguf: &GgufFile) -> dynamo_protocol::KvLayout {
     let arch = gguf
@@ -138,7 +166,7 @@ fn kv_layout(gguf: &GgufFile) -> dynamo_protocol::KvLayout {
 /// An input port that takes token requests.
 pub type TokenService = Arc<dyn Service<TokenRequest, TokenDelta>>;
 
-/// An engine replica of any kind (worker, prefill, decode): only the mocker for now.
+/// An engine replica of any kind (worker, prefill, decode): the mocker or the native engine.
 pub fn engine(
     node: &PlannedNode,
     replica: &PlannedReplica,
@@ -149,11 +177,14 @@ pub fn engine(
             let engine = Arc::new(mocker(node, replica, model_file)?);
             Ok((engine.clone(), engine))
         }
-        other => Err(BuildError::NotYet {
-            node: node.name.clone(),
-            what: format!("engine `{}`", other.unwrap_or("?")),
-            issue: "the native engine is issue #5",
-        }),
+        Some("native") => {
+            let engine = Arc::new(native(node, replica, model_file)?);
+            Ok((engine.clone(), engine))
+        }
+        other => Err(invalid(
+            node,
+            format!("unknown engine `{}`", other.unwrap_or("?")),
+        )),
     }
 }
 

@@ -382,10 +382,13 @@ fn random_workloads_complete_without_leaks() {
     );
 }
 
+/// One batch entry as the recorder saw it: id, start, len, sample, table length.
+type Seen = (SeqId, usize, usize, bool, usize);
+
 /// Records what it is asked to compute; "samples" the number of positions computed so far.
 #[derive(Default)]
 struct Recorder {
-    steps: Vec<Vec<(SeqId, usize, usize, bool, usize)>>,
+    steps: Vec<Vec<Seen>>,
     fail: bool,
 }
 

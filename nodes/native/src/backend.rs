@@ -1,0 +1,79 @@
+//! The native model as the engine's [`StepBackend`]: the scheduler's batch goes through
+//! one forward pass over the paged pool, then each finished row is sampled.
+
+use dynamo_mocker::{BackendError, BlockId, StepBackend, StepSeq};
+
+use crate::kv_pool::KvPool;
+use crate::model::{BatchSeq, Model};
+use crate::sampling::Sampler;
+
+pub struct NativeBackend {
+    model: Model,
+    kv: KvPool,
+    sampler: Sampler,
+    logits: Vec<f32>,
+}
+
+impl NativeBackend {
+    pub fn new(model: Model, kv: KvPool) -> NativeBackend {
+        NativeBackend {
+            model,
+            kv,
+            sampler: Sampler::default(),
+            logits: Vec::new(),
+        }
+    }
+}
+
+impl StepBackend for NativeBackend {
+    fn forward(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<u32>, BackendError> {
+        let seqs: Vec<BatchSeq<'_>> = batch
+            .iter()
+            .map(|s| BatchSeq {
+                tokens: &s.tokens[s.start..s.start + s.len],
+                start: s.start,
+                table: s.table,
+                logits: s.sample,
+            })
+            .collect();
+        let vocab = self.model.config.vocab;
+        let logits = self
+            .model
+            .forward(&mut self.kv, &seqs, &mut self.logits)
+            .map_err(|e| BackendError(e.to_string()))?;
+        let mut rows = logits.chunks_exact(vocab);
+        let mut tokens = Vec::new();
+        for s in batch.iter().filter(|s| s.sample) {
+            let Some(row) = rows.next() else {
+                return Err(BackendError("the model returned too few logits".into()));
+            };
+            let generated = &s.tokens[s.prompt_len.min(s.tokens.len())..];
+            tokens.push(
+                self.sampler
+                    .sample(row, s.sampling, generated, s.seed, s.start + s.len),
+            );
+        }
+        Ok(tokens)
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.kv.block_bytes()
+    }
+
+    fn export_blocks(&self, blocks: &[BlockId], out: &mut Vec<u8>) {
+        self.kv.export(blocks, out);
+    }
+
+    fn import_blocks(&mut self, blocks: &[BlockId], bytes: &[u8]) -> Result<(), BackendError> {
+        if self.kv.import(blocks, bytes) {
+            Ok(())
+        } else {
+            Err(BackendError(format!(
+                "{} bytes do not fill {} blocks of {} bytes",
+                bytes.len(),
+                blocks.len(),
+                self.kv.block_bytes()
+            )))
+        }
+    }
+}

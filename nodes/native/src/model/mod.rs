@@ -1,0 +1,11 @@
+//! The llama-family transformer: configuration, weights, rotary embedding and the batched
+//! forward pass.
+
+pub mod config;
+pub mod forward;
+pub mod rope;
+pub mod weights;
+
+pub use config::{ModelConfig, RopeStyle};
+pub use forward::{BatchSeq, ForwardError, Model};
+pub use weights::{load, Weights};
