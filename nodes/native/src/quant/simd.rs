@@ -2,14 +2,12 @@
 //! AVX2+FMA where the CPU has it, plain loops otherwise. Lengths are the shorter of the
 //! two slices.
 
-use super::kernels::Isa;
-
 /// `Σ a[i]·b[i]`.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     #[cfg(target_arch = "x86_64")]
-    if Isa::detect() != Isa::Scalar {
+    if super::kernels::Isa::detect() != super::kernels::Isa::Scalar {
         // SAFETY: AVX2 and FMA were detected.
         return unsafe { x86::dot(a, b) };
     }
@@ -21,7 +19,7 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     let n = y.len().min(x.len());
     let (y, x) = (&mut y[..n], &x[..n]);
     #[cfg(target_arch = "x86_64")]
-    if Isa::detect() != Isa::Scalar {
+    if super::kernels::Isa::detect() != super::kernels::Isa::Scalar {
         // SAFETY: AVX2 and FMA were detected.
         return unsafe { x86::axpy(y, a, x) };
     }
@@ -33,7 +31,7 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// `y[i] *= a`.
 pub fn scale(y: &mut [f32], a: f32) {
     #[cfg(target_arch = "x86_64")]
-    if Isa::detect() != Isa::Scalar {
+    if super::kernels::Isa::detect() != super::kernels::Isa::Scalar {
         // SAFETY: AVX2 was detected.
         return unsafe { x86::scale(y, a) };
     }

@@ -17,6 +17,7 @@ mod x86;
 pub const MAX_R: usize = 4;
 
 /// How far ahead of the block being computed the x86 kernels prefetch weights.
+#[cfg(target_arch = "x86_64")]
 pub const PREFETCH_BYTES: usize = 2048;
 
 /// `out[j][i]` = dot of activation row `j0 + j` with panel row `i`.
@@ -24,6 +25,8 @@ pub type PanelOut = [[f32; PANEL]; MAX_R];
 
 /// An instruction-set path for the integer kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// Off x86_64 only `Scalar` is ever built.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub enum Isa {
     /// Portable Rust; the reference for the others, and what aarch64 runs.
     Scalar,
