@@ -13,6 +13,7 @@ use std::time::Duration;
 use dynamo_frontend::Frontend;
 use dynamo_graph::plan::{Plan, ReplicaId};
 use dynamo_mocker::MockerEngine;
+use dynamo_router::kv::{OVERHEAD_BUCKETS_US, OVERLAP_BUCKETS_BLOCKS};
 use dynamo_router::{DisaggRouter, KvRouterHandle};
 use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
 use dynamo_runtime::{RequestContext, ResponseStream, Service};
@@ -69,9 +70,19 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Requests routed by a KV-aware router",
     ),
     (
-        "dynamo_router_overhead_seconds_total",
+        "dynamo_router_overhead_seconds",
+        "histogram",
+        "Per-request routing time of a KV-aware router (hashing, index walk, cost)",
+    ),
+    (
+        "dynamo_router_chosen_total",
         "counter",
-        "Routing time spent (hashing, index walk, cost); divide by requests for the mean",
+        "Requests a KV-aware router sent to each worker instance (`worker` = instance id)",
+    ),
+    (
+        "dynamo_router_kv_overlap_blocks",
+        "histogram",
+        "Prompt blocks the chosen worker already held, per request",
     ),
     (
         "dynamo_router_kv_hit_blocks_total",
@@ -103,6 +114,32 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     ("dynamo_router_disagg_requests_total", "counter", "Requests of a disaggregated router by path: prefill (on a prefill worker), local (short prompt), fallback (no prefill worker), rejected"),
     ("dynamo_router_disagg_prefill_seconds_total", "counter", "Time spent waiting for prefill workers"),
 ];
+
+/// The family a sample belongs to: a histogram's `_bucket`, `_sum` and `_count` samples
+/// are its family's.
+fn family_of(sample: &str) -> &str {
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = sample.strip_suffix(suffix) {
+            if FAMILIES.iter().any(|f| f.0 == base && f.1 == "histogram") {
+                return base;
+            }
+        }
+    }
+    sample
+}
+
+/// Writes a Prometheus histogram from non-cumulative `counts` (one per bound, then the
+/// overflow): cumulative `_bucket{le}` lines, `+Inf`, `_sum` and `_count`.
+fn histogram(out: &mut String, name: &str, labels: &str, bounds: &[f64], counts: &[u64], sum: f64) {
+    let mut total = 0;
+    for (i, count) in counts.iter().enumerate() {
+        total += count;
+        let le = bounds.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {total}");
+    }
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+    let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
+}
 
 pub struct MetricsHub {
     engines: Mutex<Vec<(ReplicaId, Arc<MockerEngine>)>>,
@@ -181,11 +218,28 @@ impl MetricsHub {
                 let m = kv.metrics();
                 let l = format!("node=\"{}\",replica=\"{}\"", id.node, id.index);
                 let _ = writeln!(out, "dynamo_router_requests_total{{{l}}} {}", m.requests);
-                let _ = writeln!(
-                    out,
-                    "dynamo_router_overhead_seconds_total{{{l}}} {}",
-                    m.routing_overhead_us_sum as f64 / 1e6
+                histogram(
+                    &mut out,
+                    "dynamo_router_overhead_seconds",
+                    &l,
+                    &OVERHEAD_BUCKETS_US.map(|us| us as f64 / 1e6),
+                    &m.routing_overhead_us_buckets,
+                    m.routing_overhead_us_sum as f64 / 1e6,
                 );
+                histogram(
+                    &mut out,
+                    "dynamo_router_kv_overlap_blocks",
+                    &l,
+                    &OVERLAP_BUCKETS_BLOCKS.map(|b| b as f64),
+                    &m.overlap_blocks_buckets,
+                    m.kv_hit_blocks_total as f64,
+                );
+                for (worker, n) in &m.chosen_total {
+                    let _ = writeln!(
+                        out,
+                        "dynamo_router_chosen_total{{{l},worker=\"{worker}\"}} {n}"
+                    );
+                }
                 let _ = writeln!(
                     out,
                     "dynamo_router_kv_hit_blocks_total{{{l}}} {}",
@@ -290,7 +344,7 @@ impl MetricsHub {
         let mut by_family: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for line in all.lines().filter(|l| !l.is_empty()) {
             let name = line.split(['{', ' ']).next().unwrap_or(line);
-            by_family.entry(name).or_default().push(line);
+            by_family.entry(family_of(name)).or_default().push(line);
         }
         let mut out = String::new();
         for (name, kind, help) in FAMILIES {
@@ -385,5 +439,90 @@ impl Service<(), String> for MetricsService {
         Box::pin(futures::stream::once(futures::future::ready(Ok(self
             .hub
             .local_samples()))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use dynamo_protocol::TokenRequest;
+    use dynamo_router::{InstanceLoad, KvConfig, KvMode};
+
+    use super::*;
+
+    fn hub() -> MetricsHub {
+        MetricsHub {
+            engines: Mutex::new(Vec::new()),
+            routers: Mutex::new(Vec::new()),
+            disagg: Mutex::new(Vec::new()),
+            peers: Vec::new(),
+            peer_text: Mutex::new(String::new()),
+        }
+    }
+
+    /// A KV router that routed one request to worker 7: every router family must be on
+    /// `/metrics` with its header, the histograms complete, the chosen worker labelled.
+    #[test]
+    fn a_kv_router_publishes_every_router_family() {
+        let kv = KvRouterHandle::new(KvMode::Events, KvConfig::default()).expect("valid");
+        let candidates = vec![
+            Arc::new(InstanceLoad::new(7)),
+            Arc::new(InstanceLoad::new(8)),
+        ];
+        let request = TokenRequest {
+            model: "m".into(),
+            token_ids: (0..100).collect(),
+            sampling: Default::default(),
+            stop: Default::default(),
+        };
+        let routed = kv.policy().route(&candidates, &request);
+        let hub = hub();
+        let id = ReplicaId {
+            node: "router".into(),
+            index: 0,
+        };
+        hub.add_router(id, kv);
+        let text = hub.exposition();
+        let families = FAMILIES
+            .iter()
+            .filter(|f| f.0.starts_with("dynamo_router_") && !f.0.contains("disagg"));
+        for (name, kind, _) in families {
+            let family = if *kind == "counter" {
+                name.strip_suffix("_total").unwrap_or(name)
+            } else {
+                name
+            };
+            assert!(
+                text.contains(&format!("# TYPE {family} {kind}\n")),
+                "{family} has no header:\n{text}"
+            );
+            let sample = if *kind == "histogram" {
+                format!("{name}_count{{")
+            } else {
+                format!("{name}{{")
+            };
+            assert!(text.contains(&sample), "no {sample} sample:\n{text}");
+        }
+        let l = "node=\"router\",replica=\"0\"";
+        let worker = routed.instance;
+        for line in [
+            format!("dynamo_router_requests_total{{{l}}} 1"),
+            format!("dynamo_router_chosen_total{{{l},worker=\"{worker}\"}} 1"),
+            format!("dynamo_router_overhead_seconds_bucket{{{l},le=\"+Inf\"}} 1"),
+            format!("dynamo_router_overhead_seconds_count{{{l}}} 1"),
+            format!("dynamo_router_kv_overlap_blocks_bucket{{{l},le=\"0\"}} 1"),
+            format!("dynamo_router_kv_overlap_blocks_count{{{l}}} 1"),
+            format!("dynamo_router_kv_overlap_blocks_sum{{{l}}} 0"),
+        ] {
+            assert!(text.lines().any(|t| t == line), "no `{line}`:\n{text}");
+        }
+        // Buckets are cumulative and end at the count.
+        let overhead: Vec<u64> = (text.lines())
+            .filter(|t| t.starts_with("dynamo_router_overhead_seconds_bucket"))
+            .filter_map(|t| t.rsplit(' ').next()?.parse().ok())
+            .collect();
+        assert_eq!(overhead.len(), OVERHEAD_BUCKETS_US.len() + 1);
+        assert!(overhead.windows(2).all(|w| w[0] <= w[1]), "{overhead:?}");
     }
 }

@@ -142,7 +142,9 @@ impl RouterService {
 
 impl Service<TokenRequest, TokenDelta> for RouterService {
     fn call(&self, request: TokenRequest, ctx: RequestContext) -> ResponseStream<TokenDelta> {
-        let span = tracing::debug_span!(
+        // `instance` is the chosen worker; a KV policy adds its overlap, cost and the
+        // number of candidates it weighed.
+        let span = tracing::info_span!(
             "router",
             router = %self.shared.name,
             request_id = %ctx.request_id,
@@ -151,6 +153,8 @@ impl Service<TokenRequest, TokenDelta> for RouterService {
             retried_from = tracing::field::Empty,
             overlap_blocks = tracing::field::Empty,
             prompt_blocks = tracing::field::Empty,
+            cost = tracing::field::Empty,
+            candidates = tracing::field::Empty,
         );
         let started = (!span.is_disabled()).then(Instant::now);
         let entered = span.enter();

@@ -1,5 +1,6 @@
 //! The router's per-request span carries the chosen instance and the routing overhead, and
-//! for a KV router the prompt's blocks and how many of them the chosen worker holds.
+//! for a KV router the prompt's blocks, how many of them the chosen worker holds, its cost
+//! and how many candidates were weighed.
 //!
 //! In its own test binary: a scoped subscriber shares tracing's per-callsite interest cache
 //! with every thread of the process, so other tests hitting the same span concurrently
@@ -107,4 +108,10 @@ fn each_request_has_a_span_with_its_instance_and_overhead() {
     assert_eq!(get(&spans[2], "instance").as_deref(), Some("6"));
     assert_eq!(get(&spans[2], "overlap_blocks").as_deref(), Some("2"));
     assert_eq!(get(&spans[2], "prompt_blocks").as_deref(), Some("3"));
+    assert_eq!(get(&spans[2], "candidates").as_deref(), Some("2"));
+    let cost = get(&spans[2], "cost").and_then(|v| v.parse::<f64>().ok());
+    // Two blocks to prefill (the third full one and the partial one, weight 1), nothing
+    // in flight.
+    assert_eq!(cost, Some(2.0), "{:?}", spans[2]);
+    assert_eq!(get(&spans[1], "cost"), None, "not a KV router");
 }

@@ -18,6 +18,6 @@ mod worker_set;
 
 pub use config::{KvConfig, KvConfigError, KvMode};
 pub use indexer::{KvIndexer, OverlapScores};
-pub use metrics::{KvMetrics, OVERHEAD_BUCKETS_US};
+pub use metrics::{KvMetrics, OVERHEAD_BUCKETS_US, OVERLAP_BUCKETS_BLOCKS};
 pub use router::KvRouterHandle;
 pub use sync::EventOutcome;

@@ -4,6 +4,7 @@
 //! decision reads both and writes both (the chosen worker's predicted blocks and load), so
 //! one short critical section keeps them consistent. Hashing the prompt happens outside it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +23,9 @@ struct KvState {
     indexer: KvIndexer,
     loads: ActiveLoads,
     rng: fastrand::Rng,
+    /// Requests routed to each worker, for metrics (kept when a worker leaves: totals
+    /// only grow).
+    chosen: BTreeMap<InstanceId, u64>,
 }
 
 struct KvShared {
@@ -82,6 +86,7 @@ impl KvRouterHandle {
                     indexer: KvIndexer::new(),
                     loads: ActiveLoads::default(),
                     rng: fastrand::Rng::new(),
+                    chosen: BTreeMap::new(),
                 }),
                 counters: Counters::default(),
             }),
@@ -173,7 +178,9 @@ impl KvRouterHandle {
     /// The counters, for metrics.
     pub fn metrics(&self) -> KvMetrics {
         let mut m = self.shared.counters.snapshot();
-        m.indexed_blocks = self.shared.state.lock().indexer.block_count() as u64;
+        let state = self.shared.state.lock();
+        m.indexed_blocks = state.indexer.block_count() as u64;
+        m.chosen_total = state.chosen.iter().map(|(&w, &n)| (w, n)).collect();
         m
     }
 }
@@ -186,6 +193,8 @@ struct KvPolicy {
 struct Decision {
     instance: InstanceId,
     overlap: u32,
+    /// The chosen worker's cost (see [`cost`]).
+    cost: f64,
 }
 
 impl KvPolicy {
@@ -216,6 +225,7 @@ impl KvPolicy {
         Decision {
             instance,
             overlap: overlap_of(instance),
+            cost: scored.get(at).map_or(0.0, |s| s.cost),
         }
     }
 
@@ -247,6 +257,7 @@ impl Policy for KvPolicy {
                 .dispatched(d.instance, prompt_blocks, new_blocks);
             let expires = self.shared.expires_at();
             state.indexer.insert_expiring(d.instance, &hashes, expires);
+            *state.chosen.entry(d.instance).or_default() += 1;
             d
         };
         let overhead_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -257,6 +268,8 @@ impl Policy for KvPolicy {
         let span = tracing::Span::current();
         span.record("overlap_blocks", decision.overlap);
         span.record("prompt_blocks", full_blocks);
+        span.record("cost", decision.cost);
+        span.record("candidates", candidates.len());
         Routed {
             instance: decision.instance,
             tracker: Some(Box::new(KvTracker {

@@ -79,6 +79,13 @@ async fn requests_sharing_a_long_prefix_land_on_the_worker_that_holds_it() {
         10,
         "every request in one bucket"
     );
+    assert_eq!(m.chosen_total, vec![(2, 10)], "the chosen worker, counted");
+    // 16 blocks of overlap each: the (8, 16] bucket.
+    assert_eq!(
+        m.overlap_blocks_buckets[5], 10,
+        "{:?}",
+        m.overlap_blocks_buckets
+    );
 
     // Unrelated prompts spread over the idle workers: no worker is favoured by cost.
     let mut spread = BTreeMap::new();
@@ -88,6 +95,9 @@ async fn requests_sharing_a_long_prefix_land_on_the_worker_that_holds_it() {
         *spread.entry(worker(&items[0])).or_insert(0) += 1;
     }
     assert_eq!(spread.len(), 3, "{spread:?}");
+    let chosen = kv.metrics().chosen_total;
+    let total: u64 = chosen.iter().map(|c| c.1).sum();
+    assert_eq!((chosen.len(), total), (3, 40), "{chosen:?}");
 }
 
 #[tokio::test]
