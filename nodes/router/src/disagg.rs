@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!            ┌─ choose D (decode policy, least-loaded by default; D's slot held from here)
-//! request ──▶┤  prompt < prefill_threshold ──────────────────────────────▶ D (local prefill)
+//! request ──▶┤  uncached on D < prefill_threshold ───────────────────────▶ D (local prefill)
 //!            └─ choose P (prefill policy) ─▶ P: PrefillRequest{handoff_id = request id,
 //!                 │ Unavailable: one other P      decode_instance = D} ─▶ PrefillResult
 //!                 │ none live / all gone: D alone (fallback), or Unavailable if enforced
@@ -66,8 +66,11 @@ use prefill::{Job, Outcome, PrefillPort};
 /// When a request is prefilled elsewhere.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DisaggConfig {
-    /// Prompts with fewer tokens than this are prefilled by the decode worker itself (the
-    /// conditional policy); 0 sends every prompt to a prefill worker.
+    /// Prompts with fewer *uncached* tokens than this are prefilled by the decode worker
+    /// itself (the conditional policy); 0 sends every prompt to a prefill worker. With a
+    /// KV-aware prefill policy (fed by the decode workers' events too), the uncached part
+    /// is the prompt less what the chosen decode worker already holds (overlap blocks ×
+    /// block size); otherwise it is the whole prompt.
     pub prefill_threshold: usize,
     /// When no prefill worker is live: fail the request with `Unavailable` instead of
     /// falling back to aggregated serving on the decode worker.
@@ -87,6 +90,9 @@ pub struct DisaggRouter {
 
 struct Inner {
     config: DisaggConfig,
+    /// The prefill policy's KV state, if it is KV-aware: the chosen decode worker's
+    /// overlap for the conditional policy.
+    kv: Option<crate::KvRouterHandle>,
     /// Named like the disaggregated router; its load table is the decode workers'.
     decode: RouterService,
     prefill: PrefillPort,
@@ -108,6 +114,7 @@ impl DisaggRouter {
         DisaggRouter {
             inner: Arc::new(Inner {
                 config,
+                kv: prefill_policy.kv(),
                 decode: RouterService::with_policy(decode_policy, decode),
                 prefill: PrefillPort::new(prefill, prefill_policy),
                 counters: Counters::default(),
@@ -122,6 +129,7 @@ impl DisaggRouter {
             Ok(inner) => inner,
             Err(shared) => Inner {
                 config: shared.config,
+                kv: shared.kv.clone(),
                 decode: shared.decode.clone(),
                 prefill: PrefillPort::new(
                     shared.prefill.set.clone(),
@@ -166,6 +174,17 @@ impl DisaggRouter {
 }
 
 impl Inner {
+    /// The prompt tokens `decode` would have to prefill: the whole prompt, less the
+    /// blocks `decode` already holds when the KV state knows.
+    fn uncached_tokens(&self, request: &TokenRequest, decode: InstanceId) -> usize {
+        let tokens = request.token_ids.len();
+        let Some(kv) = &self.kv else {
+            return tokens;
+        };
+        let overlap = kv.overlaps(&request.token_ids).get(decode) as usize;
+        tokens.saturating_sub(overlap.saturating_mul(kv.config().block_size))
+    }
+
     /// Whether every live prefill worker has `max_prefill_queue` prefills in flight.
     fn prefill_queue_full(&self) -> bool {
         let limit = self.config.max_prefill_queue as u64;
@@ -186,9 +205,9 @@ impl Inner {
 }
 
 impl Service<TokenRequest, TokenDelta> for DisaggRouter {
-    /// One `disagg_router` span per request: `decode_instance`, `prefill_instance` (and
-    /// `prefill_retried_from`), `path` (`prefill`, `local`, `fallback`, `rejected`,
-    /// `prefill_failed`), `prefill_us`; `instance`/`retried_from` when the decode call
+    /// One `disagg_router` span per request: `decode_instance`, `uncached_tokens` (with a
+    /// threshold), `prefill_instance` (and `prefill_retried_from`), `path` (`prefill`,
+    /// `local`, `fallback`, `rejected`, `prefill_failed`), `prefill_us`; `instance`/`retried_from` when the decode call
     /// moved to another worker, and a KV policy's `overlap_blocks`/`prompt_blocks` (the
     /// prefill policy's, when both are KV-aware).
     fn call(&self, request: TokenRequest, ctx: RequestContext) -> ResponseStream<TokenDelta> {
@@ -207,6 +226,7 @@ impl Service<TokenRequest, TokenDelta> for DisaggRouter {
             retried_from = tracing::field::Empty,
             overlap_blocks = tracing::field::Empty,
             prompt_blocks = tracing::field::Empty,
+            uncached_tokens = tracing::field::Empty,
         );
         let entered = span.enter();
         let decode = inner.decode.shared();
@@ -224,7 +244,13 @@ impl Service<TokenRequest, TokenDelta> for DisaggRouter {
         span.record("decode_instance", pick.id);
         // Held through the prefill, so concurrent requests see this decode worker busy.
         let load = LoadGuard::charge(pick.load.clone());
-        if request.token_ids.len() < inner.config.prefill_threshold || inner.prefill_queue_full() {
+        let threshold = inner.config.prefill_threshold;
+        let short = threshold > 0 && {
+            let uncached = inner.uncached_tokens(&request, pick.id);
+            span.record("uncached_tokens", uncached);
+            uncached < threshold
+        };
+        if short || inner.prefill_queue_full() {
             span.record("path", "local");
             inner.counters.local();
             let stream = dispatch(decode, pick, load, request, ctx, span.clone());

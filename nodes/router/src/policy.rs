@@ -87,6 +87,13 @@ pub trait Policy: Send + Sync + 'static {
             tracker: None,
         }
     }
+
+    /// The KV state of a KV-aware policy (what every worker feeding its events holds),
+    /// so a caller can ask for the overlap of a worker it chose another way; `None` for
+    /// the others.
+    fn kv(&self) -> Option<crate::KvRouterHandle> {
+        None
+    }
 }
 
 /// A routing decision.

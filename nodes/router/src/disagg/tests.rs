@@ -424,3 +424,56 @@ async fn a_full_prefill_queue_sends_prompts_to_the_decode_worker() {
     assert_eq!((m.prefill_total, m.local_prefill_total), (1, 1));
     assert_adds_up(&m);
 }
+
+#[tokio::test]
+async fn the_threshold_counts_only_what_the_decode_worker_has_not_cached() {
+    use dynamo_protocol::{block_hashes, KvEvent, KvEventData, StoredBlock};
+
+    use crate::{KvConfig, KvMode, KvRouterHandle};
+
+    let p = FakePrefill::new(10, Prefill::Answer);
+    let d = Fake::new(1, Behaviour::Stream(2));
+    let config = DisaggConfig {
+        prefill_threshold: 16,
+        ..DisaggConfig::default()
+    };
+    let kv_config = KvConfig {
+        block_size: 4,
+        ..KvConfig::default()
+    };
+    let kv = KvRouterHandle::new(KvMode::Events, kv_config).expect("valid");
+    let r = DisaggRouter::new(
+        config,
+        prefill_set(&[&p]),
+        kv.policy(),
+        set_of(&[&d]),
+        Arc::new(LeastLoaded::default()),
+    );
+    // 40 tokens, none cached: 40 ≥ 16, prefilled elsewhere.
+    collect(r.call(request(40), RequestContext::new("cold"))).await;
+    assert_eq!(p.calls().len(), 1);
+    // The decode worker now holds the first 8 blocks (32 tokens): 8 uncached < 16.
+    let held = block_hashes(&request(32).token_ids, 4, kv_config.hash_seed);
+    let event = KvEvent {
+        worker_id: 1,
+        event_id: 0,
+        data: KvEventData::Stored {
+            parent: None,
+            blocks: held.into_iter().map(|hash| StoredBlock { hash }).collect(),
+        },
+    };
+    kv.apply_event(event);
+    collect(r.call(request(40), RequestContext::new("warm"))).await;
+    assert_eq!(p.calls().len(), 1, "prefilled by the decode worker");
+    // 52 tokens: 20 uncached ≥ 16, back to the prefill worker.
+    collect(r.call(request(52), RequestContext::new("longer"))).await;
+    assert_eq!(p.calls().len(), 2);
+    let m = r.metrics();
+    assert_eq!((m.local_prefill_total, m.prefill_total), (1, 2));
+    assert_adds_up(&m);
+
+    // A policy without KV state counts the whole prompt: 40 ≥ 16.
+    let plain = router(config, prefill_set(&[&p]), set_of(&[&d]));
+    collect(plain.call(request(40), RequestContext::new("plain"))).await;
+    assert_eq!(p.calls().len(), 3);
+}

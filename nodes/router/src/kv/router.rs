@@ -238,6 +238,12 @@ impl KvPolicy {
 }
 
 impl Policy for KvPolicy {
+    fn kv(&self) -> Option<KvRouterHandle> {
+        Some(KvRouterHandle {
+            shared: self.shared.clone(),
+        })
+    }
+
     fn choose(&self, candidates: &[Arc<InstanceLoad>], request: &TokenRequest) -> InstanceId {
         let (hashes, prompt_blocks) = self.blocks(request);
         let mut state = self.shared.state.lock();
