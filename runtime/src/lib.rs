@@ -1,6 +1,7 @@
 //! The dynamo runtime: the edge contract every node speaks, the transports that carry it,
 //! discovery, process supervision and telemetry. It knows nothing of LLMs.
 
+pub mod discovery;
 pub mod drain;
 pub mod edge;
 pub mod error;
