@@ -47,17 +47,19 @@ impl Isa {
 
     /// Every path this CPU can run, fastest last.
     pub fn available() -> Vec<Isa> {
-        let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
+            let mut v = vec![Isa::Scalar];
             if x86::has_avx2() {
                 v.push(Isa::Avx2);
             }
             if x86::has_avx512vnni() {
                 v.push(Isa::Avx512Vnni);
             }
+            v
         }
-        v
+        #[cfg(not(target_arch = "x86_64"))]
+        vec![Isa::Scalar]
     }
 
     /// The fastest available path, detected once.
