@@ -1,5 +1,5 @@
-//! Disaggregated serving end to end (`graphs/disagg.toml`: prefill and decode mocker
-//! workers in their own processes): the KV blocks cross the process boundary, the answer
+//! Disaggregated serving end to end (`graphs/disagg.toml` with its workers switched to
+//! the mocker, prefill and decode in their own processes): the KV blocks cross the process boundary, the answer
 //! streams back, cancelled requests free blocks on both sides, and a dead prefill worker
 //! makes requests fall back to the decode worker — or fail clearly when enforced.
 
@@ -7,6 +7,14 @@ use std::time::{Duration, Instant};
 
 use dynamo_tests::{model_cached, workspace, Graph};
 use futures::StreamExt;
+
+/// The graph's workers as instant mockers: these tests are about the plumbing.
+const MOCKER_INSTANT: [&str; 4] = [
+    "prefill.engine=mocker",
+    "decode.engine=mocker",
+    "prefill.speedup=inf",
+    "decode.speedup=inf",
+];
 
 fn graph() -> std::path::PathBuf {
     workspace().join("graphs/disagg.toml")
@@ -67,7 +75,7 @@ async fn kv_blocks_cross_processes_and_the_answer_streams_back() {
         model_cached(),
         "the SmolLM2 model is not cached: run scripts/setup-tests.sh"
     );
-    let g = Graph::up(&graph(), &["prefill.speedup=inf", "decode.speedup=inf"]);
+    let g = Graph::up(&graph(), &MOCKER_INSTANT);
     let client = reqwest::Client::new();
     let (status, v) = chat(&client, &g.url, 8).await;
     assert_eq!(status, 200, "{v}");
@@ -155,7 +163,15 @@ async fn a_cancelled_request_frees_blocks_on_both_sides() {
         "the SmolLM2 model is not cached: run scripts/setup-tests.sh"
     );
     // Real-time decode, so a long answer is still streaming when the client leaves.
-    let g = Graph::up(&graph(), &["prefill.speedup=inf", "decode.speedup=1.0"]);
+    let g = Graph::up(
+        &graph(),
+        &[
+            "prefill.engine=mocker",
+            "decode.engine=mocker",
+            "prefill.speedup=inf",
+            "decode.speedup=1.0",
+        ],
+    );
     let client = reqwest::Client::new();
     for _ in 0..3 {
         let body = serde_json::json!({"model": "smollm2", "messages": [{"role": "user", "content": LONG_QUESTION}], "max_tokens": 3000, "stream": true, "ignore_eos": true});
@@ -235,7 +251,7 @@ async fn a_dead_prefill_worker_means_fallback_or_a_clear_error_when_enforced() {
     );
     let client = reqwest::Client::new();
     {
-        let g = Graph::up(&graph(), &["prefill.speedup=inf", "decode.speedup=inf"]);
+        let g = Graph::up(&graph(), &MOCKER_INSTANT);
         assert_eq!(chat(&client, &g.url, 4).await.0, 200);
         let answers = after_killing_prefill(&g, &client).await;
         assert!(
@@ -263,6 +279,8 @@ async fn a_dead_prefill_worker_means_fallback_or_a_clear_error_when_enforced() {
         let g = Graph::up(
             &graph(),
             &[
+                "prefill.engine=mocker",
+                "decode.engine=mocker",
                 "prefill.speedup=inf",
                 "decode.speedup=inf",
                 "router.enforce_disagg=true",

@@ -61,7 +61,7 @@ async fn wait_no_active_blocks(client: &reqwest::Client, url: &str) -> Option<u6
 #[test]
 fn the_openai_python_client_streams_and_not() {
     need_model();
-    let g = Graph::up(&agg(), &["worker.speedup=inf"]);
+    let g = Graph::up(&agg(), &["worker.engine=mocker", "worker.speedup=inf"]);
     let out = Command::new(python())
         .arg(workspace().join("tests/python/test_openai.py"))
         .arg(&g.url)
@@ -326,7 +326,7 @@ fn too_large_with_curl(url: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_get_clear_errors_and_leak_nothing() {
     need_model();
-    let g = Graph::up(&agg(), &["worker.speedup=inf"]);
+    let g = Graph::up(&agg(), &["worker.engine=mocker", "worker.speedup=inf"]);
     let client = reqwest::Client::new();
     let cases = cases();
     assert!(cases.len() >= 25);
@@ -414,7 +414,7 @@ async fn hostile_requests_get_clear_errors_and_leak_nothing() {
 async fn a_worker_killed_mid_stream_gives_a_clean_error_and_comes_back() {
     need_model();
     // Real-time mocker: ~6 ms per token, so a 2,000-token answer streams for seconds.
-    let mut g = Graph::up(&agg(), &["worker.speedup=1.0"]);
+    let mut g = Graph::up(&agg(), &["worker.engine=mocker", "worker.speedup=1.0"]);
     let client = reqwest::Client::new();
     let resp = client
         .post(format!("{}{CHAT}", g.url))
@@ -495,7 +495,7 @@ async fn a_worker_killed_mid_stream_gives_a_clean_error_and_comes_back() {
 #[test]
 fn ctrl_c_stops_every_process() {
     need_model();
-    let mut g = Graph::up(&agg(), &["worker.speedup=inf"]);
+    let mut g = Graph::up(&agg(), &["worker.engine=mocker", "worker.speedup=inf"]);
     let worker = g.process_pid("worker-0").expect("worker runs");
     assert!(
         g.stop(Duration::from_secs(15)),

@@ -129,7 +129,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     for &b in &a.batches {
         batched.push((b, bench::decode(&mut m, b, 32, 32, a.reps)?));
     }
-    let (handoff_ms, handoff_bytes) = bench::kv_handoff(&m, 1000, a.reps.max(5));
+    let (handoff_ms, handoff_bytes) = bench::kv_handoff(&m, 1000, a.reps.max(5))?;
     drop(m);
     let runtime = tokio::runtime::Runtime::new()?;
     let (cold, warm) = runtime.block_on(ttft(&config, 1000, a.reps))?;

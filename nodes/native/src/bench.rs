@@ -17,23 +17,36 @@ fn tokens(n: usize, salt: u32) -> Vec<u32> {
         .collect()
 }
 
-fn fresh_pool(m: &Model, seqs: usize, tokens_each: usize) -> (KvPool, Vec<Vec<u32>>) {
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error("reserving a KV pool: {0}")]
+    Pool(#[from] std::io::Error),
+}
+
+fn fresh_pool(
+    m: &Model,
+    seqs: usize,
+    tokens_each: usize,
+) -> Result<(KvPool, Vec<Vec<u32>>), BenchError> {
     let per = tokens_each.div_ceil(16);
     let c = &m.config;
-    let pool = KvPool::new(c.layers, c.kv_dim(), 16, per * seqs);
+    let pool = KvPool::new(c.layers, c.kv_dim(), 16, per * seqs)?;
     let tables = (0..seqs)
         .map(|s| ((s * per) as u32..((s + 1) * per) as u32).collect())
         .collect();
-    (pool, tables)
+    Ok((pool, tables))
 }
 
 /// Tokens per second of prefilling `n` prompt tokens in one forward pass (median of `reps`).
-pub fn prefill(m: &mut Model, n: usize, reps: usize) -> Result<f64, ForwardError> {
+pub fn prefill(m: &mut Model, n: usize, reps: usize) -> Result<f64, BenchError> {
     let prompt = tokens(n, 1);
     let mut logits = Vec::new();
     let mut times = Vec::new();
     for _ in 0..reps.max(1) {
-        let (mut kv, tables) = fresh_pool(m, 1, n + 1);
+        let (mut kv, tables) = fresh_pool(m, 1, n + 1)?;
         let started = Instant::now();
         let seq = BatchSeq {
             tokens: &prompt,
@@ -55,11 +68,11 @@ pub fn decode(
     prompt: usize,
     steps: usize,
     reps: usize,
-) -> Result<f64, ForwardError> {
+) -> Result<f64, BenchError> {
     let mut times = Vec::new();
     let mut logits = Vec::new();
     for _ in 0..reps.max(1) {
-        let (mut kv, tables) = fresh_pool(m, batch, prompt + steps + 1);
+        let (mut kv, tables) = fresh_pool(m, batch, prompt + steps + 1)?;
         let mut seqs: Vec<Vec<u32>> = (0..batch)
             .map(|s| tokens(prompt.max(1), s as u32))
             .collect();
@@ -97,9 +110,9 @@ pub fn decode(
 
 /// Milliseconds to export the KV blocks of a `tokens`-token sequence from one pool and
 /// import them into another (median of `reps`), and the bytes moved.
-pub fn kv_handoff(m: &Model, tokens: usize, reps: usize) -> (f64, usize) {
-    let (from, tables) = fresh_pool(m, 1, tokens);
-    let (mut to, _) = fresh_pool(m, 1, tokens);
+pub fn kv_handoff(m: &Model, tokens: usize, reps: usize) -> Result<(f64, usize), BenchError> {
+    let (from, tables) = fresh_pool(m, 1, tokens)?;
+    let (mut to, _) = fresh_pool(m, 1, tokens)?;
     let blocks = &tables[0];
     let mut bytes = Vec::new();
     let mut times = Vec::new();
@@ -111,7 +124,7 @@ pub fn kv_handoff(m: &Model, tokens: usize, reps: usize) -> (f64, usize) {
         times.push(started.elapsed().as_secs_f64());
         debug_assert!(ok);
     }
-    (median(&mut times) * 1e3, bytes.len())
+    Ok((median(&mut times) * 1e3, bytes.len()))
 }
 
 fn median(xs: &mut [f64]) -> f64 {

@@ -47,6 +47,8 @@ impl NativeConfig {
 pub enum NativeError {
     #[error("loading the model: {0}")]
     Load(#[from] LoadError),
+    #[error("reserving the KV pool: {0}")]
+    Pool(std::io::Error),
     #[error("starting the engine: {0}")]
     Engine(#[from] dynamo_mocker::EngineError),
 }
@@ -68,7 +70,7 @@ pub fn load_model(config: &NativeConfig) -> Result<Loaded, LoadError> {
         layers: model_config.layers as u32,
         kv_heads: model_config.kv_heads as u32,
         head_dim: model_config.head_dim as u32,
-        dtype_bytes: 4,
+        dtype_bytes: crate::kv_pool::ELEM_BYTES as u32,
         block_size: config.block_size as u32,
     };
     let model = Model::new(model_config, weights, config.threads);
@@ -92,7 +94,8 @@ pub fn start(config: &NativeConfig) -> Result<MockerEngine, NativeError> {
         threads = config.threads,
         "native engine: model loaded"
     );
-    let kv = KvPool::new(c.layers, c.kv_dim(), config.block_size, config.num_blocks);
+    let kv = KvPool::new(c.layers, c.kv_dim(), config.block_size, config.num_blocks)
+        .map_err(NativeError::Pool)?;
     let shell = MockerConfig {
         worker_id: config.worker_id,
         block_size: config.block_size,

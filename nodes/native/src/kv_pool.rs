@@ -1,32 +1,46 @@
 //! The paged KV cache: a pool of fixed-size blocks, each holding the keys and values of
-//! `block_size` consecutive positions for every layer. A sequence's block table (the
-//! scheduler's) says which block holds which positions; attention reads through it.
+//! `block_size` consecutive positions for every layer, in f16 (as llama.cpp keeps its
+//! cache: half the memory and hand-off bytes of f32, widened in registers by attention).
+//! A sequence's block table (the scheduler's) says which block holds which positions.
 //!
-//! A block is one contiguous run of f32: `[layer][key|value][position][kv_head·head_dim]`,
-//! so handing a block to another worker is one copy, and within a layer the keys of a
-//! block's positions are adjacent rows.
+//! A block is one contiguous run: `[layer][key|value][position][kv_head·head_dim]`, so
+//! handing a block to another worker is one copy, and within a layer the keys of a
+//! block's positions are adjacent rows. The pool is an anonymous mapping: pages cost
+//! memory only once a block is written, so a large pool is cheap until it fills.
 
 use dynamo_mocker::BlockId;
+use memmap2::MmapMut;
 
 pub struct KvPool {
     layers: usize,
     block_size: usize,
     kv_dim: usize,
     num_blocks: usize,
-    /// `num_blocks` blocks of `block_floats()`; zeroed lazily by the OS (calloc).
-    data: Vec<f32>,
+    /// `num_blocks` blocks of `block_elems()` f16 values (as bits).
+    map: MmapMut,
 }
 
+/// Bytes of one pool element.
+pub const ELEM_BYTES: usize = 2;
+
 impl KvPool {
-    pub fn new(layers: usize, kv_dim: usize, block_size: usize, num_blocks: usize) -> KvPool {
-        let floats = layers * 2 * block_size * kv_dim * num_blocks;
-        KvPool {
+    /// Reserves the pool; fails only when the address space cannot be had.
+    pub fn new(
+        layers: usize,
+        kv_dim: usize,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> std::io::Result<KvPool> {
+        let elems = layers * 2 * block_size * kv_dim * num_blocks;
+        // A zero-length mapping is an error; keep one page for an empty pool.
+        let map = MmapMut::map_anon((elems * ELEM_BYTES).max(4096))?;
+        Ok(KvPool {
             layers,
             block_size,
             kv_dim,
             num_blocks,
-            data: vec![0.0; floats],
-        }
+            map,
+        })
     }
 
     pub fn block_size(&self) -> usize {
@@ -37,25 +51,34 @@ impl KvPool {
         self.num_blocks
     }
 
-    fn block_floats(&self) -> usize {
+    fn block_elems(&self) -> usize {
         self.layers * 2 * self.block_size * self.kv_dim
     }
 
     /// Bytes of one block.
     pub fn block_bytes(&self) -> usize {
-        self.block_floats() * 4
+        self.block_elems() * ELEM_BYTES
     }
 
-    /// Index of the first float of `(block, layer, key|value)`.
+    fn elems(&self) -> &[u16] {
+        // Page-aligned and a multiple of 2 bytes long: the cast cannot fail.
+        bytemuck::cast_slice(&self.map[..])
+    }
+
+    fn elems_mut(&mut self) -> &mut [u16] {
+        bytemuck::cast_slice_mut(&mut self.map[..])
+    }
+
+    /// Index of the first element of `(block, layer, key|value)`.
     fn base(&self, block: BlockId, layer: usize, value: bool) -> usize {
-        block as usize * self.block_floats()
+        block as usize * self.block_elems()
             + (layer * 2 + usize::from(value)) * self.block_size * self.kv_dim
     }
 
-    /// The key (or value) rows of `layer` in `block`: `block_size` rows of `kv_dim`.
-    pub fn rows(&self, block: BlockId, layer: usize, value: bool) -> &[f32] {
+    /// The key (or value) rows of `layer` in `block`: `block_size` rows of `kv_dim` f16.
+    pub fn rows(&self, block: BlockId, layer: usize, value: bool) -> &[u16] {
         let base = self.base(block, layer, value);
-        &self.data[base..base + self.block_size * self.kv_dim]
+        &self.elems()[base..base + self.block_size * self.kv_dim]
     }
 
     /// Writes the key and value of position `pos` (held by `table`) in `layer`.
@@ -63,34 +86,38 @@ impl KvPool {
         let block = table[pos / self.block_size];
         let row = (pos % self.block_size) * self.kv_dim;
         let kb = self.base(block, layer, false) + row;
-        self.data[kb..kb + self.kv_dim].copy_from_slice(k);
         let vb = self.base(block, layer, true) + row;
-        self.data[vb..vb + self.kv_dim].copy_from_slice(v);
+        let kv_dim = self.kv_dim;
+        let elems = self.elems_mut();
+        for (dst, &x) in elems[kb..kb + kv_dim].iter_mut().zip(k) {
+            *dst = half::f16::from_f32(x).to_bits();
+        }
+        for (dst, &x) in elems[vb..vb + kv_dim].iter_mut().zip(v) {
+            *dst = half::f16::from_f32(x).to_bits();
+        }
     }
 
-    /// Appends the bytes of `blocks` to `out` (the pool's f32 in native byte order; every
-    /// target this engine builds for is little-endian, as the KV layout assumes).
+    /// Appends the bytes of `blocks` to `out` (f16 in native byte order; every target this
+    /// engine builds for is little-endian, as the KV layout assumes).
     pub fn export(&self, blocks: &[BlockId], out: &mut Vec<u8>) {
-        let n = self.block_floats();
-        out.reserve(blocks.len() * n * 4);
+        let n = self.block_bytes();
+        out.reserve(blocks.len() * n);
         for &b in blocks {
             let start = b as usize * n;
-            out.extend_from_slice(bytemuck::cast_slice(&self.data[start..start + n]));
+            out.extend_from_slice(&self.map[start..start + n]);
         }
     }
 
     /// Overwrites `blocks` with `bytes`; false when the length or a block id is wrong.
     pub fn import(&mut self, blocks: &[BlockId], bytes: &[u8]) -> bool {
-        let n = self.block_floats();
-        if bytes.len() != blocks.len() * n * 4
-            || blocks.iter().any(|&b| b as usize >= self.num_blocks)
+        let n = self.block_bytes();
+        if bytes.len() != blocks.len() * n || blocks.iter().any(|&b| b as usize >= self.num_blocks)
         {
             return false;
         }
-        for (&b, chunk) in blocks.iter().zip(bytes.chunks_exact(n * 4)) {
+        for (&b, chunk) in blocks.iter().zip(bytes.chunks_exact(n)) {
             let start = b as usize * n;
-            let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut self.data[start..start + n]);
-            dst.copy_from_slice(chunk);
+            self.map[start..start + n].copy_from_slice(chunk);
         }
         true
     }
@@ -102,19 +129,24 @@ mod tests {
 
     #[test]
     fn positions_land_in_their_blocks_and_survive_export_import() {
-        let mut pool = KvPool::new(2, 3, 4, 8);
+        let mut pool = KvPool::new(2, 3, 4, 8).unwrap();
         let table = [5, 2];
         for pos in 0..8 {
             let k = [pos as f32; 3];
             let v = [-(pos as f32); 3];
             pool.write(&table, pos, 1, &k, &v);
         }
-        assert_eq!(pool.rows(2, 1, false)[3..6], [5.0; 3]);
-        assert_eq!(pool.rows(5, 1, true)[9..12], [-3.0; 3]);
+        let widen = |r: &[u16]| {
+            r.iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(widen(&pool.rows(2, 1, false)[3..6]), [5.0; 3]);
+        assert_eq!(widen(&pool.rows(5, 1, true)[9..12]), [-3.0; 3]);
         let mut bytes = Vec::new();
         pool.export(&table, &mut bytes);
         assert_eq!(bytes.len(), 2 * pool.block_bytes());
-        let mut other = KvPool::new(2, 3, 4, 8);
+        let mut other = KvPool::new(2, 3, 4, 8).unwrap();
         assert!(other.import(&[0, 7], &bytes));
         assert_eq!(other.rows(7, 1, false), pool.rows(2, 1, false));
         assert_eq!(other.rows(0, 1, true), pool.rows(5, 1, true));

@@ -64,7 +64,7 @@ fn pool(m: &Model, tokens: usize) -> (KvPool, Vec<u32>) {
     let blocks = tokens.div_ceil(16);
     let c = &m.config;
     (
-        KvPool::new(c.layers, c.kv_dim(), 16, blocks),
+        KvPool::new(c.layers, c.kv_dim(), 16, blocks).expect("pool"),
         (0..blocks as u32).collect(),
     )
 }
@@ -197,7 +197,7 @@ fn a_ragged_batch_gives_each_sequence_its_own_logits() {
     // All prompts in one pass, each in its own blocks of one shared pool.
     let blocks: Vec<usize> = prompts.iter().map(|p| p.len().div_ceil(16)).collect();
     let c = &m.config;
-    let mut kv = KvPool::new(c.layers, c.kv_dim(), 16, blocks.iter().sum());
+    let mut kv = KvPool::new(c.layers, c.kv_dim(), 16, blocks.iter().sum()).expect("pool");
     let mut next = 0u32;
     let tables: Vec<Vec<u32>> = blocks
         .iter()

@@ -4,11 +4,12 @@
 
 use dynamo_mocker::BlockId;
 
+use super::attention;
 use super::config::ModelConfig;
 use super::rope::Rope;
 use super::weights::{LayerWeights, Weights};
 use crate::kv_pool::KvPool;
-use crate::quant::{simd, ComputePool, QMatrix, Workspace};
+use crate::quant::{ComputePool, QMatrix, Workspace};
 
 /// One sequence's part of a forward pass.
 #[derive(Debug, Clone, Copy)]
@@ -267,28 +268,23 @@ fn layer_forward(
     for seq in batch {
         for j in 0..seq.tokens.len() {
             let ctx = seq.start + j + 1;
+            let blocks = ctx.div_ceil(bs);
             let scores = fit(&mut s.scores, ctx);
             for head in 0..c.heads {
                 let g = head / group;
                 let qh = &s.q[t * qdim + head * hd..t * qdim + (head + 1) * hd];
-                for (bi, &block) in seq.table.iter().enumerate().take(ctx.div_ceil(bs)) {
-                    let keys = kv.rows(block, li, false);
+                for (bi, &block) in seq.table[..blocks].iter().enumerate() {
                     let n = (ctx - bi * bs).min(bs);
-                    for r in 0..n {
-                        let key = &keys[r * kvdim + g * hd..r * kvdim + (g + 1) * hd];
-                        scores[bi * bs + r] = simd::dot(qh, key) * scale;
-                    }
+                    let keys = kv.rows(block, li, false);
+                    attention::scores(qh, keys, kvdim, g * hd, n, scale, &mut scores[bi * bs..]);
                 }
                 softmax(scores);
                 let out = &mut att[t * qdim + head * hd..t * qdim + (head + 1) * hd];
                 out.fill(0.0);
-                for (bi, &block) in seq.table.iter().enumerate().take(ctx.div_ceil(bs)) {
-                    let values = kv.rows(block, li, true);
+                for (bi, &block) in seq.table[..blocks].iter().enumerate() {
                     let n = (ctx - bi * bs).min(bs);
-                    for r in 0..n {
-                        let value = &values[r * kvdim + g * hd..r * kvdim + (g + 1) * hd];
-                        simd::axpy(out, scores[bi * bs + r], value);
-                    }
+                    let values = kv.rows(block, li, true);
+                    attention::accumulate(out, &scores[bi * bs..], values, kvdim, g * hd, n);
                 }
             }
             t += 1;

@@ -1,6 +1,7 @@
 //! The llama-family transformer: configuration, weights, rotary embedding and the batched
 //! forward pass.
 
+pub mod attention;
 pub mod config;
 pub mod forward;
 pub mod rope;
