@@ -13,6 +13,9 @@ use half::f16;
 /// panel of the thread's share streams past it (L2 is 512 KiB per core on Zen 3/4).
 const ACT_TILE_BYTES: usize = 128 * 1024;
 
+/// Chunks of panels per pool thread in a multi-threaded matmul.
+const CHUNKS_PER_THREAD: usize = 8;
+
 /// One weight matrix: `rows` output features × `cols` input features.
 ///
 /// Memory: Q4_0/Q4_1/Q8_0 keep exactly their GGML bytes, repacked into 8-row panels (see
@@ -192,14 +195,21 @@ impl QMatrix {
         }
         let out_ptr = OutPtr(out.as_mut_ptr());
         let panels = rows.div_ceil(PANEL);
+        // Several chunks per thread, claimed dynamically: a thread the OS delays leaves its
+        // share to the others instead of holding up the whole matmul.
+        let chunks = if pool.threads() == 1 {
+            1
+        } else {
+            (pool.threads() * CHUNKS_PER_THREAD).min(panels)
+        };
         match &self.storage {
-            Storage::F32 { data, .. } => pool.run(&|part, parts| {
-                for p in split(panels, part, parts) {
+            Storage::F32 { data, .. } => pool.run(chunks, &|c| {
+                for p in split(panels, c, chunks) {
                     for r in p * PANEL..((p + 1) * PANEL).min(rows) {
                         let w = &data[r * cols..][..cols];
                         for j in 0..n {
                             let v = simd::dot(&x[j * cols..][..cols], w);
-                            // SAFETY: (j, r) is in bounds and owned by this part's rows.
+                            // SAFETY: (j, r) is in bounds and owned by this chunk's rows.
                             unsafe { out_ptr.write(j * rows + r, v) };
                         }
                     }
@@ -209,8 +219,8 @@ impl QMatrix {
                 ws.acts.quantize(&x[..n * cols], n, cols);
                 let acts = &ws.acts;
                 let pb = cols / QK * kind.panel_block();
-                pool.run(&|part, parts| {
-                    self.drive(split(panels, part, parts), n, &out_ptr, |p, j0, r, buf| {
+                pool.run(chunks, &|c| {
+                    self.drive(split(panels, c, chunks), n, &out_ptr, |p, j0, r, buf| {
                         kernels::q4_panel(isa, *kind, &data[p * pb..][..pb], acts, j0, r, buf)
                     })
                 });
@@ -219,8 +229,8 @@ impl QMatrix {
                 ws.acts.quantize(&x[..n * cols], n, cols);
                 let acts = &ws.acts;
                 let pb = cols / QK * Q8_0_PANEL_BLOCK;
-                pool.run(&|part, parts| {
-                    self.drive(split(panels, part, parts), n, &out_ptr, |p, j0, r, buf| {
+                pool.run(chunks, &|c| {
+                    self.drive(split(panels, c, chunks), n, &out_ptr, |p, j0, r, buf| {
                         kernels::q8_0_panel(isa, &data[p * pb..][..pb], acts, j0, r, buf)
                     })
                 });
@@ -252,7 +262,7 @@ impl QMatrix {
                     for (jj, res) in buf.iter().enumerate().take(r) {
                         for (i, v) in res.iter().enumerate().take(live) {
                             // SAFETY: row p*8+i < rows, activation row j+jj < n; panel p
-                            // belongs to this part only.
+                            // belongs to this chunk only.
                             unsafe { out.write((j + jj) * rows + p * PANEL + i, *v) };
                         }
                     }
@@ -263,15 +273,15 @@ impl QMatrix {
     }
 }
 
-/// Part `part` of `0..total` split in `parts` nearly equal contiguous ranges.
+/// Range `part` of `0..total` split in `parts` nearly equal contiguous ranges.
 fn split(total: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
     total * part / parts..total * (part + 1) / parts
 }
 
-/// The output buffer shared by the parts of one matmul; each part writes only its rows.
+/// The output buffer shared by the chunks of one matmul; each writes only its rows.
 struct OutPtr(*mut f32);
-// SAFETY: parts write disjoint elements, and `ComputePool::run` joins them before the
-// borrow of `out` ends.
+// SAFETY: chunks write disjoint elements, and `ComputePool::run` returns only after all
+// of them finished, before the borrow of `out` ends.
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {

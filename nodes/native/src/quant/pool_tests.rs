@@ -2,20 +2,44 @@ use super::*;
 use std::sync::atomic::AtomicUsize;
 
 #[test]
-fn every_part_runs_once_per_call() {
+fn every_chunk_runs_exactly_once() {
     for threads in [1, 2, 3] {
         let pool = ComputePool::new(threads);
-        let hits: Vec<AtomicUsize> = (0..threads).map(|_| AtomicUsize::new(0)).collect();
-        for _ in 0..200 {
-            pool.run(&|part, parts| {
-                assert_eq!(parts, threads);
-                hits[part].fetch_add(1, Ordering::SeqCst);
-            });
-        }
-        for h in &hits {
-            assert_eq!(h.load(Ordering::SeqCst), 200);
+        for chunks in [0, 1, 2, 7, 64] {
+            let hits: Vec<AtomicUsize> = (0..chunks).map(|_| AtomicUsize::new(0)).collect();
+            for _ in 0..100 {
+                pool.run(chunks, &|c| {
+                    hits[c].fetch_add(1, Ordering::SeqCst);
+                });
+            }
+            for h in &hits {
+                assert_eq!(
+                    h.load(Ordering::SeqCst),
+                    100,
+                    "threads={threads} chunks={chunks}"
+                );
+            }
         }
     }
+}
+
+#[test]
+fn workers_take_part() {
+    let pool = ComputePool::new(2);
+    let callers = std::thread::current().id();
+    let elsewhere = AtomicUsize::new(0);
+    for _ in 0..200 {
+        pool.run(16, &|_| {
+            std::thread::sleep(Duration::from_micros(50));
+            if std::thread::current().id() != callers {
+                elsewhere.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    assert!(
+        elsewhere.load(Ordering::SeqCst) > 0,
+        "the worker never ran a chunk"
+    );
 }
 
 #[test]
@@ -24,27 +48,29 @@ fn blocks_after_spin_and_wakes_again() {
     let count = AtomicUsize::new(0);
     for _ in 0..5 {
         std::thread::sleep(Duration::from_millis(5));
-        pool.run(&|_, _| {
+        pool.run(4, &|_| {
             count.fetch_add(1, Ordering::SeqCst);
         });
     }
-    assert_eq!(count.load(Ordering::SeqCst), 10);
+    assert_eq!(count.load(Ordering::SeqCst), 20);
 }
 
 #[test]
-fn worker_panic_reaches_the_caller_and_pool_survives() {
+fn a_panicking_chunk_reaches_the_caller_and_pool_survives() {
     let pool = ComputePool::new(2);
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        pool.run(&|part, _| {
-            if part == 1 {
-                panic!("boom");
-            }
-        })
-    }));
-    assert!(r.is_err());
-    let count = AtomicUsize::new(0);
-    pool.run(&|_, _| {
-        count.fetch_add(1, Ordering::SeqCst);
-    });
-    assert_eq!(count.load(Ordering::SeqCst), 2);
+    for bad in [0, 5] {
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(8, &|c| {
+                if c == bad {
+                    panic!("boom");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        let count = AtomicUsize::new(0);
+        pool.run(8, &|_| {
+            count.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(count.load(Ordering::SeqCst), 8);
+    }
 }
