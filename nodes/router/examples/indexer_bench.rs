@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p dynamo-router --example indexer_bench -- \
 //!     ../shared/data/mooncake_conversation_trace.jsonl [--workers 1000] [--passes 20]
-//!     [--capacity 512]
+//!     [--capacity 512] [--replays 3]
 //! ```
 //!
 //! Per request: `find_matches` on its blocks; the request goes to the best-matching worker
