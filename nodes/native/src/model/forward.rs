@@ -4,10 +4,10 @@
 
 use dynamo_mocker::BlockId;
 
-use super::attention;
 use super::config::ModelConfig;
 use super::rope::Rope;
 use super::weights::{LayerWeights, Weights};
+use super::{attention, vmath};
 use crate::kv_pool::KvPool;
 use crate::quant::{ComputePool, QMatrix, Workspace};
 
@@ -269,22 +269,41 @@ fn layer_forward(
         for j in 0..seq.tokens.len() {
             let ctx = seq.start + j + 1;
             let blocks = ctx.div_ceil(bs);
-            let scores = fit(&mut s.scores, ctx);
-            for head in 0..c.heads {
-                let g = head / group;
-                let qh = &s.q[t * qdim + head * hd..t * qdim + (head + 1) * hd];
+            // One row of `ctx` scores per query head of the group.
+            let scores = fit(&mut s.scores, group * ctx);
+            for g in 0..c.kv_heads {
+                let q0 = t * qdim + g * group * hd;
+                let qg = &s.q[q0..q0 + group * hd];
                 for (bi, &block) in seq.table[..blocks].iter().enumerate() {
                     let n = (ctx - bi * bs).min(bs);
                     let keys = kv.rows(block, li, false);
-                    attention::scores(qh, keys, kvdim, g * hd, n, scale, &mut scores[bi * bs..]);
+                    attention::scores_group(
+                        qg,
+                        group,
+                        keys,
+                        kvdim,
+                        g * hd,
+                        n,
+                        scale,
+                        &mut scores[bi * bs..],
+                        ctx,
+                    );
                 }
-                softmax(scores);
-                let out = &mut att[t * qdim + head * hd..t * qdim + (head + 1) * hd];
-                out.fill(0.0);
-                for (bi, &block) in seq.table[..blocks].iter().enumerate() {
-                    let n = (ctx - bi * bs).min(bs);
-                    let values = kv.rows(block, li, true);
-                    attention::accumulate(out, &scores[bi * bs..], values, kvdim, g * hd, n);
+                for h in 0..group {
+                    let row = &mut scores[h * ctx..(h + 1) * ctx];
+                    let sum = vmath::exp_shifted_sum(row, vmath::max(row));
+                    let head = g * group + h;
+                    let out = &mut att[t * qdim + head * hd..t * qdim + (head + 1) * hd];
+                    out.fill(0.0);
+                    for (bi, &block) in seq.table[..blocks].iter().enumerate() {
+                        let n = (ctx - bi * bs).min(bs);
+                        let values = kv.rows(block, li, true);
+                        attention::accumulate(out, &row[bi * bs..], values, kvdim, g * hd, n);
+                    }
+                    let inv = 1.0 / sum;
+                    for o in out.iter_mut() {
+                        *o *= inv;
+                    }
                 }
             }
             t += 1;
@@ -308,25 +327,10 @@ fn layer_forward(
     matmul(&w.gate, &s.h, total, gate, ws, pool);
     let up = fit(&mut s.up, total * ffn);
     matmul(&w.up, &s.h, total, up, ws, pool);
-    for (g, &u) in gate.iter_mut().zip(up.iter()) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+    vmath::silu_mul(gate, up);
     let proj = fit(&mut s.proj, total * dim);
     matmul(&w.down, &s.gate, total, proj, ws, pool);
     for (x, p) in s.x[..total * dim].iter_mut().zip(proj.iter()) {
         *x += p;
-    }
-}
-
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
     }
 }

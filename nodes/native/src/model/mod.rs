@@ -5,6 +5,7 @@ pub mod attention;
 pub mod config;
 pub mod forward;
 pub mod rope;
+pub mod vmath;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeStyle};
