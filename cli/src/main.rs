@@ -2,6 +2,7 @@
 //! and run it.
 
 mod cmd;
+mod telemetry;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -41,12 +42,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The one place the environment is read: DYN_LOG (RUST_LOG syntax) sets the log level.
     let dyn_log = std::env::var("DYN_LOG").ok();
-    let filter = tracing_subscriber::EnvFilter::try_new(dyn_log.as_deref().unwrap_or("warn"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    // A planned process exports its spans when its graph says where (`[telemetry]`).
+    let export = match &cli.command {
+        Command::Node(cmd::node::NodeCommand::Run { plan, process, .. }) => {
+            telemetry::from_plan_file(plan, process)
+        }
+        _ => None,
+    };
+    let _tracing = telemetry::init(dyn_log.as_deref(), export);
     let result = match cli.command {
         Command::Graph(c) => cmd::graph::run(c, dyn_log),
         Command::Bench(c) => cmd::bench::run(c),

@@ -32,6 +32,33 @@ pub const TOP: &[Field] = &[
         None,
         "the machines to place the graph on (default: this machine)",
     ),
+    Field::opt(
+        "telemetry",
+        Ty::Table(TELEMETRY),
+        None,
+        "where every process sends its traces (default: nowhere)",
+    ),
+];
+
+pub const TELEMETRY: &[Field] = &[
+    Field::opt(
+        "otlp_endpoint",
+        Ty::Str,
+        None,
+        "OTLP/gRPC collector URL, e.g. \"http://127.0.0.1:4317\" (Jaeger); unset: no traces",
+    ),
+    Field::opt(
+        "sampling_ratio",
+        crate::fields::float(0.0, 1.0),
+        Some("1.0"),
+        "share of requests traced; the frontend decides, every later hop follows",
+    ),
+    Field::opt(
+        "service_name",
+        Ty::Str,
+        None,
+        "`service.name` of every span (default: the name of the node that made it)",
+    ),
 ];
 
 pub const RESTART: &[Field] = &[

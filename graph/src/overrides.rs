@@ -40,6 +40,9 @@ pub fn apply(plan: &mut Plan, text: &str) -> Result<(), OverrideError> {
         .split_once('.')
         .ok_or_else(|| OverrideError::Syntax(text.to_string()))?;
     let names: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
+    if node_name == "telemetry" && !names.iter().any(|n| n == "telemetry") {
+        return apply_telemetry(plan, key, value.trim());
+    }
     let node = plan
         .nodes
         .iter_mut()
@@ -85,6 +88,61 @@ pub fn apply(plan: &mut Plan, text: &str) -> Result<(), OverrideError> {
     Ok(())
 }
 
+/// `telemetry.key=value`: a key of the `[telemetry]` section.
+fn apply_telemetry(plan: &mut Plan, key: &str, value: &str) -> Result<(), OverrideError> {
+    let field = crate::format::TELEMETRY
+        .iter()
+        .find(|f| f.key == key)
+        .ok_or_else(|| OverrideError::UnknownKey {
+            node: "telemetry".to_string(),
+            kind: "[telemetry]".to_string(),
+            key: key.to_string(),
+            help: suggest::help_for(
+                key,
+                "settings",
+                crate::format::TELEMETRY.iter().map(|f| f.key),
+            ),
+        })?;
+    let mut literal = format!("{key} = {value}");
+    if tree::parse(&literal).1.iter().any(|d| d.is_error()) {
+        literal = format!("{key} = {}", serde_json::Value::String(value.to_string()));
+    }
+    let (root, _) = tree::parse(&literal);
+    let Val::Table(t) = &root.val else {
+        return Err(OverrideError::Syntax(format!("telemetry.{key}={value}")));
+    };
+    let mut diags = Vec::new();
+    let checked = reader::check(
+        t,
+        Span::default(),
+        &[std::slice::from_ref(field)],
+        "[telemetry]",
+        &mut diags,
+    );
+    if let Some(d) = diags.first() {
+        return Err(OverrideError::Invalid {
+            node: "telemetry".to_string(),
+            key: key.to_string(),
+            message: d.message.clone(),
+        });
+    }
+    let t = &mut plan.telemetry;
+    let url = |s: &String| s.starts_with("http://") || s.starts_with("https://");
+    match key {
+        "otlp_endpoint" if !checked.str(key).is_some_and(|s| url(&s.value)) => {
+            return Err(OverrideError::Invalid {
+                node: "telemetry".to_string(),
+                key: key.to_string(),
+                message: format!("`{value}` is not an http:// or https:// URL"),
+            });
+        }
+        "otlp_endpoint" => t.otlp_endpoint = checked.str(key).map(|s| s.value),
+        "sampling_ratio" => t.sampling_ratio = checked.float(key).map_or(1.0, |r| r.value),
+        _ => t.service_name = checked.str(key).map(|s| s.value),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +183,31 @@ mod tests {
         assert!(matches!(
             apply(&mut p, "nonsense"),
             Err(OverrideError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn telemetry_overrides_set_the_section() {
+        let mut p = plan();
+        assert_eq!(p.telemetry.otlp_endpoint, None);
+        apply(&mut p, "telemetry.otlp_endpoint=http://127.0.0.1:4317").expect("valid");
+        apply(&mut p, "telemetry.sampling_ratio=0.25").expect("valid");
+        assert_eq!(
+            p.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(p.telemetry.sampling_ratio, 0.25);
+        assert!(matches!(
+            apply(&mut p, "telemetry.sampling_ratio=2"),
+            Err(OverrideError::Invalid { .. })
+        ));
+        assert!(matches!(
+            apply(&mut p, "telemetry.otlp_endpoint=localhost:4317"),
+            Err(OverrideError::Invalid { .. })
+        ));
+        assert!(matches!(
+            apply(&mut p, "telemetry.endpoint=x"),
+            Err(OverrideError::UnknownKey { help: Some(_), .. })
         ));
     }
 }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::kinds::{EdgeKind, Memory};
-use crate::spec::{ModelSource, RestartPolicy, TransportChoice};
+use crate::spec::{ModelSource, RestartPolicy, Telemetry, TransportChoice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -168,6 +168,9 @@ pub struct Plan {
     pub replicas: Vec<PlannedReplica>,
     pub processes: Vec<PlannedProcess>,
     pub edges: Vec<PlannedEdge>,
+    /// `[telemetry]`, read by every process when it starts.
+    #[serde(default)]
+    pub telemetry: Telemetry,
 }
 
 impl Plan {
@@ -247,6 +250,13 @@ impl Plan {
             ["EDGE", "KIND", "SCHEMA", "TRANSPORT", "WHY"],
             &rows,
         );
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            let _ = writeln!(
+                out,
+                "\ntraces: OTLP/gRPC to {endpoint}, sampling {}",
+                self.telemetry.sampling_ratio
+            );
+        }
         out
     }
 }

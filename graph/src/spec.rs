@@ -178,6 +178,29 @@ pub struct GraphSpec {
     pub edges: Vec<EdgeSpec>,
     /// `None` when the file has no `[cluster]`: the cluster is this machine.
     pub cluster: Option<ClusterSpec>,
+    /// `[telemetry]`; the default sends no traces.
+    pub telemetry: Telemetry,
+}
+
+/// `[telemetry]`: where every process of the graph exports its spans (OTLP over gRPC).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    /// `None`: tracing export is off.
+    pub otlp_endpoint: Option<String>,
+    /// 0.0..=1.0 of requests traced.
+    pub sampling_ratio: f64,
+    /// `service.name` of every span; `None`: the node's name.
+    pub service_name: Option<String>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            otlp_endpoint: None,
+            sampling_ratio: 1.0,
+            service_name: None,
+        }
+    }
 }
 
 impl GraphSpec {

@@ -7,6 +7,7 @@ pub mod edge;
 pub mod error;
 pub mod instances;
 pub mod supervisor;
+pub mod telemetry;
 pub mod transport;
 
 pub use edge::{error_stream, Message, RequestContext, ResponseStream, Service};

@@ -13,7 +13,7 @@ use crate::kinds::{self, EdgeKind};
 use crate::source::{Sp, Span};
 use crate::spec::{
     ClusterSpec, EdgeSpec, GraphSpec, MachineSpec, ModelSource, ModelSpec, NodeSpec, PlacementSpec,
-    RestartMode, RestartPolicy, TransportChoice,
+    RestartMode, RestartPolicy, Telemetry, TransportChoice,
 };
 use crate::suggest;
 use reader::{check, Checked};
@@ -59,6 +59,10 @@ pub fn decode(text: &str) -> (GraphSpec, Vec<Diagnostic>) {
     let cluster = top
         .table("cluster")
         .map(|(t, s)| decode_cluster(t, header_span(root_table, "cluster", s), &mut diags));
+    let telemetry = top
+        .table("telemetry")
+        .map(|(t, s)| decode_telemetry(t, header_span(root_table, "telemetry", s), &mut diags))
+        .unwrap_or_default();
 
     let spec = GraphSpec {
         name,
@@ -68,6 +72,7 @@ pub fn decode(text: &str) -> (GraphSpec, Vec<Diagnostic>) {
         nodes,
         edges,
         cluster,
+        telemetry,
     };
     (spec, diags)
 }
@@ -428,6 +433,29 @@ fn edge_shorthand(s: &str, span: Span, diags: &mut Vec<Diagnostic>) -> Option<Ed
         timeout: None,
         span,
     })
+}
+
+fn decode_telemetry(t: &Table, span: Span, diags: &mut Vec<Diagnostic>) -> Telemetry {
+    let c = check(t, span, &[format::TELEMETRY], "[telemetry]", diags);
+    let endpoint = c.str("otlp_endpoint");
+    if let Some(e) = &endpoint {
+        if !(e.value.starts_with("http://") || e.value.starts_with("https://")) {
+            diags.push(
+                Diagnostic::at(
+                    Code::E0004,
+                    e.span,
+                    format!("`{}` is not an http:// or https:// URL", e.value),
+                )
+                .label("not a URL")
+                .help("write the collector's OTLP/gRPC address, e.g. \"http://127.0.0.1:4317\""),
+            );
+        }
+    }
+    Telemetry {
+        otlp_endpoint: endpoint.map(|e| e.value),
+        sampling_ratio: c.float("sampling_ratio").map_or(1.0, |r| r.value),
+        service_name: c.str("service_name").map(|s| s.value),
+    }
 }
 
 fn decode_cluster(t: &Table, span: Span, diags: &mut Vec<Diagnostic>) -> ClusterSpec {

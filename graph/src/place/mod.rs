@@ -361,6 +361,7 @@ pub fn place(r: &Resolved<'_>, env: &Environment, diags: &mut Vec<Diagnostic>) -
         replicas,
         processes: processes.into_values().collect(),
         edges: Vec::new(),
+        telemetry: spec.telemetry.clone(),
     };
     plan.edges = transport::plan_edges(r, &plan, diags)?;
     Some(plan)

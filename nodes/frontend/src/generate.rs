@@ -8,7 +8,7 @@ use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use dynamo_runtime::RequestContext;
+use dynamo_runtime::{telemetry, RequestContext};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tracing::Instrument;
 
@@ -22,6 +22,8 @@ use crate::tracker::RequestTracker;
 
 /// Request id header: taken from the client when it sends a sane one, always echoed.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+/// The request's trace id (32 hex digits), when the graph exports traces.
+pub const TRACE_ID_HEADER: HeaderName = HeaderName::from_static("x-trace-id");
 /// Longest client-supplied request id kept.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
@@ -31,19 +33,46 @@ pub(crate) async fn generate(
     request: Request,
 ) -> Response {
     let started = tokio::time::Instant::now();
-    let tracker = RequestTracker::new(frontend.metrics.clone(), endpoint, started.into_std());
+    let mut tracker = RequestTracker::new(frontend.metrics.clone(), endpoint, started.into_std());
     let (parts, body) = request.into_parts();
     let request_id = request_id(&parts.headers, &frontend);
+    // The root of the request's trace, or a child of the client's `traceparent`.
+    let span = tracing::info_span!(
+        "http.request",
+        request_id = %request_id,
+        endpoint = endpoint.label(),
+        model = tracing::field::Empty,
+        http.status_code = tracing::field::Empty,
+        prompt_tokens = tracing::field::Empty,
+        completion_tokens = tracing::field::Empty,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+    );
+    let incoming = parts
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    telemetry::follow_traceparent(&span, incoming);
+    // Its own span when traces are exported, else the client's context passed on.
+    let traceparent = telemetry::traceparent_of(&span).or_else(|| incoming.map(str::to_string));
+    let trace_id = telemetry::trace_id(&span);
+    tracker.set_span(span.clone());
     let request = Incoming {
         endpoint,
         headers: &parts.headers,
         body,
         request_id: &request_id,
+        traceparent,
         started,
     };
-    let mut response = answer(&frontend, request, tracker).await;
+    let mut response = answer(&frontend, request, tracker, &span)
+        .instrument(span.clone())
+        .await;
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    if let Some(value) = trace_id.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        response.headers_mut().insert(TRACE_ID_HEADER, value);
     }
     response
 }
@@ -54,6 +83,8 @@ struct Incoming<'a> {
     headers: &'a HeaderMap,
     body: Body,
     request_id: &'a str,
+    /// What the next hop gets as its caller.
+    traceparent: Option<String>,
     started: tokio::time::Instant,
 }
 
@@ -61,12 +92,14 @@ async fn answer(
     frontend: &Frontend,
     request: Incoming<'_>,
     mut tracker: RequestTracker,
+    span: &tracing::Span,
 ) -> Response {
     let Incoming {
         endpoint,
         headers,
         body,
         request_id,
+        traceparent,
         started,
     } = request;
     let config = &frontend.config;
@@ -96,17 +129,7 @@ async fn answer(
         .served_models
         .get(parsed.model_index)
         .map_or("", String::as_str);
-    let span = tracing::debug_span!(
-        "frontend.request",
-        request_id,
-        model,
-        endpoint = endpoint.label()
-    );
-
-    let traceparent = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    span.record("model", model);
     let ctx = RequestContext::new(request_id).with_traceparent(traceparent);
     let cancel_on_drop = ctx.cancellation_token().drop_guard();
     // In the span, so an in-process downstream that spawns work can inherit it.
@@ -121,7 +144,7 @@ async fn answer(
 
     // Wait for the first delta before answering, so that a downstream refusal (unknown
     // model, prompt too long, no worker) still gets its own HTTP status.
-    let first = match call.next_delta().instrument(span.clone()).await {
+    let first = match call.next_delta().await {
         Some(Ok(delta)) => delta,
         Some(Err(error)) => return reject(&mut tracker, error),
         None => return reject(&mut tracker, ended_early()),
@@ -138,10 +161,7 @@ async fn answer(
         return sse_response(Body::from_stream(body));
     }
 
-    let answer = match aggregate(&mut call, &mut tracker, first)
-        .instrument(span)
-        .await
-    {
+    let answer = match aggregate(&mut call, &mut tracker, first).await {
         Ok(answer) => answer,
         Err(error) => return reject(&mut tracker, error),
     };

@@ -21,6 +21,9 @@ pub(crate) struct RequestTracker {
     last_token_at: Option<Instant>,
     done: bool,
     slot: Option<InflightGuard>,
+    /// The request's `http.request` span: status and token counts are recorded on it.
+    span: tracing::Span,
+    output_tokens: u64,
 }
 
 impl RequestTracker {
@@ -34,7 +37,14 @@ impl RequestTracker {
             last_token_at: None,
             done: false,
             slot: None,
+            span: tracing::Span::none(),
+            output_tokens: 0,
         }
+    }
+
+    /// The span the answer's status and token counts are recorded on.
+    pub(crate) fn set_span(&mut self, span: tracing::Span) {
+        self.span = span;
     }
 
     /// Takes an in-flight slot; false when the limit is reached.
@@ -54,6 +64,7 @@ impl RequestTracker {
         if tokens == 0 {
             return;
         }
+        self.output_tokens += u64::from(tokens);
         let now = Instant::now();
         if let Some(handles) = &self.handles {
             match self.last_token_at {
@@ -75,6 +86,14 @@ impl RequestTracker {
             return;
         }
         self.done = true;
+        self.span.record("http.status_code", status);
+        self.span.record("completion_tokens", self.output_tokens);
+        if let Some(tokens) = prompt_tokens {
+            self.span.record("prompt_tokens", tokens);
+        }
+        if status >= 500 {
+            self.span.record("otel.status_code", "ERROR");
+        }
         self.metrics
             .count_request(self.endpoint, self.model, status);
         if let Some(handles) = &self.handles {

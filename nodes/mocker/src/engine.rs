@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dynamo_protocol::{BlockHash, KvEvent, KvLayout, TokenDelta, TokenRequest};
-use dynamo_runtime::{ErrorKind, RequestContext, ResponseStream, ServeError, Service};
+use dynamo_runtime::{telemetry, ErrorKind, RequestContext, ResponseStream, ServeError, Service};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -323,6 +323,19 @@ impl Service<TokenRequest, TokenDelta> for MockerEngine {
             sampling: req.sampling,
         };
         tracing::debug!(request_id = %ctx.request_id, seq = id, "mocker: request queued");
+        let span = tracing::info_span!(
+            "engine",
+            request_id = %ctx.request_id,
+            seq = id,
+            prompt_tokens = seq.prompt.len(),
+            max_tokens = seq.max_tokens,
+            cached_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            ttft_ms = tracing::field::Empty,
+            finish_reason = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        telemetry::follow(&span, &ctx);
         let submit = Control::Submit {
             seq,
             tx,
@@ -331,12 +344,85 @@ impl Service<TokenRequest, TokenDelta> for MockerEngine {
         if self.control.send(submit).is_err() {
             return self.refuse(ServeError::unavailable("the mocker engine is shut down"));
         }
-        Box::pin(DeltaStream {
+        let deltas = DeltaStream {
             id,
             rx,
             cancelled: Box::pin(cancel.cancelled_owned()),
             control: self.control.clone(),
             done: false,
-        })
+        };
+        if span.is_disabled() {
+            return Box::pin(deltas);
+        }
+        Box::pin(Traced::new(deltas, span))
+    }
+}
+
+/// The engine's response stream with its spans: `engine` for the whole request,
+/// `queue_prefill` from submission to the first token (queue wait and prompt
+/// computation; the shell cannot see where one ends), then `decode` to the last token.
+struct Traced {
+    inner: DeltaStream,
+    span: tracing::Span,
+    phase: tracing::Span,
+    started: std::time::Instant,
+    first: bool,
+    tokens: u64,
+}
+
+impl Traced {
+    fn new(inner: DeltaStream, span: tracing::Span) -> Self {
+        let phase = tracing::info_span!(parent: &span, "queue_prefill", cached_tokens = tracing::field::Empty);
+        Traced {
+            inner,
+            span,
+            phase,
+            started: std::time::Instant::now(),
+            first: true,
+            tokens: 0,
+        }
+    }
+
+    fn on_delta(&mut self, delta: &TokenDelta) {
+        self.tokens += delta.token_ids.len() as u64;
+        if self.first && !delta.token_ids.is_empty() {
+            self.first = false;
+            let ttft = self.started.elapsed().as_secs_f64() * 1e3;
+            self.span.record("ttft_ms", ttft);
+            if let Some(cached) = delta.cached_tokens {
+                self.span.record("cached_tokens", cached);
+                self.phase.record("cached_tokens", cached);
+            }
+            self.phase =
+                tracing::info_span!(parent: &self.span, "decode", tokens = tracing::field::Empty);
+        }
+        if let Some(reason) = delta.finish_reason {
+            self.span.record("finish_reason", reason.as_openai());
+            self.span.record("completion_tokens", self.tokens);
+            self.phase.record("tokens", self.tokens.saturating_sub(1));
+            self.phase = tracing::Span::none();
+        }
+    }
+}
+
+impl futures::Stream for Traced {
+    type Item = Result<TokenDelta, ServeError>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let next = std::pin::Pin::new(&mut this.inner).poll_next(cx);
+        match &next {
+            std::task::Poll::Ready(Some(Ok(delta))) => this.on_delta(delta),
+            std::task::Poll::Ready(Some(Err(e))) => {
+                this.span.record("finish_reason", "error");
+                this.span.record("otel.status_code", "ERROR");
+                tracing::debug!(parent: &this.span, error = %e, "engine error");
+            }
+            _ => {}
+        }
+        next
     }
 }

@@ -185,7 +185,8 @@ impl Preprocessor {
     pub fn preprocess(&self, req: &ChatRequest) -> Result<TokenRequest, ServeError> {
         let token_ids = match &req.prompt {
             Prompt::Chat(messages) => {
-                let text = self.render(messages)?;
+                let text = tracing::info_span!("template", messages = messages.len())
+                    .in_scope(|| self.render(messages))?;
                 // The rendered template already holds BOS and every special token.
                 self.encode(&text, false)?
             }
@@ -214,6 +215,7 @@ impl Preprocessor {
     }
 
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ServeError> {
+        let _span = tracing::info_span!("tokenize", bytes = text.len()).entered();
         self.tokenizer
             .encode(text, add_special_tokens)
             .map_err(|e| ServeError::internal(e.to_string()))

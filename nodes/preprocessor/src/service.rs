@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use dynamo_protocol::{ChatRequest, FinishReason, TextDelta, TokenDelta, TokenRequest, Usage};
-use dynamo_runtime::{RequestContext, ResponseStream, ServeError, Service};
+use dynamo_runtime::{telemetry, RequestContext, ResponseStream, ServeError, Service};
 use futures::StreamExt;
 use tracing::Instrument;
 
@@ -37,7 +37,18 @@ impl PreprocessorService {
 
 impl Service<ChatRequest, TextDelta> for PreprocessorService {
     fn call(&self, req: ChatRequest, ctx: RequestContext) -> ResponseStream<TextDelta> {
-        let span = tracing::debug_span!("preprocessor", request_id = %ctx.request_id);
+        // The hop's span: a child of the caller's (the frontend's) through the context's
+        // `traceparent`; the router's span, called in it, is its child.
+        let span = tracing::info_span!(
+            "preprocess",
+            request_id = %ctx.request_id,
+            prompt_tokens = tracing::field::Empty,
+            max_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            cached_tokens = tracing::field::Empty,
+            finish_reason = tracing::field::Empty,
+        );
+        telemetry::follow(&span, &ctx);
         let _enter = span.enter();
         let token_request = match self.preprocessor.preprocess(&req) {
             Ok(t) => t,
@@ -50,12 +61,16 @@ impl Service<ChatRequest, TextDelta> for PreprocessorService {
         let context = &prompt[prompt.len().saturating_sub(DETOKENIZER_CONTEXT)..];
         let detokenizer = Detokenizer::with_context(context);
         let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+        span.record("prompt_tokens", prompt_tokens);
+        span.record("max_tokens", token_request.stop.max_tokens);
         tracing::debug!(
             prompt_tokens,
             max_tokens = token_request.stop.max_tokens,
             "forwarding"
         );
-        let upstream = self.downstream.call(token_request, ctx.child());
+        let upstream = self
+            .downstream
+            .call(token_request, telemetry::child_context(&ctx, &span));
         let state = TextStream {
             preprocessor: self.preprocessor.clone(),
             detokenizer,
@@ -183,6 +198,10 @@ impl TextStream {
             completion_tokens = self.completion_tokens,
             "finished"
         );
+        self.span.record("finish_reason", reason.as_openai());
+        self.span
+            .record("completion_tokens", self.completion_tokens);
+        self.span.record("cached_tokens", self.cached_tokens);
         TextDelta {
             text,
             tokens: std::mem::take(&mut self.unreported_tokens),

@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dynamo_protocol::{BlockHash, KvTransfer, KvTransferAck};
-use dynamo_runtime::{RequestContext, ResponseStream, ServeError, Service};
+use dynamo_runtime::{telemetry, RequestContext, ResponseStream, ServeError, Service};
+use tracing::Instrument;
 
 use crate::engine::MockerEngine;
 
@@ -139,7 +140,17 @@ async fn import(
 
 impl Service<KvTransfer, KvTransferAck> for KvImportService {
     fn call(&self, req: KvTransfer, ctx: RequestContext) -> ResponseStream<KvTransferAck> {
+        // One span per chunk received, a child of the prefill worker's `kv_handoff`.
+        let span = tracing::info_span!(
+            "kv_import",
+            request_id = %ctx.request_id,
+            handoff_id = %req.handoff_id,
+            blocks = req.hashes.len(),
+            bytes = req.payload.len(),
+            last = req.last,
+        );
+        telemetry::follow(&span, &ctx);
         let fut = import(self.engine.clone(), self.handoffs.clone(), req, ctx);
-        Box::pin(futures::stream::once(fut))
+        Box::pin(futures::stream::once(fut.instrument(span)))
     }
 }

@@ -6,8 +6,9 @@ use dynamo_protocol::{
     block_hashes, FinishReason, KvTransfer, KvTransferAck, PrefillRequest, PrefillResult,
     StopConditions, TokenRequest,
 };
-use dynamo_runtime::{InstanceSet, RequestContext, ResponseStream, ServeError, Service};
+use dynamo_runtime::{telemetry, InstanceSet, RequestContext, ResponseStream, ServeError, Service};
 use futures::StreamExt;
+use tracing::Instrument;
 
 use super::KV_CHUNK_BLOCKS;
 use crate::engine::MockerEngine;
@@ -45,13 +46,27 @@ impl Service<PrefillRequest, PrefillResult> for PrefillService {
             kv: self.kv.clone(),
             chunk_blocks: self.chunk_blocks,
         };
-        Box::pin(futures::stream::once(async move {
-            tokio::select! {
-                biased;
-                _ = ctx.cancelled() => Err(ServeError::cancelled()),
-                result = job.run(req, &ctx) => result,
+        // The prefill worker's hop: the engine's spans and the KV hand-off under it.
+        let span = tracing::info_span!(
+            "prefill",
+            request_id = %ctx.request_id,
+            handoff_id = %req.handoff_id,
+            decode_instance = req.decode_instance,
+            prompt_tokens = req.request.token_ids.len(),
+            cached_tokens = tracing::field::Empty,
+        );
+        telemetry::follow(&span, &ctx);
+        let ctx = telemetry::child_context(&ctx, &span);
+        Box::pin(futures::stream::once(
+            async move {
+                tokio::select! {
+                    biased;
+                    _ = ctx.cancelled() => Err(ServeError::cancelled()),
+                    result = job.run(req, &ctx) => result,
+                }
             }
-        }))
+            .instrument(span),
+        ))
     }
 }
 
@@ -77,13 +92,54 @@ impl Prefill {
         let config = self.engine.config();
         let hashes = block_hashes(&request.token_ids, config.block_size, config.hash_seed);
         let cached_tokens = self.compute(request, ctx).await?;
+        tracing::Span::current().record("cached_tokens", cached_tokens);
+        // The hand-off's span: blocks and bytes sent, its duration the span's own.
+        let handoff = tracing::info_span!(
+            "kv_handoff",
+            decode_instance,
+            blocks = hashes.len(),
+            chunks = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+        );
+        let ctx = &telemetry::child_context(ctx, &handoff);
+        let bytes = self
+            .hand_off(&handoff_id, decode_instance, &hashes, ctx)
+            .instrument(handoff.clone())
+            .await?;
+        handoff.record("bytes", bytes);
+        drop(handoff);
+        let blocks = u32::try_from(hashes.len()).unwrap_or(u32::MAX);
+        tracing::debug!(
+            request_id = %ctx.request_id,
+            handoff_id,
+            decode_instance,
+            blocks,
+            bytes,
+            "mocker: prefill handed off"
+        );
+        Ok(PrefillResult {
+            prompt_tokens,
+            cached_tokens,
+            blocks,
+            bytes,
+        })
+    }
 
+    /// Sends the prompt's blocks to `decode_instance` in chunks; returns the bytes sent.
+    async fn hand_off(
+        &self,
+        handoff_id: &str,
+        decode_instance: u64,
+        hashes: &[dynamo_protocol::BlockHash],
+        ctx: &RequestContext,
+    ) -> Result<u64, ServeError> {
         let block_bytes = self.engine.block_bytes();
         let layout = self.engine.kv_layout();
         let chunks = hashes.len().div_ceil(self.chunk_blocks);
+        tracing::Span::current().record("chunks", chunks);
         let mut bytes: u64 = 0;
         // Read every block at once: they are cached now, and could be evicted later.
-        let all = self.engine.export_blocks(&hashes).await?;
+        let all = self.engine.export_blocks(hashes).await?;
         for (i, chunk) in hashes.chunks(self.chunk_blocks).enumerate() {
             let first = i * self.chunk_blocks * block_bytes;
             let payload = all
@@ -92,7 +148,7 @@ impl Prefill {
                 .ok_or_else(|| ServeError::internal("the engine exported too few KV bytes"))?;
             let size = payload.len() as u64;
             let transfer = KvTransfer {
-                handoff_id: handoff_id.clone(),
+                handoff_id: handoff_id.to_string(),
                 hashes: chunk.to_vec(),
                 payload,
                 layout,
@@ -121,21 +177,7 @@ impl Prefill {
             self.engine.record_sent(chunk.len() as u64, size);
             bytes += size;
         }
-        let blocks = u32::try_from(hashes.len()).unwrap_or(u32::MAX);
-        tracing::debug!(
-            request_id = %ctx.request_id,
-            handoff_id,
-            decode_instance,
-            blocks,
-            bytes,
-            "mocker: prefill handed off"
-        );
-        Ok(PrefillResult {
-            prompt_tokens,
-            cached_tokens,
-            blocks,
-            bytes,
-        })
+        Ok(bytes)
     }
 
     /// Runs the prompt through the engine as a one-token request; returns the prompt

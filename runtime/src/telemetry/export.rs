@@ -1,0 +1,341 @@
+//! The exporter: a `tracing` layer whose spans leave the process in batches over
+//! OTLP/gRPC, from a background thread, through a bounded queue.
+//!
+//! A process can host several nodes (the frontend, preprocessor and router of a graph
+//! share one by default), and `service.name` is the node's name: each span goes to the
+//! service of its `node` attribute if it has one, else of the longest prefix of its
+//! `tracing` target the caller mapped ([`ExportConfig::services_by_target`]), else to the
+//! default service. Each service has its own OTLP exporter and resource.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::{Context, KeyValue, Value};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData,
+    SpanExporter, SpanProcessor,
+};
+use opentelemetry_sdk::Resource;
+use tracing::Subscriber;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+use super::{DROPPED, ENABLED, EXPORTED};
+
+/// Where and how this process exports its spans.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportConfig {
+    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
+    pub endpoint: String,
+    /// 0.0..=1.0: the share of new traces recorded. A span with a remote parent follows
+    /// its parent's decision, so a request is traced everywhere or nowhere.
+    pub sampling_ratio: f64,
+    /// `service.name` of spans no rule below claims.
+    pub service: String,
+    /// `service.instance.id` of every span (the process's name).
+    pub instance: String,
+    /// `(tracing target prefix, service.name)`: spans from that code are that service's.
+    pub services_by_target: Vec<(String, String)>,
+    /// Spans waiting for export at most; past it new spans are dropped and counted.
+    pub queue_size: usize,
+    /// How long a span may wait before its batch leaves.
+    pub batch_delay: Duration,
+    /// How long one export may take.
+    pub export_timeout: Duration,
+}
+
+impl ExportConfig {
+    pub fn new(endpoint: impl Into<String>, service: impl Into<String>) -> Self {
+        let service = service.into();
+        ExportConfig {
+            endpoint: endpoint.into(),
+            sampling_ratio: 1.0,
+            instance: service.clone(),
+            service,
+            services_by_target: Vec::new(),
+            queue_size: 4096,
+            batch_delay: Duration::from_millis(500),
+            export_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("OTLP endpoint `{endpoint}`: {message}")]
+    Endpoint { endpoint: String, message: String },
+    #[error("cannot start the span exporter's runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// Keeps the exporter running; dropping it flushes what is queued (bounded in time) and
+/// stops the exporter.
+pub struct ExportGuard {
+    provider: SdkTracerProvider,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl ExportGuard {
+    /// Sends what is queued now; returns when the collector answered or gave up.
+    pub fn flush(&self) {
+        let _ = self.provider.force_flush();
+    }
+}
+
+impl Drop for ExportGuard {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown_with_timeout(Duration::from_secs(2));
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        let dropped = super::dropped_spans();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                exported = super::exported_spans(),
+                "spans were dropped: the OTLP collector was unreachable or too slow"
+            );
+        }
+    }
+}
+
+/// The spans that are exported: the nodes' (`INFO` and up), not the transports' own
+/// `serve` spans (the node spans under them carry the request), and never the
+/// exporter's (tonic, hyper) or this module's, which would feed back into themselves.
+fn export_filter() -> Targets {
+    Targets::new()
+        .with_target("dynamo", LevelFilter::INFO)
+        // The routers keep their decision spans at DEBUG (they are hot); traced requests
+        // want them.
+        .with_target("dynamo_router", LevelFilter::DEBUG)
+        .with_target("dynamo_runtime::transport", LevelFilter::OFF)
+        .with_target("dynamo_runtime::telemetry", LevelFilter::OFF)
+        .with_default(LevelFilter::OFF)
+}
+
+/// The layer that exports this process's spans, and the guard that keeps it running.
+/// Installs nothing by itself: add the layer to the process's subscriber.
+pub fn layer<S>(config: &ExportConfig) -> Result<(impl Layer<S>, ExportGuard), TelemetryError>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    // tonic's channel lives on a runtime of its own, so export works whatever runtime
+    // (or none) the process runs, and never competes with the request path's.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("otlp-export")
+        .enable_all()
+        .build()?;
+    let pending = Arc::new(AtomicUsize::new(0));
+    let exporter = {
+        let _in_runtime = runtime.enter();
+        Routed::new(config, pending.clone())?
+    };
+    let batch = BatchConfigBuilder::default()
+        // Room above the bound `Bounded` keeps, so the SDK's queue never drops silently.
+        .with_max_queue_size(config.queue_size + 64)
+        .with_scheduled_delay(config.batch_delay)
+        .build();
+    let processor = Bounded {
+        inner: BatchSpanProcessor::builder(exporter)
+            .with_batch_config(batch)
+            .build(),
+        pending,
+        max: config.queue_size.max(1),
+    };
+    let ratio = config.sampling_ratio.clamp(0.0, 1.0);
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ratio,
+        ))))
+        .with_resource(resource(&config.service, &config.instance))
+        .build();
+    let tracer = provider.tracer("dynamo");
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_target(true)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_filter(export_filter());
+    ENABLED.store(true, Ordering::Relaxed);
+    Ok((
+        layer,
+        ExportGuard {
+            provider,
+            runtime: Some(runtime),
+        },
+    ))
+}
+
+fn resource(service: &str, instance: &str) -> Resource {
+    Resource::builder_empty()
+        .with_service_name(service.to_string())
+        .with_attribute(KeyValue::new("service.instance.id", instance.to_string()))
+        .build()
+}
+
+/// The SDK's batch processor behind a bound this module counts: a span past it is
+/// dropped at once (and counted) instead of queued.
+#[derive(Debug)]
+struct Bounded {
+    inner: BatchSpanProcessor,
+    /// Spans handed to `inner` whose export has not finished.
+    pending: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl SpanProcessor for Bounded {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if self.pending.fetch_add(1, Ordering::Relaxed) >= self.max {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// One OTLP exporter per service, each span sent with its service's resource.
+#[derive(Debug)]
+struct Routed {
+    services: Vec<opentelemetry_otlp::SpanExporter>,
+    /// `(target prefix, index into services)`, longest prefix first.
+    targets: Vec<(String, usize)>,
+    names: Vec<String>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl Routed {
+    fn new(config: &ExportConfig, pending: Arc<AtomicUsize>) -> Result<Self, TelemetryError> {
+        let mut names = vec![config.service.clone()];
+        let mut targets = Vec::new();
+        for (prefix, service) in &config.services_by_target {
+            let i = match names.iter().position(|n| n == service) {
+                Some(i) => i,
+                None => {
+                    names.push(service.clone());
+                    names.len() - 1
+                }
+            };
+            targets.push((prefix.clone(), i));
+        }
+        targets.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        let mut services = Vec::with_capacity(names.len());
+        for name in &names {
+            let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(config.endpoint.clone())
+                .with_timeout(config.export_timeout)
+                .build()
+                .map_err(|e| TelemetryError::Endpoint {
+                    endpoint: config.endpoint.clone(),
+                    message: e.to_string(),
+                })?;
+            exporter.set_resource(&resource(name, &config.instance));
+            services.push(exporter);
+        }
+        Ok(Routed {
+            services,
+            targets,
+            names,
+            pending,
+        })
+    }
+
+    /// The service a span belongs to (an index into `services`).
+    fn route(&self, span: &SpanData) -> usize {
+        let mut target = None;
+        for kv in &span.attributes {
+            match kv.key.as_str() {
+                "node" => {
+                    let node = kv.value.as_str();
+                    if let Some(i) = self.names.iter().position(|n| *n == node) {
+                        return i;
+                    }
+                }
+                "target" => {
+                    if let Value::String(s) = &kv.value {
+                        target = Some(s.as_str().to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some(target) = target else { return 0 };
+        self.targets
+            .iter()
+            .find(|(prefix, _)| target.starts_with(prefix.as_str()))
+            .map_or(0, |(_, i)| *i)
+    }
+}
+
+impl SpanExporter for Routed {
+    fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        let total = batch.len();
+        let mut groups: Vec<Vec<SpanData>> = self.services.iter().map(|_| Vec::new()).collect();
+        for span in batch {
+            let i = self.route(&span);
+            groups[i].push(span);
+        }
+        async move {
+            let mut result = Ok(());
+            for (exporter, group) in self.services.iter().zip(groups) {
+                if group.is_empty() {
+                    continue;
+                }
+                let n = group.len() as u64;
+                match exporter.export(group).await {
+                    Ok(()) => {
+                        EXPORTED.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if DROPPED.fetch_add(n, Ordering::Relaxed) == 0 {
+                            tracing::warn!(error = %e, "cannot export spans; dropping them (counted) until the collector answers");
+                        }
+                        result = Err(e);
+                    }
+                }
+            }
+            self.pending.fetch_sub(total, Ordering::Relaxed);
+            result
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        for exporter in &self.services {
+            let _ = exporter.shutdown_with_timeout(timeout);
+        }
+        Ok(())
+    }
+
+    /// Each service keeps its own resource.
+    fn set_resource(&mut self, _resource: &Resource) {}
+}
