@@ -70,7 +70,11 @@ pub fn local_environment() -> Environment {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "local".into());
-    Environment { machine_name, gpus }
+    Environment {
+        machine_name,
+        gpus,
+        nats: None,
+    }
 }
 
 /// Read and check a graph file; an unreadable file is diagnostic E0009.

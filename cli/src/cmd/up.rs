@@ -12,7 +12,7 @@ use dynamo_host::controller::{self, Progress, UpOptions};
 use dynamo_runtime::supervisor::{EventKind, OutputStream};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use crate::cmd::graph::{load, INVALID};
+use crate::cmd::graph::{load, local_environment, INVALID};
 use crate::cmd::model;
 
 #[derive(clap::Args)]
@@ -33,10 +33,25 @@ pub struct UpArgs {
     /// Open a chat prompt in the terminal against the graph; Ctrl-D or /quit stops it.
     #[arg(long)]
     interactive: bool,
+    /// The NATS server for edges with `transport = "nats"`, e.g. `nats://127.0.0.1:4222`;
+    /// overrides `[cluster] nats` in the file.
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
 }
 
 pub fn run(args: UpArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
-    let checked = load(&args.file);
+    // `--nats` overrides the file's `[cluster] nats` before validation, so edges on NATS
+    // count as configured.
+    let checked = match (&args.nats, dynamo_graph::read(&args.file)) {
+        (Some(url), Ok(file)) => {
+            let env = dynamo_graph::Environment {
+                nats: Some(url.clone()),
+                ..local_environment()
+            };
+            dynamo_graph::check(file, &env)
+        }
+        _ => load(&args.file),
+    };
     if !checked.diagnostics.items.is_empty() {
         eprint!(
             "{}",

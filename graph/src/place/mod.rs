@@ -20,6 +20,9 @@ pub struct Environment {
     pub machine_name: String,
     /// GPUs on this machine.
     pub gpus: u32,
+    /// A NATS URL given on the command line (`graph up --nats`): it overrides the file's
+    /// `[cluster] nats` and counts as configured when transports are checked.
+    pub nats: Option<String>,
 }
 
 impl Default for Environment {
@@ -27,6 +30,7 @@ impl Default for Environment {
         Environment {
             machine_name: "local".into(),
             gpus: 0,
+            nats: None,
         }
     }
 }
@@ -334,11 +338,12 @@ pub fn place(r: &Resolved<'_>, env: &Environment, diags: &mut Vec<Diagnostic>) -
     let mut plan = Plan {
         graph: spec.name.value.clone(),
         namespace: spec.namespace.clone(),
-        nats: spec
-            .cluster
-            .as_ref()
-            .and_then(|c| c.nats.as_ref())
-            .map(|s| s.value.clone()),
+        nats: env.nats.clone().or_else(|| {
+            spec.cluster
+                .as_ref()
+                .and_then(|c| c.nats.as_ref())
+                .map(|s| s.value.clone())
+        }),
         etcd: spec
             .cluster
             .as_ref()

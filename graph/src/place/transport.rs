@@ -168,6 +168,9 @@ fn check_link(
                 .label("`cuda-ipc` without GPU memory")
                 .help("use `transport = \"shm\"` (or `auto`), or set `device = \"cuda\"` with `gpus` on both nodes")
         }
+        Transport::Nats if !c.nats && same_machine => Diagnostic::at(Code::E0404, span, format!("this edge asks for NATS ({between}) but no NATS server is configured"))
+            .label("needs NATS")
+            .help("pass `--nats nats://HOST:4222` to `dynamo graph up`, set `nats = \"nats://HOST:4222\"` in [cluster], or use `transport = \"auto\"`"),
         Transport::Nats if !c.nats => Diagnostic::at(Code::E0404, span, format!("this edge crosses machines ({between}) but no NATS server is configured"))
             .label("needs NATS")
             .help("set `nats = \"nats://HOST:4222\"` in [cluster], or place both nodes on one machine"),

@@ -1,5 +1,5 @@
-//! `dynamo graph up` on one machine: write the plan where every process can read it,
-//! start each planned process under the runtime's supervisor (engines first, so the
+//! `dynamo graph up` on one machine: check that NATS answers when an edge goes over it,
+//! write the plan where every process can read it, start each planned process under the runtime's supervisor (engines first, so the
 //! pipeline finds them), wait until each says it is ready, and stop them all, draining,
 //! on request.
 
@@ -30,6 +30,13 @@ pub enum UpError {
     },
     #[error("cannot write the plan: {0}")]
     WritePlan(String),
+    #[error(transparent)]
+    NoNats(crate::nats::NatsSetupError),
+    #[error("edge {edge} goes over NATS, and {source}")]
+    Nats {
+        edge: String,
+        source: dynamo_runtime::transport::nats::NatsError,
+    },
     #[error("{0}")]
     Start(Box<StartError>),
 }
@@ -111,6 +118,16 @@ pub async fn up(
     let t0 = Instant::now();
     if plan.machines.len() > 1 {
         return Err(UpError::MultiMachine(plan.machines.len()));
+    }
+    // A NATS server that cannot be reached fails here, once, naming the URL, rather than
+    // in every process that would then be restarted until it gives up.
+    if let Some(edge) = crate::nats::first_nats_edge(plan) {
+        let Some(url) = plan.nats.as_deref() else {
+            return Err(UpError::NoNats(crate::nats::NatsSetupError::NoUrl { edge }));
+        };
+        crate::nats::check_reachable(url)
+            .await
+            .map_err(|source| UpError::Nats { edge, source })?;
     }
     std::fs::create_dir_all(&opts.run_dir).map_err(|source| UpError::RunDir {
         path: opts.run_dir.clone(),

@@ -2,7 +2,7 @@
 //!
 //! - [`process`]: inside one planned process (`dynamo node run`), build its replicas, bind
 //!   its local socket, and connect every output port with the transport the plan chose
-//!   (in-process or local socket). The node never chooses.
+//!   (in-process, local socket or NATS: [`nats`]). The node never chooses.
 //! - [`controller`]: `dynamo graph up`, which starts every process of this machine under
 //!   the runtime's supervisor, waits until each is ready and stops them all on a signal.
 
@@ -11,6 +11,7 @@ pub mod endpoints;
 pub mod events;
 pub mod metrics;
 pub mod model;
+pub mod nats;
 pub mod nodes;
 pub mod process;
 

@@ -1,6 +1,7 @@
 //! One planned process (`dynamo node run`): build its replicas callee-first, connect each
 //! output port with the transport of each link in the plan, serve every input port on
-//! the process's Unix socket, and say when it is ready.
+//! the process's Unix socket (and on NATS where a link reaches it over NATS), and say
+//! when it is ready.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;
@@ -17,12 +18,14 @@ use dynamo_protocol::{
 use dynamo_runtime::transport::in_process::InProcessClient;
 use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
 use dynamo_runtime::transport::socket_server::SocketServer;
-use dynamo_runtime::{InstanceSet, Message, Service};
+use dynamo_runtime::{InstanceSet, Message, RequestContext, ResponseStream, Service};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoints::{endpoint, instance_id, socket_path, METRICS_ENDPOINT};
 use crate::events::EventsService;
 use crate::metrics::{MetricsHub, MetricsService};
+use crate::nats::{NatsSetupError, NatsSide};
 use crate::nodes::{self, BuildError};
 use crate::{HTTP_LINE, READY_LINE};
 
@@ -38,6 +41,8 @@ pub enum ProcessError {
         transport: &'static str,
         issue: &'static str,
     },
+    #[error(transparent)]
+    Nats(#[from] NatsSetupError),
     #[error("edge {edge}: no local service at `{endpoint}` (the plan and the process disagree)")]
     MissingLocal { edge: String, endpoint: String },
     #[error("socket {path}: {message}")]
@@ -67,6 +72,8 @@ struct Ctx<'p> {
     plan: &'p Plan,
     run_dir: &'p Path,
     clients: BTreeMap<String, SocketClient>,
+    /// Present when a link of this process is on NATS.
+    nats: Option<NatsSide>,
 }
 
 impl Ctx<'_> {
@@ -79,7 +86,8 @@ impl Ctx<'_> {
     }
 
     /// A client for `port` of replica `target`, reached by `transport`: the local service
-    /// for in-process links, the target process's socket for socket links.
+    /// for in-process links, the target process's socket for socket links, the target
+    /// replica's own subject for NATS links.
     fn link_client<Req: Message, Resp: Message>(
         &mut self,
         target: &ReplicaId,
@@ -106,14 +114,30 @@ impl Ctx<'_> {
                     .unwrap_or_default();
                 Ok(self.client(&process).endpoint::<Req, Resp>(&ep))
             }
+            Transport::Nats => match &self.nats {
+                Some(nats) => Ok(nats.client::<Req, Resp>(target, port)),
+                None => Err(NatsSetupError::NoUrl { edge }.into()),
+            },
             other => Err(ProcessError::Transport {
                 edge,
                 transport: other.as_str(),
-                issue: match other {
-                    Transport::Nats => "NATS across machines is issue #6",
-                    _ => "the KV data plane is issue #8",
-                },
+                issue: "the KV data plane is issue #8",
             }),
+        }
+    }
+
+    /// Also serve `port` of `replica` on NATS, when a link of the plan reaches it there.
+    fn serve_nats<Req: Message, Resp: Message>(
+        &mut self,
+        replica: &ReplicaId,
+        port: &str,
+        service: &Arc<dyn Service<Req, Resp>>,
+    ) -> Result<(), ProcessError> {
+        match self.nats.as_mut() {
+            Some(nats) => nats
+                .serve(replica, port, service)
+                .map_err(|e| NatsSetupError::from(e).into()),
+            None => Ok(()),
         }
     }
 
@@ -178,6 +202,21 @@ impl Ctx<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+/// A subscription port whose streams end when the process starts stopping: a stream of
+/// KV events never finishes on its own, and draining must not wait for it (over NATS no
+/// connection closes to end it, and the subscriber resubscribes anyway).
+struct UntilShutdown<S> {
+    inner: S,
+    shutdown: CancellationToken,
+}
+
+impl<Req: Message, Resp: Message, S: Service<Req, Resp>> Service<Req, Resp> for UntilShutdown<S> {
+    fn call(&self, req: Req, ctx: RequestContext) -> ResponseStream<Resp> {
+        let stop = self.shutdown.clone().cancelled_owned();
+        Box::pin(self.inner.call(req, ctx).take_until(stop))
     }
 }
 
@@ -261,6 +300,7 @@ pub async fn run(
         plan: &plan,
         run_dir,
         clients: BTreeMap::new(),
+        nats: NatsSide::open(&plan, &me.replicas).await?,
     };
     let mut chat: Local<ChatRequest, TextDelta> = Local::default();
     let mut tokens: Local<TokenRequest, TokenDelta> = Local::default();
@@ -289,12 +329,15 @@ pub async fn run(
             "worker" | "prefill" | "decode" => {
                 let model = nodes::model_of(node, &plan.models)?;
                 let (svc, engine) = nodes::engine(node, replica, nodes::model_path(node, model)?)?;
-                let events: Arc<dyn Service<KvSubscribe, KvStreamItem>> =
-                    Arc::new(EventsService::new(engine.clone()));
+                let events: Arc<dyn Service<KvSubscribe, KvStreamItem>> = Arc::new(UntilShutdown {
+                    inner: EventsService::new(engine.clone()),
+                    shutdown: shutdown.clone(),
+                });
                 let events_ep = endpoint(&replica.id, "events");
                 server
                     .register(&events_ep, events.clone())
                     .map_err(register_err)?;
+                ctx.serve_nats(&replica.id, "events", &events)?;
                 kv_events.services.insert(events_ep, events);
                 let ep = endpoint(&replica.id, "in");
                 if node.kind == "prefill" {
@@ -305,6 +348,7 @@ pub async fn run(
                     server
                         .register(&ep, prefill.clone())
                         .map_err(register_err)?;
+                    ctx.serve_nats(&replica.id, "in", &prefill)?;
                     prefill_in.services.insert(ep, prefill);
                 } else {
                     if node.kind == "decode" {
@@ -317,6 +361,7 @@ pub async fn run(
                         kv_in.services.insert(kv_ep, import);
                     }
                     server.register(&ep, svc.clone()).map_err(register_err)?;
+                    ctx.serve_nats(&replica.id, "in", &svc)?;
                     tokens.services.insert(ep, svc);
                 }
                 hub.add_engine(replica.id.clone(), engine);
@@ -360,6 +405,7 @@ pub async fn run(
                 }
                 let ep = endpoint(&replica.id, "in");
                 server.register(&ep, svc.clone()).map_err(register_err)?;
+                ctx.serve_nats(&replica.id, "in", &svc)?;
                 tokens.services.insert(ep, svc);
             }
             "preprocessor" => {
@@ -369,6 +415,7 @@ pub async fn run(
                 let svc = nodes::preprocessor(node, model, downstream)?;
                 let ep = endpoint(&replica.id, "in");
                 server.register(&ep, svc.clone()).map_err(register_err)?;
+                ctx.serve_nats(&replica.id, "in", &svc)?;
                 chat.services.insert(ep, svc);
             }
             "frontend" => {
@@ -403,6 +450,9 @@ pub async fn run(
         .register::<(), String>(METRICS_ENDPOINT, Arc::new(MetricsService::new(hub.clone())))
         .map_err(register_err)?;
     let mut tasks = tasks_before_ready;
+    if let Some(nats) = ctx.nats.as_mut() {
+        tasks.extend(nats.start(&shutdown).await.map_err(NatsSetupError::from)?);
+    }
     tasks.push(tokio::spawn(server.serve(shutdown.clone())));
     if !frontends.is_empty() {
         tasks.push(tokio::spawn(hub.clone().poll_peers(shutdown.clone())));
@@ -424,6 +474,9 @@ pub async fn run(
         let _ = t.await;
     }
     hub.shutdown().await;
+    if let Some(nats) = &ctx.nats {
+        nats.close().await;
+    }
     let _ = std::fs::remove_file(&sock);
     Ok(())
 }
