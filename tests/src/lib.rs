@@ -48,6 +48,11 @@ impl Graph {
     /// Start `file` with the frontend on a free port, plus `sets` (`node.key=value`), and
     /// wait (bounded) until it serves.
     pub fn up(file: &Path, sets: &[&str]) -> Graph {
+        Graph::up_with(file, sets, &[])
+    }
+
+    /// [`Graph::up`] with more `graph up` arguments, e.g. `["--nats", URL]`.
+    pub fn up_with(file: &Path, sets: &[&str], args: &[&str]) -> Graph {
         let mut cmd = Command::new(dynamo_bin());
         cmd.args(["graph", "up", "--offline", "--grace", "5"])
             .arg(file)
@@ -55,6 +60,7 @@ impl Graph {
         for s in sets {
             cmd.args(["--set", s]);
         }
+        cmd.args(args);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -187,4 +193,104 @@ pub fn model_cached() -> bool {
         .ok()
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).exists())
         .unwrap_or(false)
+}
+
+/// A binary a test needs from the system (e.g. `nats-server`), on `PATH` or in the usual
+/// system folders; the test fails, saying how to install it, when it is missing.
+pub fn system_binary(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path).chain(
+        ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"]
+            .into_iter()
+            .map(PathBuf::from),
+    );
+    for dir in dirs {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "`{name}` is not installed, and this test needs a real one: \
+         run scripts/setup-tests.sh (it installs the Debian package)"
+    );
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; a test binds it soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A real `nats-server` on free loopback ports (client and HTTP monitoring), killed when
+/// dropped. [`NatsServer::stop`] and [`NatsServer::start_again`] simulate an outage: it
+/// comes back on the same ports.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub monitor_port: u16,
+}
+
+impl NatsServer {
+    /// Start one and wait (bounded) until it accepts connections.
+    pub fn start() -> NatsServer {
+        let mut nats = NatsServer {
+            child: None,
+            port: free_port(),
+            monitor_port: free_port(),
+        };
+        nats.start_again();
+        nats
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT` of its monitoring endpoints (`/varz`, `/connz`).
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port)
+    }
+
+    /// Start it (again, on the same ports) unless it runs.
+    pub fn start_again(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        let child = Command::new(system_binary("nats-server"))
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for port in [self.port, self.monitor_port] {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server did not listen on 127.0.0.1:{port} within 10 s"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Kill it (SIGKILL: an outage, not a clean shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
