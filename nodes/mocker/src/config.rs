@@ -60,6 +60,9 @@ pub struct MockerConfig {
     /// prefill worker to a decode worker. Its `block_size` is 0 (take `block_size` above)
     /// or equal to `block_size`; [`MockerConfig::layout`] is the layout in effect.
     pub kv_layout: KvLayout,
+    /// The model's context (positions); requests that would pass it are refused. `None`
+    /// for the mocker, whose model has no such limit.
+    pub max_model_len: Option<usize>,
 }
 
 impl Default for MockerConfig {
@@ -79,6 +82,7 @@ impl Default for MockerConfig {
             hash_seed: DEFAULT_BLOCK_HASH_SEED,
             event_buffer: 4_096,
             kv_layout: SMOLLM2_135M_KV_LAYOUT,
+            max_model_len: None,
         }
     }
 }

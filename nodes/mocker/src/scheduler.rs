@@ -31,6 +31,15 @@ pub enum AdmitError {
         block_size: usize,
         pool_blocks: usize,
     },
+    #[error(
+        "{prompt_tokens} prompt tokens + {max_tokens} new tokens exceed the model's context of \
+         {context} tokens"
+    )]
+    ExceedsContext {
+        prompt_tokens: usize,
+        max_tokens: u32,
+        context: usize,
+    },
 }
 
 /// One token a step produced for one sequence.
@@ -62,6 +71,8 @@ pub struct SchedulerStats {
 pub struct RequestLimits {
     pub block_size: usize,
     pub pool_blocks: usize,
+    /// Positions the model can attend over (a real model's context); `None`: unbounded.
+    pub max_model_len: Option<usize>,
 }
 
 impl RequestLimits {
@@ -69,6 +80,7 @@ impl RequestLimits {
         RequestLimits {
             block_size: config.block_size.max(1),
             pool_blocks: config.num_blocks,
+            max_model_len: config.max_model_len,
         }
     }
 
@@ -83,6 +95,15 @@ impl RequestLimits {
         }
         // The most KV it will hold: every token but the last generated one.
         let tokens = prompt_len as u64 + max_tokens as u64 - 1;
+        if let Some(context) = self.max_model_len {
+            if tokens > context as u64 {
+                return Err(AdmitError::ExceedsContext {
+                    prompt_tokens: prompt_len,
+                    max_tokens,
+                    context,
+                });
+            }
+        }
         let needed_blocks = tokens.div_ceil(self.block_size as u64);
         if needed_blocks > self.pool_blocks as u64 {
             return Err(AdmitError::TooLong {

@@ -470,3 +470,22 @@ fn a_failing_backend_aborts_the_sequences_it_was_given() {
     assert!(s.is_idle());
     assert_eq!(s.stats().blocks.active, 0, "blocks were not freed");
 }
+
+#[test]
+fn a_request_past_the_models_context_is_refused_before_it_is_queued() {
+    let cfg = MockerConfig {
+        max_model_len: Some(64),
+        ..config(16, 64)
+    };
+    let mut s = Scheduler::new(&cfg).unwrap();
+    assert!(
+        s.add(req(1, vec![5; 60], 5)).is_ok(),
+        "60 + 5 - 1 = 64 positions fit"
+    );
+    let err = s.add(req(2, vec![5; 60], 6)).unwrap_err();
+    assert!(
+        matches!(err, AdmitError::ExceedsContext { context: 64, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("context of 64 tokens"), "{err}");
+}

@@ -107,6 +107,7 @@ pub fn start(config: &NativeConfig) -> Result<MockerEngine, NativeError> {
         special_token_ids: Vec::new(),
         seed: config.seed,
         kv_layout: loaded.layout,
+        max_model_len: Some(c.context_length),
         ..MockerConfig::default()
     };
     let backend = NativeBackend::new(loaded.model, kv);
