@@ -271,7 +271,7 @@ async fn a_dead_collector_costs_requests_nothing() {
     };
     let sets = sets(&dead);
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-    let g = Graph::up(&graph(), &sets);
+    let mut g = Graph::up(&graph(), &sets);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
@@ -284,4 +284,12 @@ async fn a_dead_collector_costs_requests_nothing() {
         assert_eq!(status, 200, "{v}");
         assert!(trace_id.is_some(), "traced even if nobody listens");
     }
+    // The spans that could not go out were counted, and the processes say so.
+    assert!(g.stop(Duration::from_secs(20)), "stops");
+    let log = g.drain_stderr().join("\n");
+    eprintln!("{log}");
+    assert!(
+        log.contains("cannot export spans") || log.contains("spans were dropped"),
+        "{log}"
+    );
 }

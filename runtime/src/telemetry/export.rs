@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{Context, KeyValue, Value};
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{RetryPolicy, WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData,
@@ -79,6 +79,8 @@ pub enum TelemetryError {
 pub struct ExportGuard {
     provider: SdkTracerProvider,
     runtime: Option<tokio::runtime::Runtime>,
+    /// Spans queued or being sent.
+    pending: Arc<AtomicUsize>,
 }
 
 impl ExportGuard {
@@ -94,6 +96,9 @@ impl Drop for ExportGuard {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+        // What the final flush could not send in time is lost too.
+        let unsent = self.pending.swap(0, Ordering::Relaxed) as u64;
+        DROPPED.fetch_add(unsent, Ordering::Relaxed);
         let dropped = super::dropped_spans();
         if dropped > 0 {
             tracing::warn!(
@@ -146,7 +151,7 @@ where
         inner: BatchSpanProcessor::builder(exporter)
             .with_batch_config(batch)
             .build(),
-        pending,
+        pending: pending.clone(),
         max: config.queue_size.max(1),
     };
     let ratio = config.sampling_ratio.clamp(0.0, 1.0);
@@ -171,6 +176,7 @@ where
         ExportGuard {
             provider,
             runtime: Some(runtime),
+            pending,
         },
     ))
 }
@@ -250,6 +256,9 @@ impl Routed {
                 .with_tonic()
                 .with_endpoint(config.endpoint.clone())
                 .with_timeout(config.export_timeout)
+                // A batch that fails is dropped (and counted), not retried: while the
+                // collector is away, retries would only hold the queue full longer.
+                .with_retry_policy(RetryPolicy::disabled())
                 .build()
                 .map_err(|e| TelemetryError::Endpoint {
                     endpoint: config.endpoint.clone(),
@@ -302,13 +311,19 @@ impl SpanExporter for Routed {
             groups[i].push(span);
         }
         async move {
+            // The services' exports go out together: one batch, one round trip.
+            let sends = self
+                .services
+                .iter()
+                .zip(groups)
+                .filter(|(_, group)| !group.is_empty())
+                .map(|(exporter, group)| {
+                    let n = group.len() as u64;
+                    async move { (n, exporter.export(group).await) }
+                });
             let mut result = Ok(());
-            for (exporter, group) in self.services.iter().zip(groups) {
-                if group.is_empty() {
-                    continue;
-                }
-                let n = group.len() as u64;
-                match exporter.export(group).await {
+            for (n, sent) in futures::future::join_all(sends).await {
+                match sent {
                     Ok(()) => {
                         EXPORTED.fetch_add(n, Ordering::Relaxed);
                     }
@@ -338,4 +353,83 @@ impl SpanExporter for Routed {
 
     /// Each service keeps its own resource.
     fn set_resource(&mut self, _resource: &Resource) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        // Nobody listens on port 1: every export fails at once.
+        let mut config = ExportConfig::new("http://127.0.0.1:1", "test");
+        config.queue_size = 8;
+        config.batch_delay = Duration::from_secs(60);
+        let (layer, guard) = layer::<tracing_subscriber::Registry>(&config).expect("builds");
+        let subscriber = tracing_subscriber::registry().with(layer);
+        let before = crate::telemetry::dropped_spans();
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..100 {
+                let span = tracing::info_span!(target: "dynamo_test", "hop", i);
+                let _entered = span.enter();
+            }
+        });
+        // At most `queue_size` spans wait; the rest were dropped as they ended.
+        assert!(crate::telemetry::dropped_spans() - before >= 92);
+        drop(guard);
+        assert_eq!(crate::telemetry::exported_spans(), 0);
+        assert!(crate::telemetry::dropped_spans() - before >= 100);
+    }
+
+    #[test]
+    fn spans_go_to_their_node_service() {
+        let mut config = ExportConfig::new("http://127.0.0.1:1", "pipeline");
+        config.services_by_target = vec![
+            ("dynamo_frontend".into(), "frontend".into()),
+            ("dynamo_router".into(), "router".into()),
+        ];
+        let routed = {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let _in = rt.enter();
+            Routed::new(&config, Arc::new(AtomicUsize::new(0))).expect("builds")
+        };
+        let span = |attrs: Vec<KeyValue>| SpanData {
+            span_context: opentelemetry::trace::SpanContext::empty_context(),
+            parent_span_id: opentelemetry::trace::SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: opentelemetry::trace::SpanKind::Internal,
+            name: "s".into(),
+            start_time: std::time::SystemTime::UNIX_EPOCH,
+            end_time: std::time::SystemTime::UNIX_EPOCH,
+            attributes: attrs,
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: opentelemetry::trace::Status::Unset,
+            instrumentation_scope: Default::default(),
+        };
+        let name = |s: &SpanData| routed.names[routed.route(s)].clone();
+        let target = |t: &str| KeyValue::new("target", t.to_string());
+        assert_eq!(
+            name(&span(vec![target("dynamo_router::service")])),
+            "router"
+        );
+        assert_eq!(name(&span(vec![target("dynamo_frontend")])), "frontend");
+        assert_eq!(
+            name(&span(vec![target("dynamo_mocker::engine")])),
+            "pipeline"
+        );
+        assert_eq!(name(&span(vec![])), "pipeline");
+        assert_eq!(
+            name(&span(vec![
+                target("dynamo_router"),
+                KeyValue::new("node", "frontend")
+            ])),
+            "frontend"
+        );
+    }
 }
