@@ -21,8 +21,11 @@ use opentelemetry_sdk::trace::{
     SpanExporter, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
+use tracing::subscriber::Interest;
+use tracing::Metadata;
 use tracing::Subscriber;
 use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::Filter;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
@@ -113,15 +116,48 @@ impl Drop for ExportGuard {
 /// The spans that are exported: the nodes' (`INFO` and up), not the transports' own
 /// `serve` spans (the node spans under them carry the request), and never the
 /// exporter's (tonic, hyper) or this module's, which would feed back into themselves.
-fn export_filter() -> Targets {
-    Targets::new()
-        .with_target("dynamo", LevelFilter::INFO)
-        // The routers keep their decision spans at DEBUG (they are hot); traced requests
-        // want them.
-        .with_target("dynamo_router", LevelFilter::DEBUG)
-        .with_target("dynamo_runtime::transport", LevelFilter::OFF)
-        .with_target("dynamo_runtime::telemetry", LevelFilter::OFF)
-        .with_default(LevelFilter::OFF)
+/// The routers keep their decision spans at `DEBUG` (they are hot): those spans are
+/// exported, not the routers' `DEBUG` events. The decision depends on the callsite
+/// alone, so it is made once per callsite, never per span.
+struct ExportFilter {
+    levels: Targets,
+}
+
+impl ExportFilter {
+    fn new() -> Self {
+        ExportFilter {
+            levels: Targets::new()
+                .with_target("dynamo", LevelFilter::INFO)
+                .with_target("dynamo_runtime::transport", LevelFilter::OFF)
+                .with_target("dynamo_runtime::telemetry", LevelFilter::OFF)
+                .with_default(LevelFilter::OFF),
+        }
+    }
+
+    fn exports(&self, meta: &Metadata<'_>) -> bool {
+        self.levels.would_enable(meta.target(), meta.level())
+            || (meta.is_span()
+                && meta.target().starts_with("dynamo_router")
+                && *meta.level() <= tracing::Level::DEBUG)
+    }
+}
+
+impl<S> Filter<S> for ExportFilter {
+    fn enabled(&self, meta: &Metadata<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        self.exports(meta)
+    }
+
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        if self.exports(meta) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::DEBUG)
+    }
 }
 
 /// The layer that exports this process's spans, and the guard that keeps it running.
@@ -169,7 +205,11 @@ where
         .with_location(false)
         .with_threads(false)
         .with_tracked_inactivity(false)
-        .with_filter(export_filter());
+        // Parents are explicit (the request context's `traceparent`); making each span's
+        // context current on every enter and exit (each poll of a stream) costs CPU per
+        // token for nothing.
+        .with_context_activation(false)
+        .with_filter(ExportFilter::new());
     ENABLED.store(true, Ordering::Relaxed);
     Ok((
         layer,
