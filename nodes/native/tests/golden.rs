@@ -15,6 +15,8 @@
 //!   [`LOGIT_TOL`] at every step and within [`MEAN_LOGIT_TOL`] on average;
 //! - free-running, our greedy tokens equal llama.cpp's up to the first near-tie.
 
+// The preprocessor's test helper that finds the cached model (or skips visibly).
+#[path = "../../preprocessor/tests/common/mod.rs"]
 mod common;
 
 use dynamo_native::kv_pool::KvPool;
