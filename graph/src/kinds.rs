@@ -234,6 +234,12 @@ const ROUTER_SETTINGS: &[Field] = &[
         "kv-approx: how long a routing decision is assumed cached",
     ),
     Field::opt(
+        "migration_limit",
+        NON_NEGATIVE,
+        Some("3"),
+        "times a request whose worker dies mid-stream moves to another worker, which continues it from the prompt plus the tokens already streamed (0: the request fails)",
+    ),
+    Field::opt(
         "prefill_threshold",
         NON_NEGATIVE,
         Some("0"),

@@ -492,6 +492,82 @@ async fn a_worker_killed_mid_stream_gives_a_clean_error_and_comes_back() {
     );
 }
 
+/// Reads an SSE body to its end (bounded), returning everything it carried.
+async fn read_to_end<B: AsRef<[u8]>>(
+    mut body: impl futures::Stream<Item = reqwest::Result<B>> + Unpin,
+    mut seen: String,
+) -> String {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), body.next()).await {
+            Ok(Some(Ok(b))) => seen.push_str(&String::from_utf8_lossy(b.as_ref())),
+            Ok(Some(Err(e))) => panic!("stream broke: {e}; got so far: {seen}"),
+            Ok(None) => return seen,
+            Err(_) => panic!("stream hung; got so far: {seen}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_has_its_requests_migrated() {
+    need_model();
+    // Two real-time mocker workers in their own processes; round-robin puts one of two
+    // concurrent answers on each.
+    let text = std::fs::read_to_string(agg()).expect("graphs/agg.toml");
+    assert!(text.contains("[nodes.worker]\n"));
+    let two = text.replace("[nodes.worker]\n", "[nodes.worker]\nreplicas = 2\n");
+    let file = std::env::temp_dir().join(format!("dynamo-agg2-{}.toml", std::process::id()));
+    std::fs::write(&file, two).expect("graph file");
+    let mut g = Graph::up(&file, &["worker.engine=mocker", "worker.speedup=1.0"]);
+    let client = reqwest::Client::new();
+    let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"go on"}],"max_tokens":300,"stream":true,"ignore_eos":true,"stream_options":{"include_usage":true}}"#;
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let resp = client
+            .post(format!("{}{CHAT}", g.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("stream starts");
+        assert_eq!(resp.status(), 200);
+        streams.push(resp.bytes_stream());
+    }
+    let mut seen = vec![String::new(), String::new()];
+    for (stream, seen) in streams.iter_mut().zip(seen.iter_mut()) {
+        while seen.matches("data: ").count() < 3 {
+            match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+                Ok(Some(Ok(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
+                other => panic!("stream stopped early: {other:?}"),
+            }
+        }
+    }
+    let pid = g.process_pid("worker-0").expect("worker-0 runs");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    // Both answers complete: the one on worker-0 moves to worker-1 and goes on.
+    for (stream, seen) in streams.into_iter().zip(seen) {
+        let all = read_to_end(stream, seen).await;
+        assert!(!all.contains("event: error"), "an error reached the client: {all}");
+        assert!(all.contains("data: [DONE]"), "no [DONE]: {all}");
+        assert!(
+            all.contains(r#""finish_reason":"length""#),
+            "the answer did not run to max_tokens: {all}"
+        );
+        assert!(
+            all.contains(r#""completion_tokens":300"#),
+            "the whole token budget was streamed once, not more or less: {all}"
+        );
+    }
+    let log = g.drain_stderr().join("\n");
+    assert!(
+        log.contains("migrating the request"),
+        "the router reports the migration:\n{log}"
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
 #[test]
 fn ctrl_c_stops_every_process() {
     need_model();

@@ -12,7 +12,7 @@ use dynamo_protocol::{ChatRequest, TextDelta, TokenDelta, TokenRequest};
 use dynamo_protocol::{PrefillRequest, PrefillResult};
 use dynamo_router::{
     DisaggConfig, DisaggRouter, KvConfig, KvMode, KvRouterHandle, LeastLoaded, Policy, RouterMode,
-    RouterService,
+    RouterService, DEFAULT_MIGRATION_LIMIT,
 };
 use dynamo_runtime::{InstanceSet, Service};
 
@@ -196,9 +196,14 @@ pub fn router(
 ) -> Result<(TokenService, Option<KvRouterHandle>), BuildError> {
     let mode_name = node.str("mode").unwrap_or("round-robin");
     let mode: RouterMode = mode_name.parse().map_err(|e| invalid(node, e))?;
+    let migration = migration_limit(node);
     let Some(kv) = mode.kv_mode() else {
         return Ok((
-            Arc::new(RouterService::new(mode, workers).named(node.name.clone())),
+            Arc::new(
+                RouterService::new(mode, workers)
+                    .named(node.name.clone())
+                    .migration_limit(migration),
+            ),
             None,
         ));
     };
@@ -223,7 +228,8 @@ pub fn router(
     }
     let svc = RouterService::with_kv(kv, config, workers)
         .map_err(|e| invalid(node, e))?
-        .named(node.name.clone());
+        .named(node.name.clone())
+        .migration_limit(migration);
     let handle = svc.kv_handle();
     Ok((Arc::new(svc), handle))
 }
@@ -277,10 +283,19 @@ pub fn disagg_router(
             decode,
             Arc::new(LeastLoaded::default()),
         )
-        .named(node.name.clone()),
+        .named(node.name.clone())
+        .migration_limit(migration_limit(node)),
     );
     hub.add_disagg(id.clone(), router.clone());
     Ok((router, kv))
+}
+
+/// The router's `migration_limit` (default [`DEFAULT_MIGRATION_LIMIT`]).
+fn migration_limit(node: &PlannedNode) -> u32 {
+    node.u64("migration_limit")
+        .map_or(DEFAULT_MIGRATION_LIMIT, |v| {
+            u32::try_from(v).unwrap_or(u32::MAX)
+        })
 }
 
 pub fn preprocessor(

@@ -125,6 +125,17 @@ impl DisaggRouter {
     /// The node name used in errors and spans. Settings are fixed once the router is
     /// shared: naming a clone makes a fresh router (own load table and counters).
     pub fn named(self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.with_decode(|decode| decode.named(name))
+    }
+
+    /// How many times a request whose decode worker dies mid-stream moves to another
+    /// decode worker (see [`RouterService::migration_limit`]).
+    pub fn migration_limit(self, limit: u32) -> Self {
+        self.with_decode(|decode| decode.migration_limit(limit))
+    }
+
+    fn with_decode(self, change: impl FnOnce(RouterService) -> RouterService) -> Self {
         let inner = match Arc::try_unwrap(self.inner) {
             Ok(inner) => inner,
             Err(shared) => Inner {
@@ -140,7 +151,7 @@ impl DisaggRouter {
         };
         DisaggRouter {
             inner: Arc::new(Inner {
-                decode: inner.decode.named(name),
+                decode: change(inner.decode),
                 ..inner
             }),
         }

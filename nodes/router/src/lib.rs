@@ -106,4 +106,4 @@ pub use disagg::{DisaggConfig, DisaggMetrics, DisaggRouter};
 pub use kv::{EventOutcome, KvConfig, KvConfigError, KvMetrics, KvMode, KvRouterHandle};
 pub use mode::{ModeError, RouterMode};
 pub use policy::{InstanceLoad, LeastLoaded, Policy, Random, RequestTracker, RoundRobin, Routed};
-pub use service::RouterService;
+pub use service::{RouterService, DEFAULT_MIGRATION_LIMIT};

@@ -32,8 +32,14 @@ pub(crate) struct Shared {
     pub set: Arc<InstanceSet<TokenRequest, TokenDelta>>,
     pub loads: Loads,
     pub retry: bool,
+    /// How many times one request may move to another worker after its worker died
+    /// mid-stream (0: never).
+    pub migration_limit: u32,
     pub kv: Option<KvRouterHandle>,
 }
+
+/// Migrations per request unless the graph says otherwise.
+pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
 
 impl RouterService {
     /// A router named `router` (see [`RouterService::named`]) in a built-in mode. A KV
@@ -90,6 +96,7 @@ impl RouterService {
                 set: instances,
                 loads: Loads::new(),
                 retry: true,
+                migration_limit: DEFAULT_MIGRATION_LIMIT,
                 kv: None,
             }),
         }
@@ -104,6 +111,14 @@ impl RouterService {
     /// once by another (default on). Off saves a copy of each request.
     pub fn retry_unavailable(self, retry: bool) -> Self {
         self.rebuild(|s| s.retry = retry)
+    }
+
+    /// How many times a request whose worker dies mid-stream is moved to another worker,
+    /// which is sent the prompt plus the tokens already streamed and continues the answer
+    /// (default [`DEFAULT_MIGRATION_LIMIT`]; 0 turns migration off, and such a request
+    /// fails with `Unavailable`).
+    pub fn migration_limit(self, limit: u32) -> Self {
+        self.rebuild(|s| s.migration_limit = limit)
     }
 
     pub fn name(&self) -> &str {
@@ -130,6 +145,7 @@ impl RouterService {
                 set: shared.set.clone(),
                 loads: Loads::new(),
                 retry: shared.retry,
+                migration_limit: shared.migration_limit,
                 kv: shared.kv.clone(),
             },
         };
@@ -151,6 +167,7 @@ impl Service<TokenRequest, TokenDelta> for RouterService {
             instance = tracing::field::Empty,
             overhead_us = tracing::field::Empty,
             retried_from = tracing::field::Empty,
+            migrated_from = tracing::field::Empty,
             overlap_blocks = tracing::field::Empty,
             prompt_blocks = tracing::field::Empty,
             cost = tracing::field::Empty,
@@ -182,7 +199,7 @@ impl Service<TokenRequest, TokenDelta> for RouterService {
 
 /// Calls `pick`, whose slot `load` already holds, and wraps its stream: in-flight release,
 /// cancel on drop, one retry elsewhere if the worker is found dead before its first item,
-/// and the policy's tracker. Shared by [`RouterService`] and the disaggregated router's
+/// migration elsewhere if it dies mid-stream, and the policy's tracker. Shared by [`RouterService`] and the disaggregated router's
 /// decode step.
 pub(crate) fn dispatch(
     shared: &Arc<Shared>,
@@ -192,8 +209,10 @@ pub(crate) fn dispatch(
     ctx: RequestContext,
     span: tracing::Span,
 ) -> ResponseStream<TokenDelta> {
-    // Copy the request before the worker consumes it, only if a retry could go anywhere.
-    let copy = (shared.retry && pick.has_alternative).then(|| request.clone());
+    // Copy the request before the worker consumes it, only if a retry or a migration
+    // could go anywhere.
+    let movable = shared.retry || shared.migration_limit > 0;
+    let copy = (movable && pick.has_alternative).then(|| request.clone());
     let failed = pick.id;
     let tracker = pick.tracker.take();
     let attempt = Attempt::charged(&pick.client, load, request, &ctx);
@@ -202,6 +221,8 @@ pub(crate) fn dispatch(
         ctx,
         shared: shared.clone(),
         failed,
+        generated: Vec::new(),
+        migrations_left: shared.migration_limit,
     });
     Box::pin(RoutedStream::new(attempt, retry, span, tracker))
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use dynamo_protocol::TokenRequest;
 use dynamo_runtime::{ErrorKind, InstanceSet, RequestContext, Service};
 
 use crate::test_fakes::{collect, in_flight, next, request, set_of, worker, Behaviour, Fake, WAIT};
@@ -150,12 +151,13 @@ async fn a_dead_instance_before_the_first_item_is_retried_elsewhere() {
 
 #[tokio::test]
 async fn errors_that_are_not_retried_pass_through() {
-    // Unavailable after the first item: no migration yet.
+    // Unavailable after the first item, with migration off.
     let mid = Fake::new(1, Behaviour::FailAfter(1, ErrorKind::Unavailable));
     // Another kind before the first item: the request itself failed.
     let invalid = Fake::new(2, Behaviour::FailAfter(0, ErrorKind::InvalidRequest));
     let spare = Fake::new(3, Behaviour::Stream(1));
-    let router = RouterService::new(RouterMode::RoundRobin, set_of(&[&mid, &invalid, &spare]));
+    let router = RouterService::new(RouterMode::RoundRobin, set_of(&[&mid, &invalid, &spare]))
+        .migration_limit(0);
 
     let items = collect(router.call(request(), RequestContext::new("mid"))).await;
     assert_eq!(items.len(), 2);
@@ -276,4 +278,66 @@ async fn with_retry_off_a_dead_instance_fails_the_request() {
         Err(ErrorKind::Unavailable)
     );
     assert_eq!(alive.calls(), 0);
+}
+
+fn budget(max_tokens: u32) -> TokenRequest {
+    let mut r = request();
+    r.stop.max_tokens = max_tokens;
+    r
+}
+
+#[tokio::test]
+async fn a_worker_dying_mid_stream_has_its_request_continued_elsewhere() {
+    let dies = Fake::new(1, Behaviour::FailAfter(2, ErrorKind::Unavailable));
+    let spare = Fake::new(2, Behaviour::Stream(3));
+    let router = RouterService::new(RouterMode::RoundRobin, set_of(&[&dies, &spare]));
+    let items = collect(router.call(budget(5), RequestContext::new("m"))).await;
+    let from: Vec<_> = items.iter().map(worker).collect();
+    assert_eq!(from, vec![1, 1, 2, 2, 2], "one stream, no error");
+    // The spare continued from the prompt plus what was streamed, with the rest of the
+    // budget, under the caller's request id.
+    let sent = spare.requests();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].token_ids, vec![1, 2, 3, 1, 1]);
+    assert_eq!(sent[0].stop.max_tokens, 3);
+    assert_eq!(spare.contexts()[0].request_id, "m");
+    assert_eq!(
+        in_flight(&router),
+        vec![(1, 0), (2, 0)],
+        "both slots released"
+    );
+}
+
+#[tokio::test]
+async fn migration_stops_at_its_limit_and_when_turned_off() {
+    let a = Fake::new(1, Behaviour::FailAfter(1, ErrorKind::Unavailable));
+    let b = Fake::new(2, Behaviour::FailAfter(1, ErrorKind::Unavailable));
+    let once = RouterService::new(RouterMode::RoundRobin, set_of(&[&a, &b])).migration_limit(1);
+    let items = collect(once.call(budget(10), RequestContext::new("x"))).await;
+    assert_eq!(items.len(), 3, "a's token, b's token, then b's error");
+    assert_eq!((worker(&items[0]), worker(&items[1])), (1, 2));
+    assert_eq!(
+        items[2].as_ref().map_err(|e| e.kind),
+        Err(ErrorKind::Unavailable)
+    );
+
+    let c = Fake::new(3, Behaviour::FailAfter(1, ErrorKind::Unavailable));
+    let d = Fake::new(4, Behaviour::Stream(5));
+    let off = RouterService::new(RouterMode::RoundRobin, set_of(&[&c, &d])).migration_limit(0);
+    let items = collect(off.call(budget(10), RequestContext::new("y"))).await;
+    assert_eq!(items.len(), 2);
+    assert!(items[1].is_err());
+    assert_eq!(d.calls(), 0, "nothing migrated");
+}
+
+#[tokio::test]
+async fn a_request_that_used_its_whole_budget_is_not_migrated() {
+    // The worker streamed all 2 tokens and died before its end-of-stream.
+    let dies = Fake::new(1, Behaviour::FailAfter(2, ErrorKind::Unavailable));
+    let spare = Fake::new(2, Behaviour::Stream(1));
+    let router = RouterService::new(RouterMode::RoundRobin, set_of(&[&dies, &spare]));
+    let items = collect(router.call(budget(2), RequestContext::new("z"))).await;
+    assert_eq!(items.len(), 3);
+    assert!(items[2].is_err());
+    assert_eq!(spare.calls(), 0);
 }

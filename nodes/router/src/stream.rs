@@ -1,7 +1,9 @@
 //! The response stream the router hands back: the chosen worker's stream, wrapped so the
 //! instance's in-flight counter is released when it ends, fails or is dropped, dropping
-//! it cancels the worker's request, and a worker found dead before its first item is
-//! replaced once by another.
+//! it cancels the worker's request, a worker found dead before its first item is
+//! replaced once by another, and a worker that dies mid-stream has the request migrated:
+//! another worker gets the prompt plus the tokens already streamed and the rest of the
+//! token budget, and its tokens continue the same stream.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -83,12 +85,33 @@ impl Attempt {
     }
 }
 
-/// What a retry needs; dropped once the first item arrives.
+/// What a retry or a migration needs; dropped once the first item arrives when migration
+/// is off.
 pub(crate) struct Retry {
     pub request: TokenRequest,
     pub ctx: RequestContext,
     pub shared: Arc<Shared>,
+    /// The instance serving the request now.
     pub failed: InstanceId,
+    /// Tokens streamed so far (kept only while a migration is possible).
+    pub generated: Vec<u32>,
+    pub migrations_left: u32,
+}
+
+impl Retry {
+    /// The request a new worker continues from: the prompt plus what was streamed, with
+    /// the rest of the token budget. `None` once the budget is spent.
+    fn continuation(&self) -> Option<TokenRequest> {
+        let done = u32::try_from(self.generated.len()).ok()?;
+        let left = self.request.stop.max_tokens.checked_sub(done)?;
+        if left == 0 {
+            return None;
+        }
+        let mut next = self.request.clone();
+        next.token_ids.extend_from_slice(&self.generated);
+        next.stop.max_tokens = left;
+        Some(next)
+    }
 }
 
 pub(crate) struct RoutedStream {
@@ -98,6 +121,11 @@ pub(crate) struct RoutedStream {
     /// The policy's account of the request: told of the first item, dropped at the end.
     tracker: Option<Box<dyn RequestTracker>>,
     first_seen: bool,
+    /// Set after a migration: the new worker's first delta reports its own prefix-cache
+    /// hits on the continuation, which are not the request's.
+    migrated: bool,
+    /// The one retry before the first item was used.
+    retried: bool,
 }
 
 impl RoutedStream {
@@ -113,16 +141,19 @@ impl RoutedStream {
             span,
             tracker,
             first_seen: false,
+            migrated: false,
+            retried: false,
         }
     }
 
-    /// The first worker was gone: call another, once. `None` if there is none or the
-    /// caller has already gone away.
+    /// The first worker was gone: call another, once. `None` if there is none, retries
+    /// are off, or the caller has already gone away.
     fn retry(&mut self, error: &ServeError) -> Option<Attempt> {
-        let retry = self.retry.take()?;
-        if retry.ctx.is_cancelled() {
+        let retry = self.retry.as_mut()?;
+        if self.retried || retry.ctx.is_cancelled() || !retry.shared.retry {
             return None;
         }
+        self.retried = true;
         let _entered = self.span.enter();
         let shared = &retry.shared;
         let pick = shared.loads.pick_other(&shared.set, retry.failed)?;
@@ -132,7 +163,56 @@ impl RoutedStream {
         if let Some(tracker) = self.tracker.as_mut() {
             tracker.moved_to(pick.id);
         }
-        Some(Attempt::start(pick, retry.request, &retry.ctx))
+        retry.failed = pick.id;
+        Some(Attempt::start(pick, retry.request.clone(), &retry.ctx))
+    }
+
+    /// The worker died mid-stream: continue the request on another one. `None` if
+    /// migration is off or spent, no other worker is live, or the caller has gone away.
+    fn migrate(&mut self, error: &ServeError) -> Option<Attempt> {
+        let retry = self.retry.as_mut()?;
+        if retry.migrations_left == 0 || retry.ctx.is_cancelled() {
+            return None;
+        }
+        let request = retry.continuation()?;
+        let shared = retry.shared.clone();
+        let pick = shared.loads.pick_other(&shared.set, retry.failed)?;
+        let _entered = self.span.enter();
+        tracing::warn!(
+            failed = retry.failed,
+            next = pick.id,
+            streamed = retry.generated.len(),
+            %error,
+            "worker died mid-stream; migrating the request"
+        );
+        self.span.record("migrated_from", retry.failed);
+        self.span.record("instance", pick.id);
+        retry.failed = pick.id;
+        retry.migrations_left -= 1;
+        if let Some(tracker) = self.tracker.as_mut() {
+            tracker.moved_to(pick.id);
+        }
+        self.migrated = true;
+        Some(Attempt::start(pick, request, &retry.ctx))
+    }
+
+    /// Keeps what a migration needs of `delta`, or drops the request copy when no
+    /// migration can follow.
+    fn record(&mut self, delta: &mut TokenDelta) {
+        if self.migrated {
+            self.migrated = false;
+            delta.cached_tokens = None;
+        }
+        let keep = match self.retry.as_mut() {
+            Some(r) if r.migrations_left > 0 => {
+                r.generated.extend_from_slice(&delta.token_ids);
+                true
+            }
+            _ => false,
+        };
+        if !keep {
+            self.retry = None;
+        }
     }
 }
 
@@ -150,8 +230,8 @@ impl Stream for RoutedStream {
                 ready!(attempt.stream.poll_next_unpin(cx))
             };
             match polled {
-                Some(Ok(delta)) => {
-                    this.retry = None;
+                Some(Ok(mut delta)) => {
+                    this.record(&mut delta);
                     if !this.first_seen {
                         this.first_seen = true;
                         if let Some(tracker) = this.tracker.as_mut() {
@@ -162,7 +242,12 @@ impl Stream for RoutedStream {
                 }
                 Some(Err(error)) => {
                     if error.kind == ErrorKind::Unavailable {
-                        if let Some(next) = this.retry(&error) {
+                        let next = if this.first_seen {
+                            this.migrate(&error)
+                        } else {
+                            this.retry(&error)
+                        };
+                        if let Some(next) = next {
                             // Replacing drops the dead attempt: its slot and request go.
                             this.attempt = Some(next);
                             continue;
