@@ -294,3 +294,126 @@ impl Drop for NatsServer {
         self.stop();
     }
 }
+
+/// A real `etcd` (Debian `etcd-server`) on free loopback ports with its own data
+/// directory; killed and its data removed on drop.
+pub struct EtcdServer {
+    child: Option<Child>,
+    pub client_port: u16,
+    peer_port: u16,
+    dir: PathBuf,
+}
+
+impl EtcdServer {
+    /// Start one and wait (bounded) until it accepts connections.
+    pub fn start() -> EtcdServer {
+        let client_port = free_port();
+        let peer_port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "dynamo-test-etcd-{}-{client_port}",
+            std::process::id()
+        ));
+        let url = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let child = Command::new(system_binary("etcd"))
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", dir.join("data").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd starts");
+        let etcd = EtcdServer {
+            child: Some(child),
+            client_port,
+            peer_port,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", etcd.client_port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not listen on {} within 15 s (peer port {})",
+                etcd.url(),
+                etcd.peer_port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        etcd
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `dynamo agent` for one machine; stopped with SIGTERM (it then stops the processes
+/// it started), killed if it does not exit, when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    pub machine: String,
+}
+
+impl Agent {
+    pub fn start(machine: &str, address: &str, etcd: &str) -> Agent {
+        let child = Command::new(dynamo_bin())
+            .args(["agent", "--offline", "--grace", "2", "--ttl", "3"])
+            .args(["--machine", machine, "--address", address, "--etcd", etcd])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dynamo agent starts");
+        Agent {
+            child: Some(child),
+            machine: machine.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, then a bounded wait, then SIGKILL. Whether it exited on its own.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -36,8 +36,24 @@ pub enum GraphCommand {
     },
     /// Print the JSON Schema of graph files (for editor completion, e.g. taplo).
     Schema,
-    /// Serve the graph on this machine until Ctrl-C.
+    /// Serve the graph on this machine until Ctrl-C (or on the agents' machines, `--etcd`).
     Up(crate::cmd::up::UpArgs),
+    /// Each process of a graph running on agents: machine, state, restarts, last error.
+    Status {
+        name: String,
+        #[arg(long, value_name = "URL")]
+        etcd: String,
+        #[arg(long, default_value = "dynamo")]
+        namespace: String,
+    },
+    /// Take down a graph running on agents.
+    Down {
+        name: String,
+        #[arg(long, value_name = "URL")]
+        etcd: String,
+        #[arg(long, default_value = "dynamo")]
+        namespace: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -115,6 +131,22 @@ pub fn run(cmd: GraphCommand, dyn_log: Option<String>) -> anyhow::Result<ExitCod
         GraphCommand::Up(args) => {
             drop(out);
             crate::cmd::up::run(args, dyn_log)
+        }
+        GraphCommand::Status {
+            name,
+            etcd,
+            namespace,
+        } => {
+            drop(out);
+            crate::cmd::cluster::status(&name, &namespace, &etcd)
+        }
+        GraphCommand::Down {
+            name,
+            etcd,
+            namespace,
+        } => {
+            drop(out);
+            crate::cmd::cluster::down(&name, &namespace, &etcd)
         }
         GraphCommand::Validate {
             file,

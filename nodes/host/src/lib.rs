@@ -6,6 +6,8 @@
 //! - [`controller`]: `dynamo graph up`, which starts every process of this machine under
 //!   the runtime's supervisor, waits until each is ready and stops them all on a signal.
 
+pub mod agent;
+pub mod cluster;
 pub mod controller;
 pub mod endpoints;
 pub mod events;

@@ -138,6 +138,20 @@ impl EtcdClient {
         Ok(())
     }
 
+    /// Deletes every key under `prefix`; returns how many there were.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<u64, DiscoveryError> {
+        let body = json!({
+            "key": B64.encode(prefix),
+            "range_end": B64.encode(prefix_end(prefix)),
+        });
+        let resp: serde_json::Value = self.post("/v3/kv/deleterange", body).await?;
+        Ok(resp
+            .get("deleted")
+            .and_then(|d| d.as_str())
+            .and_then(parse_i64)
+            .map_or(0, |n| n.max(0) as u64))
+    }
+
     /// Every key under `prefix`, sorted, and the store revision they were read at.
     pub async fn range_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), DiscoveryError> {
         let body = json!({

