@@ -61,6 +61,29 @@ pub struct PlannedNode {
     pub restart: RestartPolicy,
     /// Every setting of the kind, defaults filled in.
     pub settings: BTreeMap<String, serde_json::Value>,
+    /// The file's placement constraints, for re-placing replicas of a lost machine.
+    #[serde(default)]
+    pub placement: PlannedPlacement,
+}
+
+/// A node's `placement`, as written in the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedPlacement {
+    /// Pinned to this machine.
+    pub machine: Option<String>,
+    /// Only machines with all these labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// On the machine of this node's replicas.
+    pub colocate_with: Option<String>,
+}
+
+impl PlannedPlacement {
+    /// Whether `machine` may hold a replica of the node, its pin and labels considered.
+    pub fn allows(&self, machine: &PlannedMachine) -> bool {
+        self.machine.as_ref().is_none_or(|m| *m == machine.name)
+            && (self.labels.iter()).all(|(k, v)| machine.labels.get(k) == Some(v))
+    }
 }
 
 impl PlannedNode {

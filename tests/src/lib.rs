@@ -388,6 +388,25 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The machine dies: SIGKILL to the agent and to every process it started.
+    pub fn kill_machine(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let agent = child.id();
+        let children = children_of(agent);
+        let _ = child.kill();
+        let _ = child.wait();
+        for pid in children {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
     /// SIGTERM, then a bounded wait, then SIGKILL. Whether it exited on its own.
     pub fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
@@ -416,4 +435,38 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The live (not zombie) processes whose parent is `parent`.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid …
+        let mut rest = stat
+            .rsplit_once(") ")
+            .map(|(_, r)| r)
+            .unwrap_or("")
+            .split_whitespace();
+        let state = rest.next();
+        let ppid = rest.next().and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) && state != Some("Z") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether process `pid` runs `dynamo node run … --process NAME`.
+pub fn runs_process(pid: u32, name: &str) -> bool {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+    args.windows(2)
+        .any(|w| w[0] == b"--process" && w[1] == name.as_bytes())
 }

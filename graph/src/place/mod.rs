@@ -546,6 +546,13 @@ fn planned_nodes(r: &Resolved<'_>) -> Vec<PlannedNode> {
                 gpus: n.gpus.value,
                 restart: n.restart.clone(),
                 settings,
+                placement: crate::plan::PlannedPlacement {
+                    machine: n.placement.machine.as_ref().map(|m| m.value.clone()),
+                    labels: (n.placement.labels.iter())
+                        .map(|(k, v)| (k.value.clone(), v.value.clone()))
+                        .collect(),
+                    colocate_with: n.placement.colocate_with.as_ref().map(|c| c.value.clone()),
+                },
             })
         })
         .collect()

@@ -45,10 +45,12 @@ struct Reports {
 
 type Statuses = Arc<Mutex<Reports>>;
 
-/// One graph's processes on this machine.
+/// One graph's processes on this machine: those started so far, in batches (the first
+/// plan's, then any a re-placement adds).
 struct Hosted {
+    processes: Vec<String>,
     stop: CancellationToken,
-    done: tokio::task::JoinHandle<()>,
+    done: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Runs the agent until `shutdown`; then stops every process it started.
@@ -95,7 +97,9 @@ pub async fn run(
     }
     for (_, h) in std::mem::take(&mut hosted) {
         h.stop.cancel();
-        let _ = h.done.await;
+        for done in h.done {
+            let _ = done.await;
+        }
     }
     registration.deregister().await;
     Ok(())
@@ -139,18 +143,27 @@ fn reconcile(
         keep
     });
     for (prefix, plan) in wanted {
-        if hosted.contains_key(&prefix) {
+        let h = hosted.entry(prefix).or_insert_with(|| Hosted {
+            processes: Vec::new(),
+            stop: CancellationToken::new(),
+            done: Vec::new(),
+        });
+        let new: Vec<String> = (plan.processes.iter())
+            .filter(|p| p.machine == opts.info.machine && !h.processes.contains(&p.name))
+            .map(|p| p.name.clone())
+            .collect();
+        if new.is_empty() {
             continue;
         }
-        let stop = CancellationToken::new();
-        let done = tokio::spawn(host_graph(
+        h.processes.extend(new.iter().cloned());
+        h.done.push(tokio::spawn(host_graph(
             plan,
+            new,
             opts.clone(),
             log.clone(),
             statuses.clone(),
-            stop.clone(),
-        ));
-        hosted.insert(prefix, Hosted { stop, done });
+            h.stop.clone(),
+        )));
     }
 }
 
@@ -174,19 +187,16 @@ fn set_state(
     }
 }
 
-/// Runs one graph's processes of this machine until it is taken down (or the agent stops).
+/// Runs processes `mine` of a graph until it is taken down (or the agent stops).
 async fn host_graph(
     mut plan: Plan,
+    mine: Vec<String>,
     opts: Arc<AgentOptions>,
     log: LogFn,
     statuses: Statuses,
     stop: CancellationToken,
 ) {
     let machine = opts.info.machine.clone();
-    let mine: Vec<String> = (plan.processes.iter())
-        .filter(|p| p.machine == machine)
-        .map(|p| p.name.clone())
-        .collect();
     for p in &mine {
         set_state(&statuses, &plan, p, |_| {}, &machine);
     }

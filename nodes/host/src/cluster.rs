@@ -185,6 +185,96 @@ pub async fn take_down(
     Ok(had_plan)
 }
 
+/// Rewrites the plan so the processes of machine `lost` run on one other live machine
+/// that every moved replica's placement allows and whose free GPUs hold them (the fewest
+/// processes first). Processes move together so the links between them keep working;
+/// replicas keep their ids, hence their NATS subjects, so callers need no change.
+/// Returns the machine and the moved processes, or why nothing can take them.
+pub fn replace_lost(
+    plan: &mut Plan,
+    lost: &str,
+    live: &BTreeMap<String, AgentInfo>,
+) -> Result<(String, Vec<String>), String> {
+    let moved: Vec<String> = (plan.processes.iter())
+        .filter(|p| p.machine == lost)
+        .map(|p| p.name.clone())
+        .collect();
+    let replicas: Vec<usize> = (0..plan.replicas.len())
+        .filter(|&i| plan.replicas[i].machine == lost)
+        .collect();
+    let need_gpus: usize = replicas.iter().map(|&i| plan.replicas[i].gpus.len()).sum();
+    let allowed = |m: &dynamo_graph::plan::PlannedMachine| {
+        replicas.iter().all(|&i| {
+            plan.node(&plan.replicas[i].id.node)
+                .is_none_or(|n| n.placement.allows(m))
+        })
+    };
+    let used_gpus = |machine: &str| -> Vec<u32> {
+        (plan.replicas.iter())
+            .filter(|r| r.machine == machine)
+            .flat_map(|r| r.gpus.iter().copied())
+            .collect()
+    };
+    let processes_on = |machine: &str| {
+        plan.processes
+            .iter()
+            .filter(|p| p.machine == machine)
+            .count()
+    };
+    let mut candidates: Vec<(usize, String, Vec<u32>)> = Vec::new();
+    let mut refused = Vec::new();
+    for m in plan.machines.iter().filter(|m| m.name != lost) {
+        if !live.contains_key(&m.name) {
+            continue;
+        }
+        if !allowed(m) {
+            refused.push(format!("{}: placement does not allow it", m.name));
+            continue;
+        }
+        let used = used_gpus(&m.name);
+        let free: Vec<u32> = (0..m.gpus).filter(|g| !used.contains(g)).collect();
+        if free.len() < need_gpus {
+            refused.push(format!(
+                "{}: {} free GPUs, {need_gpus} needed",
+                m.name,
+                free.len()
+            ));
+            continue;
+        }
+        candidates.push((processes_on(&m.name), m.name.clone(), free));
+    }
+    candidates.sort();
+    let Some((_, target, free)) = candidates.into_iter().next() else {
+        return Err(if refused.is_empty() {
+            "no other machine has a live agent".to_string()
+        } else {
+            refused.join("; ")
+        });
+    };
+    let mut free = free.into_iter();
+    for &i in &replicas {
+        let r = &mut plan.replicas[i];
+        r.machine = target.clone();
+        r.gpus = (0..r.gpus.len()).filter_map(|_| free.next()).collect();
+        r.why = format!("re-placed from lost machine {lost}");
+    }
+    for p in plan.processes.iter_mut().filter(|p| p.machine == lost) {
+        p.machine = target.clone();
+    }
+    Ok((target, moved))
+}
+
+/// Overwrites the plan of a graph that is up (after a re-placement).
+pub async fn update_plan(etcd: &EtcdClient, plan: &Plan) -> Result<(), ClusterError> {
+    let key = plan_key(&plan.namespace, &plan.graph);
+    let json = serde_json::to_vec(plan).map_err(|e| ClusterError::Corrupt {
+        key: key.clone(),
+        message: e.to_string(),
+    })?;
+    etcd.put(&key, &json, 0).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +303,127 @@ mod tests {
         assert!(json.contains(r#""state":"ready""#), "{json}");
         let back: ProcessStatus = serde_json::from_str(&json).expect("round trip");
         assert_eq!(back, s);
+    }
+
+    const FOUR: &str = r#"
+[graph]
+name = "g"
+[models.m]
+path = "/m.gguf"
+[cluster]
+nats = "nats://127.0.0.1:4222"
+[cluster.machines.edge]
+address = "10.0.0.1"
+[cluster.machines.a]
+address = "10.0.0.2"
+gpus = 2
+labels = { pool = "w" }
+[cluster.machines.b]
+address = "10.0.0.3"
+gpus = 2
+labels = { pool = "w" }
+[cluster.machines.c]
+address = "10.0.0.4"
+gpus = 1
+labels = { pool = "w" }
+[nodes.frontend]
+kind = "frontend"
+placement = { machine = "edge" }
+[nodes.preprocessor]
+kind = "preprocessor"
+model = "m"
+placement = { machine = "edge" }
+[nodes.router]
+kind = "router"
+placement = { machine = "edge" }
+[nodes.worker]
+kind = "worker"
+engine = "mocker"
+model = "m"
+replicas = 2
+gpus = 2
+placement = { labels = { pool = "w" } }
+[[edges]]
+from = "frontend"
+to = "preprocessor"
+[[edges]]
+from = "preprocessor"
+to = "router"
+[[edges]]
+from = "router"
+to = "worker"
+"#;
+
+    fn four() -> Plan {
+        let c = dynamo_graph::check(
+            dynamo_graph::SourceFile::new("g.toml", FOUR),
+            &dynamo_graph::Environment::default(),
+        );
+        let msgs: Vec<String> = c
+            .diagnostics
+            .items
+            .iter()
+            .map(|d| d.message.clone())
+            .collect();
+        c.plan.unwrap_or_else(|| panic!("plan: {msgs:?}"))
+    }
+
+    fn agents(names: &[&str]) -> BTreeMap<String, AgentInfo> {
+        (names.iter())
+            .map(|n| {
+                let info = AgentInfo {
+                    machine: n.to_string(),
+                    address: String::new(),
+                    gpus: 0,
+                    labels: BTreeMap::new(),
+                    pid: 0,
+                };
+                (n.to_string(), info)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_lost_machine_moves_to_one_that_its_placement_and_gpus_allow() {
+        let mut plan = four();
+        let on = |plan: &Plan, m: &str| -> Vec<String> {
+            (plan.replicas.iter())
+                .filter(|r| r.machine == m)
+                .map(|r| r.id.to_string())
+                .collect()
+        };
+        // The two 2-GPU workers land on a and b (c has one GPU).
+        let lost = if on(&plan, "a").is_empty() { "b" } else { "a" };
+        let other = if lost == "a" { "b" } else { "a" };
+        assert_eq!(on(&plan, lost).len(), 1);
+        // c is live but has one GPU; the other worker machine is full; edge lacks the label.
+        let err = replace_lost(&mut plan.clone(), lost, &agents(&["edge", "a", "b", "c"]))
+            .expect_err("nowhere fits");
+        assert!(err.contains("c: 1 free GPUs, 2 needed"), "{err}");
+        assert!(err.contains("edge: placement does not allow it"), "{err}");
+        assert!(err.contains(&format!("{other}: 0 free GPUs")), "{err}");
+        // The edge machine's pinned processes cannot move at all.
+        let err =
+            replace_lost(&mut plan.clone(), "edge", &agents(&["a", "b", "c"])).expect_err("pinned");
+        assert!(err.contains("placement does not allow it"), "{err}");
+
+        // Give c a second GPU: the worker moves there, with GPU ids of c.
+        if let Some(c) = plan.machines.iter_mut().find(|m| m.name == "c") {
+            c.gpus = 2;
+        }
+        let moved_replica = on(&plan, lost);
+        let (target, processes) =
+            replace_lost(&mut plan, lost, &agents(&["edge", "a", "b", "c"])).expect("moves");
+        assert_eq!(target, "c");
+        assert_eq!(processes.len(), 1);
+        assert_eq!(on(&plan, "c"), moved_replica);
+        assert!(on(&plan, lost).is_empty());
+        let r = plan
+            .replicas
+            .iter()
+            .find(|r| r.machine == "c")
+            .expect("moved");
+        assert_eq!(r.gpus, vec![0, 1]);
+        assert!(plan.processes.iter().all(|p| p.machine != lost));
     }
 }
