@@ -474,3 +474,28 @@ async fn calls_succeed_again_after_nats_restarts() {
     }
     panic!("calls never succeeded after NATS restarted; last: {last:?}");
 }
+
+#[tokio::test]
+async fn a_bounded_endpoint_holds_its_extra_calls_until_a_slot_frees() {
+    let nats = NatsProcess::start();
+    let (_stop, _) = serve(&nats.url(), 9, quick_server_config()).await;
+    let client = client(&nats.url(), quick_client_config()).await;
+    // An edge with queue_size = 1 to instance 9.
+    let one = client.bounded_instance_endpoint::<Count, u32>(&address("count"), 9, 1);
+    let mut first = one.call(count(0, 3, 100), RequestContext::new("1"));
+    assert_eq!(first.next().await, Some(Ok(0)));
+    let mut second = one.call(count(7, 1, 0), RequestContext::new("2"));
+    // While the first is open the second waits for the slot (neither refused nor sent).
+    let early = tokio::time::timeout(Duration::from_millis(120), second.next()).await;
+    assert!(
+        early.is_err(),
+        "the second call ran beside the first: {early:?}"
+    );
+    let rest = collect(first).await;
+    assert_eq!(rest.len(), 2);
+    assert_eq!(
+        tokio::time::timeout(LIMIT, second.next()).await,
+        Ok(Some(Ok(7))),
+        "the second call runs once the first is done"
+    );
+}

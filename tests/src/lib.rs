@@ -313,6 +313,30 @@ impl EtcdServer {
             "dynamo-test-etcd-{}-{client_port}",
             std::process::id()
         ));
+        let mut etcd = EtcdServer {
+            child: None,
+            client_port,
+            peer_port,
+            dir,
+        };
+        etcd.start_again();
+        etcd
+    }
+
+    /// Kill it (SIGKILL: an outage); its data stays for [`EtcdServer::start_again`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start it (again, on the same ports and data) unless it runs.
+    pub fn start_again(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        let (client_port, peer_port, dir) = (self.client_port, self.peer_port, &self.dir);
         let url = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let child = Command::new(system_binary("etcd"))
@@ -327,23 +351,17 @@ impl EtcdServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("etcd starts");
-        let etcd = EtcdServer {
-            child: Some(child),
-            client_port,
-            peer_port,
-            dir,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", etcd.client_port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "etcd did not listen on {} within 15 s (peer port {})",
-                etcd.url(),
-                etcd.peer_port
+                self.url(),
+                self.peer_port
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        etcd
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -354,10 +372,7 @@ impl EtcdServer {
 
 impl Drop for EtcdServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -396,3 +396,116 @@ async fn a_lost_machine_has_its_worker_re_placed() {
     drop(g);
     let _ = std::fs::remove_file(file);
 }
+
+/// Status code and body of one small chat request, bounded.
+async fn ask(client: &reqwest::Client, url: &str, what: &str) -> (u16, String) {
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        client
+            .post(format!("{url}{CHAT}"))
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{what}"}}],"max_tokens":4}}"#
+            ))
+            .send(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("request `{what}` hung"));
+    match r {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// The pids of the graph's processes, by process.
+fn graph_pids(agents: &[Agent]) -> Vec<Vec<u32>> {
+    agents
+        .iter()
+        .zip(["pipeline@edge", "w1-0", "w2-0"])
+        .map(|(a, p)| children_running(a.pid().unwrap_or(0), p))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_and_nats_outages_restart_nothing() {
+    assert!(
+        model_cached(),
+        "the model is not cached: run scripts/setup-tests.sh"
+    );
+    let mut etcd = EtcdServer::start();
+    let mut nats = NatsServer::start();
+    let file = three_machines(&nats.url(), "outage");
+    let agents: Vec<Agent> = [
+        ("edge", "127.0.0.1"),
+        ("m1", "127.0.0.2"),
+        ("m2", "127.0.0.3"),
+    ]
+    .iter()
+    .map(|(m, a)| Agent::start(m, a, &etcd.url()))
+    .collect();
+    let mut g = Graph::up_with(&file, &[], &["--etcd", &etcd.url()]);
+    let client = reqwest::Client::new();
+    let before = graph_pids(&agents);
+    assert!(before.iter().all(|p| p.len() == 1), "{before:?}");
+
+    // etcd away for longer than the agents' lease TTL (3 s): serving goes on.
+    etcd.stop();
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut served = 0;
+    while Instant::now() < until {
+        let (code, body) = ask(&client, &g.url, "during the etcd outage").await;
+        assert_eq!(code, 200, "{body}");
+        served += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(served > 5);
+    etcd.start_again();
+    // Back: the graph is reported whole again, nothing was restarted or re-placed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, table) = status(&etcd.url());
+        if code == 0 {
+            assert!(
+                table
+                    .lines()
+                    .skip(1)
+                    .all(|l| l.split_whitespace().nth(3) == Some("0")),
+                "no restarts: {table}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "not whole again: {table}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(graph_pids(&agents), before, "no process was restarted");
+
+    // NATS away: requests fail fast and clearly, none hangs; back: they work again.
+    nats.stop();
+    let (code, body) = ask(&client, &g.url, "during the NATS outage").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("NATS"), "the error names NATS: {body}");
+    nats.start_again();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = ask(&client, &g.url, "after the NATS outage").await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served again: {code} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(graph_pids(&agents), before, "no process was restarted");
+    let log = g.drain_stderr().join("\n");
+    assert!(
+        log.contains("etcd is unreachable") && log.contains("etcd answers again"),
+        "{log}"
+    );
+    assert!(!log.contains("re-placed"), "nothing moved: {log}");
+    let _ = std::fs::remove_file(file);
+}

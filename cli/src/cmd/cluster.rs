@@ -207,38 +207,35 @@ pub fn up(plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<Exit
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut plan = plan;
-        let mut degraded: BTreeMap<String, String> = BTreeMap::new();
+        let mut follow = Follow {
+            plan,
+            wanted,
+            reported,
+            degraded: BTreeMap::new(),
+            missing: BTreeMap::new(),
+        };
+        let mut etcd_down = false;
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
                 _ = tick.tick() => {
-                    // Report what changes while serving; stop following a graph taken
-                    // down elsewhere (`graph down`).
-                    if cluster::read_plan(&etcd, &ns, &graph).await?.is_none() {
-                        eprintln!("graph `{graph}` was taken down");
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    replace_lost_machines(&etcd, &mut plan, &mut degraded).await?;
-                    let now = cluster::statuses(&etcd, &ns, &graph).await?;
-                    for p in &wanted {
-                        let state = now.get(p).map(|s| s.state);
-                        if state != reported.get(p).copied() {
-                            match now.get(p) {
-                                Some(st) => eprintln!(
-                                    "{:<10} {p} on {} (restarts {}{})",
-                                    st.state.as_str(),
-                                    st.machine,
-                                    st.restarts,
-                                    st.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default()
-                                ),
-                                None => eprintln!("lost       {p}: its machine's agent stopped reporting"),
+                    match follow.tick(&etcd).await {
+                        Ok(true) => {
+                            eprintln!("graph `{graph}` was taken down");
+                            return Ok(ExitCode::SUCCESS);
+                        }
+                        Ok(false) => {
+                            if etcd_down {
+                                eprintln!("etcd answers again");
+                                etcd_down = false;
                             }
-                            match state {
-                                Some(s) => reported.insert(p.clone(), s),
-                                None => reported.remove(p),
-                            };
+                        }
+                        Err(e) => {
+                            if !etcd_down {
+                                eprintln!("etcd is unreachable ({e}); the graph goes on serving, re-placement waits for it");
+                                etcd_down = true;
+                            }
                         }
                     }
                 }
@@ -251,41 +248,95 @@ pub fn up(plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<Exit
     })
 }
 
-/// Moves the processes of every machine whose agent is gone to another machine, and
-/// says so; a machine whose processes fit nowhere leaves the graph degraded (said once).
-async fn replace_lost_machines(
-    etcd: &EtcdClient,
-    plan: &mut Plan,
-    degraded: &mut BTreeMap<String, String>,
-) -> anyhow::Result<()> {
-    let live = cluster::live_agents(etcd).await?;
-    let lost: Vec<String> = (plan.machines.iter())
-        .filter(|m| !live.contains_key(&m.name))
-        .filter(|m| plan.processes.iter().any(|p| p.machine == m.name))
-        .map(|m| m.name.clone())
-        .collect();
-    for machine in lost {
-        match cluster::replace_lost(plan, &machine, &live) {
-            Ok((target, moved)) => {
-                cluster::update_plan(etcd, plan).await?;
-                degraded.remove(&machine);
-                eprintln!(
-                    "machine {machine} is gone (its agent's lease expired): re-placed {} on {target}",
-                    moved.join(", ")
-                );
+/// What `graph up --etcd` keeps track of while the graph serves.
+struct Follow {
+    plan: Plan,
+    wanted: Vec<String>,
+    reported: BTreeMap<String, ProcessState>,
+    /// Machines whose processes fit nowhere, and why (said once).
+    degraded: BTreeMap<String, String>,
+    /// Machines without an agent, and for how many ticks in a row.
+    missing: BTreeMap<String, u32>,
+}
+
+/// Ticks a machine must be missing before its processes move: a lease that expired while
+/// etcd itself was away is renewed by its agent within one.
+const LOST_AFTER_TICKS: u32 = 2;
+
+impl Follow {
+    /// One look at etcd: prints state changes, re-places lost machines. `true` when the
+    /// graph was taken down elsewhere (`graph down`).
+    async fn tick(&mut self, etcd: &EtcdClient) -> Result<bool, cluster::ClusterError> {
+        let (ns, graph) = (self.plan.namespace.clone(), self.plan.graph.clone());
+        if cluster::read_plan(etcd, &ns, &graph).await?.is_none() {
+            return Ok(true);
+        }
+        self.replace_lost(etcd).await?;
+        let now = cluster::statuses(etcd, &ns, &graph).await?;
+        for p in &self.wanted {
+            let state = now.get(p).map(|s| s.state);
+            if state == self.reported.get(p).copied() {
+                continue;
             }
-            Err(why) => {
-                if degraded.get(&machine) != Some(&why) {
+            match now.get(p) {
+                Some(st) => eprintln!(
+                    "{:<10} {p} on {} (restarts {}{})",
+                    st.state.as_str(),
+                    st.machine,
+                    st.restarts,
+                    (st.last_error.as_deref())
+                        .map(|e| format!(", last error: {e}"))
+                        .unwrap_or_default()
+                ),
+                None => eprintln!("lost       {p}: its machine's agent stopped reporting"),
+            }
+            match state {
+                Some(s) => self.reported.insert(p.clone(), s),
+                None => self.reported.remove(p),
+            };
+        }
+        Ok(false)
+    }
+
+    /// Moves the processes of every machine whose agent is gone to another machine; a
+    /// machine whose processes fit nowhere leaves the graph degraded.
+    async fn replace_lost(&mut self, etcd: &EtcdClient) -> Result<(), cluster::ClusterError> {
+        let live = cluster::live_agents(etcd).await?;
+        let plan = &mut self.plan;
+        let absent: Vec<String> = (plan.machines.iter())
+            .filter(|m| !live.contains_key(&m.name))
+            .filter(|m| plan.processes.iter().any(|p| p.machine == m.name))
+            .map(|m| m.name.clone())
+            .collect();
+        self.missing.retain(|m, _| absent.contains(m));
+        for machine in absent {
+            let ticks = self.missing.entry(machine.clone()).or_insert(0);
+            *ticks += 1;
+            if *ticks < LOST_AFTER_TICKS {
+                continue;
+            }
+            match cluster::replace_lost(plan, &machine, &live) {
+                Ok((target, moved)) => {
+                    cluster::update_plan(etcd, plan).await?;
+                    self.degraded.remove(&machine);
                     eprintln!(
-                        "graph `{}` is degraded: machine {machine} is gone and its processes fit nowhere else ({why})",
-                        plan.graph
+                        "machine {machine} is gone (its agent's lease expired): re-placed {} on {target}",
+                        moved.join(", ")
                     );
-                    degraded.insert(machine, why);
+                }
+                Err(why) => {
+                    if self.degraded.get(&machine) != Some(&why) {
+                        eprintln!(
+                            "graph `{}` is degraded: machine {machine} is gone and its processes fit nowhere else ({why})",
+                            plan.graph
+                        );
+                        self.degraded.insert(machine, why);
+                    }
                 }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Waits until no agent reports a process of the graph.

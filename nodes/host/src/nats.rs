@@ -115,6 +115,9 @@ pub struct NatsSide {
     graph: String,
     /// `(replica, port)` this process must serve on NATS.
     served: BTreeSet<(ReplicaId, String)>,
+    /// `(node, port)` called over NATS → the calls one caller may have open on one of
+    /// its replicas: the edge's `queue_size` (the largest, if several edges reach it).
+    queue_sizes: BTreeMap<(String, String), usize>,
     servers: BTreeMap<ReplicaId, NatsServer>,
 }
 
@@ -125,6 +128,13 @@ impl NatsSide {
         let mine: BTreeSet<&ReplicaId> = mine.iter().collect();
         let mut served = BTreeSet::new();
         let mut first = None;
+        let mut queue_sizes: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for e in plan.edges.iter().filter(|e| e.kind == EdgeKind::Call) {
+            let q = queue_sizes
+                .entry((e.to.node.clone(), e.to.port.clone()))
+                .or_insert(0);
+            *q = (*q).max(e.queue_size as usize);
+        }
         for e in &plan.edges {
             for l in e.links.iter().filter(|l| l.transport == Transport::Nats) {
                 let (caller, callee) = ends(e, l.from, l.to);
@@ -185,6 +195,7 @@ impl NatsSide {
             namespace,
             graph: plan.graph.clone(),
             served,
+            queue_sizes,
             servers,
         }))
     }
@@ -199,10 +210,20 @@ impl NatsSide {
         port: &str,
     ) -> Arc<dyn Service<Req, Resp>> {
         let address = EndpointAddress::new(&self.namespace, &self.graph, &target.node, port);
-        Arc::new(FailFast {
-            inner: self
+        let inner = match self
+            .queue_sizes
+            .get(&(target.node.clone(), port.to_string()))
+        {
+            Some(&q) if q > 0 => {
+                self.client
+                    .bounded_instance_endpoint::<Req, Resp>(&address, instance_id(target), q)
+            }
+            _ => self
                 .client
                 .instance_endpoint::<Req, Resp>(&address, instance_id(target)),
+        };
+        Arc::new(FailFast {
+            inner,
             connected: self.connected.clone(),
             url: self.url.clone(),
             target: format!("{target}.{port}"),

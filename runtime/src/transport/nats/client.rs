@@ -155,11 +155,30 @@ impl NatsClient {
         self.on_subject(address.instance_subject(instance))
     }
 
+    /// [`NatsClient::instance_endpoint`] with its own bound on calls open at once (an
+    /// edge's queue size) instead of the client's `max_in_flight`.
+    pub fn bounded_instance_endpoint<Req: Message, Resp: Message>(
+        &self,
+        address: &EndpointAddress,
+        instance: InstanceId,
+        max_in_flight: usize,
+    ) -> Arc<dyn Service<Req, Resp>> {
+        self.bounded(address.instance_subject(instance), max_in_flight)
+    }
+
     fn on_subject<Req: Message, Resp: Message>(
         &self,
         subject: String,
     ) -> Arc<dyn Service<Req, Resp>> {
-        let slots = self.inner.shared.config.max_in_flight.max(1);
+        self.bounded(subject, self.inner.shared.config.max_in_flight)
+    }
+
+    fn bounded<Req: Message, Resp: Message>(
+        &self,
+        subject: String,
+        max_in_flight: usize,
+    ) -> Arc<dyn Service<Req, Resp>> {
+        let slots = max_in_flight.max(1);
         Arc::new(Endpoint::<Req, Resp> {
             client: self.inner.clone(),
             subject: subject.into(),
