@@ -382,21 +382,37 @@ impl Drop for EtcdServer {
 pub struct Agent {
     child: Option<Child>,
     pub machine: String,
+    /// Where its stderr (its processes' log lines) goes.
+    log: PathBuf,
 }
 
 impl Agent {
     pub fn start(machine: &str, address: &str, etcd: &str) -> Agent {
+        let log = std::env::temp_dir().join(format!(
+            "dynamo-test-agent-{}-{machine}-{}.log",
+            std::process::id(),
+            free_port()
+        ));
+        let stderr = std::fs::File::create(&log)
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null());
         let child = Command::new(dynamo_bin())
             .args(["agent", "--offline", "--grace", "2", "--ttl", "3"])
             .args(["--machine", machine, "--address", address, "--etcd", etcd])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("dynamo agent starts");
         Agent {
             child: Some(child),
             machine: machine.to_string(),
+            log,
         }
+    }
+
+    /// Everything it (and the processes it started) logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -449,6 +465,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

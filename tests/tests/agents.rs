@@ -509,3 +509,79 @@ async fn etcd_and_nats_outages_restart_nothing() {
     assert!(!log.contains("re-placed"), "nothing moved: {log}");
     let _ = std::fs::remove_file(file);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_on_another_machine_has_its_stream_migrated() {
+    assert!(
+        model_cached(),
+        "the model is not cached: run scripts/setup-tests.sh"
+    );
+    let etcd = EtcdServer::start();
+    let nats = NatsServer::start();
+    let file = three_machines(&nats.url(), "migrate");
+    let agents: Vec<Agent> = [
+        ("edge", "127.0.0.1"),
+        ("m1", "127.0.0.2"),
+        ("m2", "127.0.0.3"),
+    ]
+    .iter()
+    .map(|(m, a)| Agent::start(m, a, &etcd.url()))
+    .collect();
+    // Real-time workers, so an answer streams for seconds.
+    let mut g = Graph::up_with(
+        &file,
+        &["w1.speedup=1.0", "w2.speedup=1.0"],
+        &["--etcd", &etcd.url()],
+    );
+    let client = reqwest::Client::new();
+    let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"go on"}],"max_tokens":300,"stream":true,"ignore_eos":true,"stream_options":{"include_usage":true}}"#;
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let r = client
+            .post(format!("{}{CHAT}", g.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("stream starts");
+        assert_eq!(r.status(), 200);
+        streams.push(r.bytes_stream());
+    }
+    let mut seen = vec![String::new(), String::new()];
+    for (s, seen) in streams.iter_mut().zip(seen.iter_mut()) {
+        while seen.matches("data: ").count() < 3 {
+            match tokio::time::timeout(Duration::from_secs(10), s.next()).await {
+                Ok(Some(Ok(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
+                other => panic!("stream stopped early: {other:?}"),
+            }
+        }
+    }
+    // m1's worker dies; round-robin put one of the two answers on it.
+    let pids = children_running(agents[1].pid().unwrap_or(0), "w1-0");
+    assert_eq!(pids.len(), 1);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    for (mut s, mut all) in streams.into_iter().zip(seen) {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), s.next()).await {
+                Ok(Some(Ok(b))) => all.push_str(&String::from_utf8_lossy(&b)),
+                Ok(Some(Err(e))) => panic!("stream broke: {e}"),
+                Ok(None) => break,
+                Err(_) => panic!("stream hung: {all}"),
+            }
+        }
+        assert!(
+            !all.contains("event: error"),
+            "an error reached the client: {all}"
+        );
+        assert!(all.contains(r#""completion_tokens":300"#), "{all}");
+        assert!(all.contains("data: [DONE]"), "{all}");
+    }
+    // The router runs on `edge`: its agent has the log line.
+    let _ = g.drain_stderr();
+    let log = agents[0].log();
+    assert!(log.contains("migrating the request"), "{log}");
+    let _ = std::fs::remove_file(file);
+}

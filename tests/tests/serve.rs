@@ -549,7 +549,10 @@ async fn a_worker_killed_mid_stream_has_its_requests_migrated() {
     // Both answers complete: the one on worker-0 moves to worker-1 and goes on.
     for (stream, seen) in streams.into_iter().zip(seen) {
         let all = read_to_end(stream, seen).await;
-        assert!(!all.contains("event: error"), "an error reached the client: {all}");
+        assert!(
+            !all.contains("event: error"),
+            "an error reached the client: {all}"
+        );
         assert!(all.contains("data: [DONE]"), "no [DONE]: {all}");
         assert!(
             all.contains(r#""finish_reason":"length""#),
