@@ -393,6 +393,15 @@ async fn a_lost_machine_has_its_worker_re_placed() {
         log.contains(&format!("machine {first} is gone")) && log.contains("re-placed worker-0"),
         "graph up reports the re-placement:\n{log}"
     );
+    // The router (on `edge`) took the dead replica out when its key expired, and back in
+    // when it registered from its new machine.
+    let router_log = agents[0].log();
+    let out = router_log.find("instance no longer registered");
+    let back = router_log.rfind("instance registered again: routing to it");
+    assert!(
+        matches!((out, back), (Some(o), Some(b)) if o < b),
+        "the router follows the instances in etcd:\n{router_log}"
+    );
     drop(g);
     let _ = std::fs::remove_file(file);
 }

@@ -122,8 +122,10 @@ pub fn agent(args: AgentArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCod
 /// `graph up --etcd`: check every machine has an agent, write the plan, follow the agents'
 /// reports until every process is ready (or one fails), then serve until Ctrl-C, which
 /// takes the graph down.
-pub fn up(plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<ExitCode> {
+pub fn up(mut plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<ExitCode> {
     let etcd = client(url)?;
+    // Processes register their instances there, and callers follow them.
+    plan.etcd = Some(url.to_string());
     runtime()?.block_on(async move {
         let t0 = Instant::now();
         // Agents starting beside this command get a moment to register.

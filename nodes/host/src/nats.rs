@@ -12,10 +12,17 @@ use std::time::Duration;
 
 use dynamo_graph::kinds::EdgeKind;
 use dynamo_graph::plan::{Plan, PlannedEdge, ReplicaId, Transport};
+use dynamo_runtime::discovery::{
+    instance_ids, instance_key, instances_prefix, EtcdClient, PrefixWatch, Registration,
+    RegistrationConfig,
+};
 use dynamo_runtime::transport::nats::{
     connect, EndpointAddress, NatsClient, NatsClientConfig, NatsError, NatsServer, NatsServerConfig,
 };
-use dynamo_runtime::{error_stream, Message, RequestContext, ResponseStream, ServeError, Service};
+use dynamo_runtime::{
+    error_stream, InstanceId, InstanceSet, Message, RequestContext, ResponseStream, ServeError,
+    Service,
+};
 use futures::future::BoxFuture;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -119,7 +126,16 @@ pub struct NatsSide {
     /// its replicas: the edge's `queue_size` (the largest, if several edges reach it).
     queue_sizes: BTreeMap<(String, String), usize>,
     servers: BTreeMap<ReplicaId, NatsServer>,
+    /// The plan's etcd, when it has one: served instances register there, and callers
+    /// route only to registered ones (see [`NatsSide::follow`]).
+    etcd: Option<EtcdClient>,
+    registrations: Vec<Registration>,
+    watches: Vec<PrefixWatch>,
 }
+
+/// How long an instance's key outlives a process that stopped refreshing it (a dead
+/// machine's replicas leave routing within this).
+pub const INSTANCE_TTL: Duration = Duration::from_secs(3);
 
 impl NatsSide {
     /// Connects when any link of `mine` (this process's replicas) is on NATS, either end;
@@ -197,6 +213,9 @@ impl NatsSide {
             served,
             queue_sizes,
             servers,
+            etcd: (plan.etcd.as_deref()).and_then(|url| EtcdClient::new(url, CONNECT_TIMEOUT).ok()),
+            registrations: Vec::new(),
+            watches: Vec::new(),
         }))
     }
 
@@ -258,12 +277,89 @@ impl NatsSide {
             let task = server.start(shutdown.clone()).await?;
             tasks.push(tokio::spawn(bounded(task, shutdown.clone(), stop_within)));
         }
+        // Subscribed: now callers may route here.
+        if let Some(etcd) = &self.etcd {
+            for (replica, port) in &self.served {
+                let address =
+                    EndpointAddress::new(&self.namespace, &self.graph, &replica.node, port);
+                self.registrations.push(Registration::start(
+                    etcd.clone(),
+                    instance_key(&address, instance_id(replica)),
+                    Vec::new(),
+                    RegistrationConfig {
+                        ttl: INSTANCE_TTL,
+                        ..RegistrationConfig::default()
+                    },
+                ));
+            }
+        }
         Ok(tasks)
+    }
+
+    /// Keeps `set` to the planned instances of `node.port` reached over NATS (`planned`)
+    /// that are registered in etcd: an instance whose process stopped refreshing its key
+    /// (its machine died) leaves routing within [`INSTANCE_TTL`], and comes back when it
+    /// registers again (restarted, re-placed). Until etcd first answers, and while it is
+    /// unreachable, the set stays as it is. Without an etcd in the plan, nothing changes.
+    pub fn follow<Req: Message, Resp: Message>(
+        &mut self,
+        set: &Arc<InstanceSet<Req, Resp>>,
+        node: &str,
+        port: &str,
+        planned: Vec<(InstanceId, Arc<dyn Service<Req, Resp>>)>,
+    ) {
+        let Some(etcd) = &self.etcd else {
+            return;
+        };
+        if planned.is_empty() {
+            return;
+        }
+        let address = EndpointAddress::new(&self.namespace, &self.graph, node, port);
+        let watch = PrefixWatch::start(etcd.clone(), instances_prefix(&address));
+        let mut snapshots = watch.snapshots();
+        self.watches.push(watch);
+        let set = set.clone();
+        tokio::spawn(async move {
+            // The first look only reconciles (instances still starting elsewhere are not
+            // news); later changes are.
+            let mut first = true;
+            while snapshots.changed().await.is_ok() {
+                let registered = instance_ids(&snapshots.borrow_and_update());
+                let live = set.ids();
+                for (id, client) in &planned {
+                    match (registered.contains(id), live.contains(id)) {
+                        (true, false) => {
+                            if !first {
+                                tracing::warn!(
+                                    instance = id,
+                                    "instance registered again: routing to it"
+                                );
+                            }
+                            set.add(*id, client.clone());
+                        }
+                        (false, true) => {
+                            if !first {
+                                tracing::warn!(
+                                    instance = id,
+                                    "instance no longer registered: routing around it"
+                                );
+                            }
+                            set.remove(*id);
+                        }
+                        _ => {}
+                    }
+                }
+                first = false;
+            }
+        });
     }
 
     /// Gets what this process still has to say (cancellations of the streams it read)
     /// out to NATS, for at most [`FLUSH_TIMEOUT`].
-    pub async fn close(&self) {
+    pub async fn close(&mut self) {
+        for r in std::mem::take(&mut self.registrations) {
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, r.deregister()).await;
+        }
         // The cancellations go out through the client's control task; let it run first.
         tokio::time::sleep(Duration::from_millis(20)).await;
         let _ = tokio::time::timeout(FLUSH_TIMEOUT, (self.flush)()).await;

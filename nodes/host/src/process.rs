@@ -151,6 +151,8 @@ impl Ctx<'_> {
     ) -> Result<Arc<InstanceSet<Req, Resp>>, ProcessError> {
         let set = InstanceSet::new(format!("{}.{port}", replica.id.node));
         let plan = self.plan;
+        // Links over NATS, by target port: routed to only while registered (with etcd).
+        let mut over_nats: BTreeMap<(String, String), Vec<_>> = BTreeMap::new();
         for edge in plan.edges.iter().filter(|e| {
             e.kind == EdgeKind::Call && e.from.node == replica.id.node && e.from.port == port
         }) {
@@ -166,10 +168,21 @@ impl Ctx<'_> {
                     format!("{} -> {}", edge.from, edge.to),
                     local,
                 )?;
+                if link.transport == Transport::Nats {
+                    (over_nats.entry((edge.to.node.clone(), edge.to.port.clone())))
+                        .or_default()
+                        .push((instance_id(&target), client.clone()));
+                }
                 set.add(instance_id(&target), client);
             }
         }
-        Ok(Arc::new(set))
+        let set = Arc::new(set);
+        if let Some(nats) = self.nats.as_mut() {
+            for ((node, port), planned) in over_nats {
+                nats.follow(&set, &node, &port, planned);
+            }
+        }
+        Ok(set)
     }
 
     /// The producers feeding `replica`'s feedback input `port` (a router's `events`): one
@@ -474,7 +487,7 @@ pub async fn run(
         let _ = t.await;
     }
     hub.shutdown().await;
-    if let Some(nats) = &ctx.nats {
+    if let Some(nats) = ctx.nats.as_mut() {
         nats.close().await;
     }
     let _ = std::fs::remove_file(&sock);
