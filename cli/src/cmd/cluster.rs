@@ -134,7 +134,22 @@ pub fn up(mut plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<
         loop {
             let agents = cluster::live_agents(&etcd).await?;
             match cluster::check_agents(&plan, &agents) {
-                Ok(()) => break,
+                Ok(()) => {
+                    // The machines as they are: each agent's address is where its
+                    // processes are reached.
+                    for m in &mut plan.machines {
+                        if let Some(a) = agents.get(&m.name) {
+                            if a.address != m.address {
+                                eprintln!(
+                                    "machine {}: the agent's address {} replaces the file's {}",
+                                    m.name, a.address, m.address
+                                );
+                                m.address = a.address.clone();
+                            }
+                        }
+                    }
+                    break;
+                }
                 Err(e) if Instant::now() > wait_agents => {
                     eprintln!("error: {e}");
                     return Ok(ExitCode::from(1));
