@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::bail;
 use dynamo_bench::BenchArgs;
 
-use crate::cmd::started_graph::{non_engine_pids, rss_kib, start};
+use crate::cmd::started_graph::{graph_pids, rss_kib, start};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -20,6 +20,10 @@ pub struct Args {
     /// Settings for the started graph, e.g. `--set worker.speedup=inf` (repeatable).
     #[arg(long = "set", value_name = "NODE.KEY=VALUE", requires = "graph")]
     sets: Vec<String>,
+    /// Count the started graph's engine processes' CPU too (e.g. to compare transports,
+    /// whose worker side runs there). `--server-pids` adds more (e.g. a nats-server).
+    #[arg(long, requires = "graph")]
+    include_engines: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -28,7 +32,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut header = serde_json::Map::new();
     if let Some(graph) = &a.graph {
         let s = start(graph, &a.sets)?;
-        let pids = non_engine_pids(&s.run_dir)?;
+        let pids = graph_pids(&s.run_dir, a.include_engines)?;
         if pids.is_empty() {
             bail!(
                 "found no non-engine process of the graph under {}",
@@ -38,12 +42,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         let rss: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
         header.insert("graph_ready_ms".into(), s.ready_ms.into());
         header.insert(
-            "idle_rss_mib_non_engine".into(),
+            "idle_rss_mib".into(),
             serde_json::json!((rss as f64 / 1024.0 * 10.0).round() / 10.0),
         );
-        header.insert("non_engine_pids".into(), serde_json::json!(pids));
+        header.insert("measured_pids".into(), serde_json::json!(pids));
         bench.url = s.url.clone();
-        bench.server_pids = pids;
+        bench.server_pids.extend(pids);
         started = Some(s);
     }
     let json = bench.json;
@@ -57,9 +61,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         println!("{v}");
     } else {
         if !header.is_empty() {
+            let which = if a.include_engines {
+                "all its processes"
+            } else {
+                "non-engine processes"
+            };
             println!(
-                "graph ready in {} ms; idle RSS of non-engine processes {} MiB",
-                header["graph_ready_ms"], header["idle_rss_mib_non_engine"]
+                "graph ready in {} ms; idle RSS of {which} {} MiB",
+                header["graph_ready_ms"], header["idle_rss_mib"]
             );
         }
         print!("{}", report.to_text());

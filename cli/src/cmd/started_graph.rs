@@ -85,15 +85,15 @@ pub fn start(graph: &Path, sets: &[String]) -> anyhow::Result<Started> {
     })
 }
 
-/// Pids of the graph's processes that run no engine, found by their command lines.
-pub fn non_engine_pids(run_dir: &Path) -> anyhow::Result<Vec<u32>> {
+/// Pids of the graph's processes (engines' too with `engines`), by their command lines.
+pub fn graph_pids(run_dir: &Path, engines: bool) -> anyhow::Result<Vec<u32>> {
     let text = std::fs::read_to_string(run_dir.join("plan.json"))
         .with_context(|| format!("reading {}/plan.json", run_dir.display()))?;
     let plan: dynamo_graph::Plan = serde_json::from_str(&text)?;
     let wanted: Vec<&str> = plan
         .processes
         .iter()
-        .filter(|p| !dynamo_host::controller::is_engine_process(&plan, &p.name))
+        .filter(|p| engines || !dynamo_host::controller::is_engine_process(&plan, &p.name))
         .map(|p| p.name.as_str())
         .collect();
     let dir = run_dir.display().to_string();
