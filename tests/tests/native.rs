@@ -25,7 +25,7 @@ fn ask(g: &Graph) -> String {
         .expect("python runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.contains("2 passed, 0 failed"),
+        out.status.success() && stdout.contains("4 passed, 0 failed"),
         "openai client checks failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -585,3 +585,32 @@ fn ctrl_c_stops_every_process() {
             .is_ok_and(|s| !s.contains(") Z "));
     assert!(!alive, "the worker process outlived graph up");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mocker_reports_the_log_probabilities_of_its_uniform_draw() {
+    need_model();
+    let g = Graph::up(&agg(), &["worker.engine=mocker", "worker.speedup=inf"]);
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}{CHAT}", g.url))
+        .header("content-type", "application/json")
+        .body(r#"{"model":"smollm2","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"ignore_eos":true,"logprobs":true,"top_logprobs":2}"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value =
+        serde_json::from_str(&r.text().await.unwrap_or_default()).expect("json");
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(content.len(), 5, "{v}");
+    let first = content[0]["logprob"].as_f64().unwrap_or(0.0);
+    // SmolLM2's 49,152 ids less its special ones, drawn uniformly (ignore_eos).
+    assert!(first < -10.0 && first > -11.0, "{first}");
+    for t in &content {
+        assert_eq!(t["logprob"].as_f64(), Some(first), "{t}");
+        assert_eq!(t["top_logprobs"].as_array().map(Vec::len), Some(2), "{t}");
+    }
+}

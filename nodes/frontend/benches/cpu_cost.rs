@@ -36,6 +36,7 @@ impl Service<ChatRequest, TextDelta> for InstantEngine {
                     completion_tokens: n,
                     cached_tokens: 0,
                 }),
+                logprobs: Vec::new(),
             })
         })))
     }

@@ -45,6 +45,7 @@ impl Service<ChatRequest, TextDelta> for Echo {
                     completion_tokens: count,
                     cached_tokens: 0,
                 }),
+                logprobs: Vec::new(),
             })
         });
         Box::pin(futures::StreamExt::then(

@@ -3,7 +3,7 @@
 //! JSON-escaped text and a fixed tail, written straight into bytes.
 
 use bytes::Bytes;
-use dynamo_protocol::Usage;
+use dynamo_protocol::{TextLogprob, Usage};
 use serde::Serialize;
 
 use crate::error::ApiError;
@@ -52,6 +52,9 @@ pub(crate) struct ChunkWriter {
     /// `{"id":..,"object":..,"created":..,"model":..` without the closing brace.
     head: Vec<u8>,
     role_sent: bool,
+    /// Characters of the completion written so far (`text_offset` of completions'
+    /// logprobs).
+    offset: usize,
 }
 
 impl ChunkWriter {
@@ -73,12 +76,20 @@ impl ChunkWriter {
             endpoint,
             head,
             role_sent: false,
+            offset: 0,
         }
     }
 
     /// One `data: {chunk}\n\n` event carrying `text` (and the finish reason on the last).
     /// The first chat chunk also carries `"role":"assistant"`.
-    pub(crate) fn content(&mut self, out: &mut Vec<u8>, text: &str, finish: Option<&str>) {
+    /// [`ChunkWriter::content`] with the log-probabilities of the chunk's tokens.
+    pub(crate) fn content_with(
+        &mut self,
+        out: &mut Vec<u8>,
+        text: &str,
+        logprobs: &[TextLogprob],
+        finish: Option<&str>,
+    ) {
         out.reserve(self.head.len() + text.len() + 112);
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(&self.head);
@@ -99,7 +110,9 @@ impl ChunkWriter {
                 write_json_str(out, text);
             }
         }
-        out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":");
+        out.extend_from_slice(b",\"logprobs\":");
+        crate::logprobs::write(out, self.endpoint, logprobs, &mut self.offset);
+        out.extend_from_slice(b",\"finish_reason\":");
         match finish {
             Some(reason) => write_json_str(out, reason),
             None => out.extend_from_slice(b"null"),
@@ -119,9 +132,9 @@ impl ChunkWriter {
     }
 
     /// One content event as its own buffer.
-    pub(crate) fn content_bytes(&mut self, text: &str) -> Bytes {
+    pub(crate) fn content_bytes(&mut self, text: &str, logprobs: &[TextLogprob]) -> Bytes {
         let mut out = Vec::new();
-        self.content(&mut out, text, None);
+        self.content_with(&mut out, text, logprobs, None);
         Bytes::from(out)
     }
 }
@@ -160,7 +173,7 @@ mod tests {
     #[test]
     fn chat_chunks_carry_the_role_once_and_escape_text() {
         let mut writer = ChunkWriter::new(Endpoint::ChatCompletions, "chatcmpl-1", 7, "m\"x");
-        let first = event_json(&writer.content_bytes("a \"quote\"\n"));
+        let first = event_json(&writer.content_bytes("a \"quote\"\n", &[]));
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(first["model"], "m\"x");
         assert_eq!(first["created"], 7);
@@ -168,7 +181,7 @@ mod tests {
         assert_eq!(first["choices"][0]["delta"]["content"], "a \"quote\"\n");
         assert_eq!(first["choices"][0]["finish_reason"], Value::Null);
         let mut out = Vec::new();
-        writer.content(&mut out, "", Some("stop"));
+        writer.content_with(&mut out, "", &[], Some("stop"));
         let last = event_json(&out);
         assert!(last["choices"][0]["delta"].get("role").is_none());
         assert_eq!(last["choices"][0]["finish_reason"], "stop");
@@ -177,7 +190,7 @@ mod tests {
     #[test]
     fn completion_chunks_and_usage() {
         let mut writer = ChunkWriter::new(Endpoint::Completions, "cmpl-1", 7, "m");
-        let chunk = event_json(&writer.content_bytes("hi"));
+        let chunk = event_json(&writer.content_bytes("hi", &[]));
         assert_eq!(chunk["object"], "text_completion");
         assert_eq!(chunk["choices"][0]["text"], "hi");
         let mut out = Vec::new();

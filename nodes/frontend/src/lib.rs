@@ -23,6 +23,7 @@ mod downstream;
 pub mod error;
 mod frontend;
 mod generate;
+mod logprobs;
 pub mod metrics;
 pub mod openai;
 mod routes;

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use dynamo_protocol::TextDelta;
+use dynamo_protocol::{TextDelta, TextLogprob};
 use futures::Stream;
 use serde::Serialize;
 
@@ -57,15 +57,20 @@ impl SseBody {
         self.tracker.on_tokens(delta.tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(delta.tokens);
         let Some(reason) = delta.finish_reason else {
-            return (!delta.text.is_empty()).then(|| self.writer.content_bytes(&delta.text));
+            return (!delta.text.is_empty() || !delta.logprobs.is_empty())
+                .then(|| self.writer.content_bytes(&delta.text, &delta.logprobs));
         };
         // The last delta: its text with the finish reason, the usage, `[DONE]`, in one write.
         self.ended = true;
         self.call.complete();
         let usage = OpenAiUsage::from_usage(delta.usage, self.completion_tokens);
         let mut out = Vec::with_capacity(delta.text.len() + 512);
-        self.writer
-            .content(&mut out, &delta.text, Some(reason.as_openai()));
+        self.writer.content_with(
+            &mut out,
+            &delta.text,
+            &delta.logprobs,
+            Some(reason.as_openai()),
+        );
         if self.include_usage {
             self.writer.usage(&mut out, &usage);
         }
@@ -119,6 +124,7 @@ pub(crate) struct Aggregated {
     pub text: String,
     pub finish_reason: &'static str,
     pub usage: OpenAiUsage,
+    pub logprobs: Vec<TextLogprob>,
 }
 
 /// Reads the call to its end. `first` is a delta already read.
@@ -128,6 +134,7 @@ pub(crate) async fn aggregate(
     first: TextDelta,
 ) -> Result<Aggregated, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     let mut completion_tokens = 0u32;
     let mut next = Some(first);
     loop {
@@ -141,12 +148,14 @@ pub(crate) async fn aggregate(
         tracker.on_tokens(delta.tokens);
         completion_tokens = completion_tokens.saturating_add(delta.tokens);
         text.push_str(&delta.text);
+        logprobs.extend(delta.logprobs);
         if let Some(reason) = delta.finish_reason {
             call.complete();
             return Ok(Aggregated {
                 text,
                 finish_reason: reason.as_openai(),
                 usage: OpenAiUsage::from_usage(delta.usage, completion_tokens),
+                logprobs,
             });
         }
     }
@@ -166,7 +175,7 @@ struct ChatCompletion<'a> {
 struct ChatChoice<'a> {
     index: u32,
     message: AssistantMessage<'a>,
-    logprobs: Option<()>,
+    logprobs: Option<serde_json::Value>,
     finish_reason: &'a str,
 }
 
@@ -190,7 +199,7 @@ struct TextCompletion<'a> {
 struct TextChoice<'a> {
     index: u32,
     text: &'a str,
-    logprobs: Option<()>,
+    logprobs: Option<serde_json::Value>,
     finish_reason: &'a str,
 }
 
@@ -202,6 +211,13 @@ pub(crate) fn completion_body(
     model: &str,
     answer: &Aggregated,
 ) -> Result<Vec<u8>, serde_json::Error> {
+    let logprobs = if answer.logprobs.is_empty() {
+        None
+    } else {
+        let mut raw = Vec::new();
+        crate::logprobs::write(&mut raw, endpoint, &answer.logprobs, &mut 0);
+        serde_json::from_slice(&raw).ok()
+    };
     match endpoint {
         Endpoint::ChatCompletions => serde_json::to_vec(&ChatCompletion {
             id,
@@ -214,7 +230,7 @@ pub(crate) fn completion_body(
                     role: "assistant",
                     content: &answer.text,
                 },
-                logprobs: None,
+                logprobs: logprobs.clone(),
                 finish_reason: answer.finish_reason,
             }],
             usage: answer.usage,
@@ -227,7 +243,7 @@ pub(crate) fn completion_body(
             choices: [TextChoice {
                 index: 0,
                 text: &answer.text,
-                logprobs: None,
+                logprobs,
                 finish_reason: answer.finish_reason,
             }],
             usage: answer.usage,

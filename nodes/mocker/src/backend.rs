@@ -8,7 +8,7 @@
 //! its seed and its tokens so far, so a preempted and recomputed sequence draws the same
 //! tokens.
 
-use dynamo_protocol::SamplingOptions;
+use dynamo_protocol::{SamplingOptions, TokenLogprob};
 
 use crate::block_manager::BlockId;
 use crate::sequence::SeqId;
@@ -42,6 +42,13 @@ pub trait StepBackend: Send + 'static {
     /// Computes `batch` and returns one token for every entry whose `sample` is set, in
     /// batch order.
     fn forward(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<u32>, BackendError>;
+
+    /// The log-probabilities of the tokens the last [`StepBackend::forward`] sampled, in
+    /// the same order (`None` where the request asked for none); empty when the model
+    /// computes none.
+    fn take_logprobs(&mut self) -> Vec<Option<TokenLogprob>> {
+        Vec::new()
+    }
 
     /// Bytes of one pool block (every layer's keys and values, as the engine's
     /// `KvLayout` describes them).

@@ -67,6 +67,40 @@ impl TokenSampler {
     }
 }
 
+impl Vocabulary {
+    /// The log-probability of `token` under the draw [`TokenSampler::next_token`] makes:
+    /// the end-of-sequence chance spread evenly over `stop_ids`, the rest evenly over the
+    /// ordinary ids. The alternatives are the first `top` ordinary ids, all as likely as
+    /// any ordinary token (the draw is uniform; there is no better answer).
+    pub fn logprob(
+        &self,
+        token: u32,
+        stop_ids: &[u32],
+        ignore_eos: bool,
+        top: u32,
+    ) -> dynamo_protocol::TokenLogprob {
+        let p_eos = if ignore_eos || stop_ids.is_empty() {
+            0.0
+        } else {
+            self.eos_probability
+        };
+        let ordinary = ((1.0 - p_eos) / f64::from(self.ordinary)).ln() as f32;
+        let logprob = if p_eos > 0.0 && stop_ids.contains(&token) {
+            (p_eos / stop_ids.len() as f64).ln() as f32
+        } else {
+            ordinary
+        };
+        let top = (0..top.min(self.ordinary))
+            .map(|i| (self.ordinary_id(i), ordinary))
+            .collect();
+        dynamo_protocol::TokenLogprob {
+            token_id: token,
+            logprob,
+            top,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +154,23 @@ mod tests {
         assert!((500..1_500).contains(&eos), "{eos} EOS in 100k draws");
         let mut s = TokenSampler::new(9);
         assert!((0..100_000).all(|_| s.next_token(&vocab, &[0], true) != 0));
+    }
+
+    #[test]
+    fn logprobs_are_those_of_the_uniform_draw() {
+        let vocab = Vocabulary::new(10, vec![0, 9], 0.2);
+        // 8 ordinary ids share 0.8; the two stop ids share 0.2.
+        let lp = vocab.logprob(5, &[0, 9], false, 3);
+        assert!((lp.logprob - (0.1f32).ln()).abs() < 1e-6, "{lp:?}");
+        assert_eq!(
+            lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        let stop = vocab.logprob(9, &[0, 9], false, 0);
+        assert!((stop.logprob - (0.1f32).ln()).abs() < 1e-6);
+        assert!(stop.top.is_empty());
+        // ignore_eos: the ordinary ids share everything.
+        let all = vocab.logprob(5, &[0, 9], true, 0);
+        assert!((all.logprob - (0.125f32).ln()).abs() < 1e-6);
     }
 }

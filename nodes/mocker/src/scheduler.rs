@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use dynamo_protocol::{FinishReason, KvEvent};
+use dynamo_protocol::{FinishReason, KvEvent, TokenLogprob};
 
 use crate::backend::{BackendError, StepBackend, StepSeq};
 use crate::block_manager::{BlockCounts, BlockId, BlockManager, ImportError, Imported, KvSnapshot};
@@ -43,13 +43,15 @@ pub enum AdmitError {
 }
 
 /// One token a step produced for one sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SeqOutput {
     pub id: SeqId,
     pub token: u32,
     pub finish: Option<FinishReason>,
     /// Prompt tokens served from the prefix cache; on the sequence's first output only.
     pub cached_tokens: Option<u32>,
+    /// The token's log-probability, when the request asked for it.
+    pub logprob: Option<TokenLogprob>,
 }
 
 /// Counters of the scheduler and its block pool.
@@ -282,10 +284,14 @@ impl Scheduler {
             ..StepWork::default()
         };
 
+        let mut logprobs = Vec::new().into_iter();
         let mut sampled = match backend {
             None => None,
             Some(backend) => match self.forward(backend) {
-                Ok(tokens) => Some(tokens.into_iter()),
+                Ok(tokens) => {
+                    logprobs = backend.take_logprobs().into_iter();
+                    Some(tokens.into_iter())
+                }
                 Err((error, ids)) => {
                     for &id in &ids {
                         self.abort(id);
@@ -306,15 +312,25 @@ impl Scheduler {
                 seq.promote_full_blocks(&mut self.blocks, self.block_size, self.hash_seed);
             }
             if seq.remaining() == 0 {
-                let (token, finish) = match sampled.as_mut().and_then(Iterator::next) {
-                    Some(token) => seq.accept(token),
-                    None => seq.generate(&self.vocab),
+                let (token, finish, logprob) = match sampled.as_mut().and_then(Iterator::next) {
+                    Some(token) => {
+                        let logprob = logprobs.next().flatten();
+                        let (token, finish) = seq.accept(token);
+                        (token, finish, logprob)
+                    }
+                    None => {
+                        let (token, finish) = seq.generate(&self.vocab);
+                        let logprob = (seq.sampling.logprobs)
+                            .map(|top| seq.own_logprob(&self.vocab, token, top));
+                        (token, finish, logprob)
+                    }
                 };
                 out.push(SeqOutput {
                     id: seq.id,
                     token,
                     finish,
                     cached_tokens: seq.cached_tokens.take(),
+                    logprob,
                 });
             }
         }

@@ -35,7 +35,7 @@ fn run(s: &mut Scheduler) -> (BTreeMap<SeqId, Vec<SeqOutput>>, Vec<StepWork>) {
         out.clear();
         works.push(s.step(&mut out));
         for o in &out {
-            outputs.entry(o.id).or_default().push(*o);
+            outputs.entry(o.id).or_default().push(o.clone());
         }
     }
     (outputs, works)

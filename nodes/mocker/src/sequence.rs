@@ -1,7 +1,7 @@
 //! One request inside the scheduler: its tokens, how far its KV is computed, and the
 //! blocks that hold it.
 
-use dynamo_protocol::{block_hashes, BlockHash, FinishReason, SamplingOptions};
+use dynamo_protocol::{block_hashes, BlockHash, FinishReason, SamplingOptions, TokenLogprob};
 
 use crate::block_manager::{BlockId, BlockManager};
 use crate::sampler::{TokenSampler, Vocabulary};
@@ -122,6 +122,12 @@ impl Sequence {
     }
 
     /// Appends a token produced for this sequence; returns why it finished, if it did.
+    /// The log-probability of `token` under the timing model's own draw, with `top`
+    /// alternatives (see [`Vocabulary::logprob`]).
+    pub fn own_logprob(&self, vocab: &Vocabulary, token: u32, top: u32) -> TokenLogprob {
+        vocab.logprob(token, &self.stop_token_ids, self.ignore_eos, top)
+    }
+
     pub fn accept(&mut self, token: u32) -> (u32, Option<FinishReason>) {
         self.tokens.push(token);
         self.generated += 1;

@@ -282,6 +282,7 @@ impl StepLoop {
                 token_ids: vec![out.token],
                 finish_reason: out.finish,
                 cached_tokens: out.cached_tokens,
+                logprobs: out.logprob.into_iter().collect(),
             };
             let gone = caller.tx.send(Ok(delta)).is_err();
             if gone && out.finish.is_none() {

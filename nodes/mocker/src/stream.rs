@@ -74,7 +74,7 @@ impl Stream for DeltaStream {
             return Poll::Ready(Some(Ok(TokenDelta {
                 token_ids: Vec::new(),
                 finish_reason: Some(FinishReason::Cancelled),
-                cached_tokens: None,
+                ..TokenDelta::default()
             })));
         }
         match this.rx.poll_recv(cx) {

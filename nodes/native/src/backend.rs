@@ -2,16 +2,19 @@
 //! one forward pass over the paged pool, then each finished row is sampled.
 
 use dynamo_mocker::{BackendError, BlockId, StepBackend, StepSeq};
+use dynamo_protocol::TokenLogprob;
 
 use crate::kv_pool::KvPool;
 use crate::model::{BatchSeq, Model};
-use crate::sampling::Sampler;
+use crate::sampling::{logprobs, Sampler};
 
 pub struct NativeBackend {
     model: Model,
     kv: KvPool,
     sampler: Sampler,
     logits: Vec<f32>,
+    /// The last step's log-probabilities, when a request asked for them.
+    logprobs: Vec<Option<TokenLogprob>>,
 }
 
 impl NativeBackend {
@@ -21,6 +24,7 @@ impl NativeBackend {
             kv,
             sampler: Sampler::default(),
             logits: Vec::new(),
+            logprobs: Vec::new(),
         }
     }
 }
@@ -43,17 +47,28 @@ impl StepBackend for NativeBackend {
             .map_err(|e| BackendError(e.to_string()))?;
         let mut rows = logits.chunks_exact(vocab);
         let mut tokens = Vec::new();
+        self.logprobs.clear();
+        let want = batch
+            .iter()
+            .any(|s| s.sample && s.sampling.logprobs.is_some());
         for s in batch.iter().filter(|s| s.sample) {
             let Some(row) = rows.next() else {
                 return Err(BackendError("the model returned too few logits".into()));
             };
             let generated = &s.tokens[s.prompt_len.min(s.tokens.len())..];
-            tokens.push(
-                self.sampler
-                    .sample(row, s.sampling, generated, s.seed, s.start + s.len),
-            );
+            let token = self
+                .sampler
+                .sample(row, s.sampling, generated, s.seed, s.start + s.len);
+            if want {
+                (self.logprobs).push(s.sampling.logprobs.map(|top| logprobs(row, token, top)));
+            }
+            tokens.push(token);
         }
         Ok(tokens)
+    }
+
+    fn take_logprobs(&mut self) -> Vec<Option<TokenLogprob>> {
+        std::mem::take(&mut self.logprobs)
     }
 
     fn block_bytes(&self) -> usize {

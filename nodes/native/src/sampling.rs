@@ -2,7 +2,7 @@
 //! with top-k and top-p. The random draw is seeded by the request's seed and the
 //! position, so the same request gives the same tokens, also after a preemption.
 
-use dynamo_protocol::SamplingOptions;
+use dynamo_protocol::{SamplingOptions, TokenLogprob};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
@@ -99,6 +99,35 @@ impl Sampler {
 }
 
 /// The first index of the largest logit (llama.cpp's greedy choice).
+/// `token`'s log-probability under the softmax of `logits` (the raw model distribution,
+/// before temperature and penalties), with the `top` most likely tokens.
+pub fn logprobs(logits: &[f32], token: u32, top: u32) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let lse = f64::from(max) + sum.ln();
+    let lp = |x: f32| (f64::from(x) - lse) as f32;
+    // The `top` largest, kept sorted (descending) in a short vector.
+    let n = top as usize;
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
+    if n > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            if best.len() == n && best.last().is_some_and(|&(b, _)| x <= b) {
+                continue;
+            }
+            let at = best.partition_point(|&(b, _)| b >= x);
+            best.insert(at, (x, i as u32));
+            best.truncate(n);
+        }
+    }
+    TokenLogprob {
+        token_id: token,
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&x| lp(x)),
+        top: best.into_iter().map(|(x, id)| (id, lp(x))).collect(),
+    }
+}
+
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
@@ -162,5 +191,23 @@ mod tests {
         assert!(all.contains(&3), "plain temperature reaches the tail");
         assert_eq!(all, draws(&mut s, &opts(1.0, 0, 1.0), 7));
         assert_ne!(all, draws(&mut s, &opts(1.0, 0, 1.0), 8));
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_with_the_most_likely_first() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0 - 1e-3, -5.0];
+        let lp = logprobs(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&x| f64::from(x).exp()).sum();
+        let want = (2.0f64.exp() / z).ln() as f32;
+        assert!((lp.logprob - want).abs() < 1e-5, "{lp:?}");
+        assert_eq!(
+            lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![1, 3, 2]
+        );
+        let total: f64 = (0..5)
+            .map(|i| f64::from(logprobs(&logits, i, 0).logprob).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
     }
 }

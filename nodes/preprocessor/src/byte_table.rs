@@ -56,6 +56,11 @@ impl ByteTable {
         Some(ByteTable { bytes })
     }
 
+    /// The bytes `id` stands for; `None` for a special token or an id outside the table.
+    pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
+        self.bytes.get(usize::try_from(id).ok()?)?.as_deref()
+    }
+
     /// The text of `ids`, skipping special tokens; `None` for an id outside the table.
     pub fn decode(&self, ids: &[u32]) -> Option<String> {
         let mut out = Vec::with_capacity(ids.len() * 4);

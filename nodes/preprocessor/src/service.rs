@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use dynamo_protocol::{ChatRequest, FinishReason, TextDelta, TokenDelta, TokenRequest, Usage};
+use dynamo_protocol::{
+    ChatRequest, FinishReason, TextDelta, TextLogprob, TokenDelta, TokenLogprob, TokenRequest,
+    Usage,
+};
 use dynamo_runtime::{telemetry, RequestContext, ResponseStream, ServeError, Service};
 use futures::StreamExt;
 use tracing::Instrument;
@@ -79,6 +82,7 @@ impl Service<ChatRequest, TextDelta> for PreprocessorService {
             completion_tokens: 0,
             cached_tokens: 0,
             unreported_tokens: 0,
+            unreported_logprobs: Vec::new(),
             ctx,
             upstream: Some(upstream),
             span: span.clone(),
@@ -100,6 +104,8 @@ struct TextStream {
     cached_tokens: u32,
     /// Tokens received since the last delta that was sent.
     unreported_tokens: u32,
+    /// Their log-probabilities, when asked for.
+    unreported_logprobs: Vec<TextLogprob>,
     ctx: RequestContext,
     /// `None` once the stream is over; dropping it cancels the downstream call.
     upstream: Option<ResponseStream<TokenDelta>>,
@@ -152,6 +158,9 @@ impl TextStream {
         self.completion_tokens = self.completion_tokens.saturating_add(n);
         self.unreported_tokens = self.unreported_tokens.saturating_add(n);
         let tokenizer = self.preprocessor.tokenizer();
+        for lp in &delta.logprobs {
+            self.unreported_logprobs.push(text_logprob(tokenizer, lp));
+        }
         let text = self
             .detokenizer
             .push(tokenizer, &delta.token_ids)
@@ -170,6 +179,7 @@ impl TextStream {
                 tokens: std::mem::take(&mut self.unreported_tokens),
                 finish_reason: None,
                 usage: None,
+                logprobs: std::mem::take(&mut self.unreported_logprobs),
             }));
         };
         // The engine is done: what the detokenizer and the stop matcher held back can
@@ -211,6 +221,7 @@ impl TextStream {
                 completion_tokens: self.completion_tokens,
                 cached_tokens: self.cached_tokens,
             }),
+            logprobs: std::mem::take(&mut self.unreported_logprobs),
         }
     }
 }
@@ -218,3 +229,20 @@ impl TextStream {
 #[cfg(test)]
 #[path = "service_tests.rs"]
 mod tests;
+
+/// A token's log-probability with its text and bytes, and its alternatives'.
+fn text_logprob(tokenizer: &crate::tokenizer::Tokenizer, lp: &TokenLogprob) -> TextLogprob {
+    let one = |id: u32, logprob: f32| {
+        let bytes = tokenizer.token_bytes(id);
+        TextLogprob {
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+            logprob,
+            top: Vec::new(),
+        }
+    };
+    TextLogprob {
+        top: lp.top.iter().map(|&(id, l)| one(id, l)).collect(),
+        ..one(lp.token_id, lp.logprob)
+    }
+}

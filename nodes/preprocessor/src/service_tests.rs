@@ -46,6 +46,7 @@ fn step(ids: &[u32]) -> Result<TokenDelta, ServeError> {
         token_ids: ids.to_vec(),
         finish_reason: None,
         cached_tokens: None,
+        logprobs: Vec::new(),
     })
 }
 
@@ -185,6 +186,7 @@ async fn special_tokens_are_not_in_the_text() {
         token_ids: vec![end],
         finish_reason: Some(FinishReason::Stop),
         cached_tokens: None,
+        logprobs: Vec::new(),
     }));
     let down = scripted(script, false);
     let svc = PreprocessorService::new(pre, down);

@@ -280,6 +280,18 @@ impl Tokenizer {
             .map_err(TokenizerError::Decode)
     }
 
+    /// The bytes one token stands for (a special token: its own text), as OpenAI's
+    /// `logprobs` report it; empty for an unknown id.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some(b) = self.bytes.as_ref().and_then(|t| t.token_bytes(id)) {
+            return b.to_vec();
+        }
+        match self.decode(&[id], false) {
+            Ok(text) if !text.is_empty() => text.into_bytes(),
+            _ => self.id_to_token(id).unwrap_or_default().into_bytes(),
+        }
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

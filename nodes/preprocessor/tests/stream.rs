@@ -30,6 +30,7 @@ impl Service<TokenRequest, TokenDelta> for Replay {
                     token_ids: vec![id],
                     finish_reason: (i + 1 == n).then_some(FinishReason::Stop),
                     cached_tokens: None,
+                    logprobs: Vec::new(),
                 })
             })
             .collect();

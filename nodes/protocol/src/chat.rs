@@ -67,7 +67,7 @@ pub struct Usage {
 }
 
 /// One chunk of the response stream: detokenized text, never a split UTF-8 character.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TextDelta {
     pub text: String,
     /// Number of tokens this chunk covers.
@@ -76,4 +76,19 @@ pub struct TextDelta {
     pub finish_reason: Option<FinishReason>,
     /// Set on the last chunk only.
     pub usage: Option<Usage>,
+    /// The log-probabilities of the tokens this chunk covers, when asked for.
+    #[serde(default)]
+    pub logprobs: Vec<TextLogprob>,
+}
+
+/// A token's log-probability, as text: the token's own bytes (a token may end inside a
+/// UTF-8 character; `token` is then lossy and `bytes` exact).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TextLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// The most likely alternatives, most likely first.
+    #[serde(default)]
+    pub top: Vec<TextLogprob>,
 }

@@ -14,10 +14,10 @@ pub mod disagg;
 pub mod kv;
 pub mod tokens;
 
-pub use chat::{ChatMessage, ChatRequest, FinishReason, Prompt, TextDelta, Usage};
+pub use chat::{ChatMessage, ChatRequest, FinishReason, Prompt, TextDelta, TextLogprob, Usage};
 pub use disagg::{KvLayout, KvTransfer, KvTransferAck, PrefillRequest, PrefillResult};
 pub use kv::{
     block_hashes, BlockHash, KvEvent, KvEventData, KvStreamItem, KvSubscribe, StoredBlock,
     DEFAULT_BLOCK_HASH_SEED,
 };
-pub use tokens::{SamplingOptions, StopConditions, TokenDelta, TokenRequest};
+pub use tokens::{SamplingOptions, StopConditions, TokenDelta, TokenLogprob, TokenRequest};

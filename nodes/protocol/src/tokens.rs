@@ -15,6 +15,10 @@ pub struct SamplingOptions {
     pub seed: Option<u64>,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// Return each sampled token's log-probability and this many most likely
+    /// alternatives (OpenAI `logprobs`/`top_logprobs`); `None` returns none.
+    #[serde(default)]
+    pub logprobs: Option<u32>,
 }
 
 impl Default for SamplingOptions {
@@ -26,6 +30,7 @@ impl Default for SamplingOptions {
             seed: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logprobs: None,
         }
     }
 }
@@ -49,11 +54,25 @@ pub struct TokenRequest {
 }
 
 /// One step of the engine's output for one request.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TokenDelta {
     pub token_ids: Vec<u32>,
     /// Set on the last delta only.
     pub finish_reason: Option<FinishReason>,
     /// Prompt tokens served from the prefix cache; set on the first delta.
     pub cached_tokens: Option<u32>,
+    /// One per token of `token_ids` when the request asked for log-probabilities.
+    #[serde(default)]
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// A sampled token's log-probability under the model (before temperature, penalties and
+/// truncation, as vLLM reports by default), with the most likely alternatives asked for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+    /// `(token id, log-probability)`, most likely first.
+    #[serde(default)]
+    pub top: Vec<(u32, f32)>,
 }

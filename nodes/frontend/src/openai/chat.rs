@@ -60,7 +60,6 @@ fn reject_unsupported(object: &Object) -> Result<(), ApiError> {
     };
     off("tools", |v| v.as_array().is_some_and(Vec::is_empty))?;
     off("tool_choice", |v| v.as_str() == Some("none"))?;
-    off("top_logprobs", |v| v.as_u64() == Some(0))?;
     off("response_format", |v| {
         v.get("type").and_then(Value::as_str) == Some("text")
     })?;

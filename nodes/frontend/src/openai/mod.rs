@@ -103,7 +103,7 @@ pub fn parse_request(
     };
 
     let mut shared = params::shared(&object).map_err(with_model)?;
-    params::reject_unsupported_logprobs(&object).map_err(with_model)?;
+    shared.sampling.logprobs = params::logprobs(&object, endpoint).map_err(with_model)?;
     let prompt = match endpoint {
         Endpoint::ChatCompletions => chat::parse(&mut object, &mut shared).map(Prompt::Chat),
         Endpoint::Completions => completions::parse(&mut object),

@@ -8,6 +8,7 @@ use super::fields::{
     as_bool, as_f32_in, as_i64, as_object, as_str, as_u32_at_least, get, kind_of, reject_unknown,
     Object,
 };
+use super::Endpoint;
 use crate::error::ApiError;
 
 /// Most stop strings a request may carry (OpenAI's limit).
@@ -224,16 +225,47 @@ fn one_stop(value: &Value, index: Option<usize>) -> Result<String, ApiError> {
     }
 }
 
-/// Fields accepted only at their default value, so clients that always send them work,
-/// while a request that really asks for the feature gets a clear 400.
-pub(crate) fn reject_unsupported_logprobs(object: &Object) -> Result<(), ApiError> {
-    match get(object, "logprobs") {
-        None | Some(Value::Bool(false)) => Ok(()),
-        Some(Value::Number(n)) if n.as_u64() == Some(0) => Ok(()),
-        Some(_) => Err(ApiError::invalid_param(
-            "logprobs",
-            "'logprobs' is not supported",
-        )),
+/// Most alternatives per token: OpenAI's limits, 20 for chat's `top_logprobs` and 5 for
+/// the completions' `logprobs`.
+const CHAT_TOP_LOGPROBS_MAX: u32 = 20;
+const COMPLETIONS_LOGPROBS_MAX: u32 = 5;
+
+/// How many alternatives per token the request asks log-probabilities for: chat's
+/// `logprobs: true` with `top_logprobs` (0 to 20), or the completions' `logprobs` (0 to
+/// 5); `None` when it asks for none.
+pub(crate) fn logprobs(object: &Object, endpoint: Endpoint) -> Result<Option<u32>, ApiError> {
+    let bounded = |key: &str, max: u32| -> Result<Option<u32>, ApiError> {
+        match get(object, key) {
+            None => Ok(None),
+            Some(v) => {
+                let n = as_u32_at_least(v, key, 0)?;
+                if n > max {
+                    return Err(ApiError::invalid_param(
+                        key,
+                        format!("'{key}' must be at most {max}, got {n}"),
+                    ));
+                }
+                Ok(Some(n))
+            }
+        }
+    };
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            let on = match get(object, "logprobs") {
+                None => false,
+                Some(v) => as_bool(v, "logprobs")?,
+            };
+            let top = bounded("top_logprobs", CHAT_TOP_LOGPROBS_MAX)?;
+            match (on, top) {
+                (true, top) => Ok(Some(top.unwrap_or(0))),
+                (false, Some(n)) if n > 0 => Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    "'top_logprobs' needs 'logprobs' to be true",
+                )),
+                (false, _) => Ok(None),
+            }
+        }
+        Endpoint::Completions => bounded("logprobs", COMPLETIONS_LOGPROBS_MAX),
     }
 }
 

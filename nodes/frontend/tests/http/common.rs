@@ -106,6 +106,7 @@ fn delta(text: String, finish: Option<FinishReason>, completion_tokens: u32) -> 
             completion_tokens,
             cached_tokens: CACHED_TOKENS,
         }),
+        logprobs: Vec::new(),
     }
 }
 
