@@ -15,6 +15,7 @@ use dynamo_protocol::{
     ChatRequest, KvStreamItem, KvSubscribe, KvTransfer, KvTransferAck, PrefillRequest,
     PrefillResult, TextDelta, TokenDelta, TokenRequest,
 };
+use dynamo_runtime::edge_metrics::{EdgeLabels, EdgeRegistry};
 use dynamo_runtime::transport::in_process::InProcessClient;
 use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
 use dynamo_runtime::transport::socket_server::SocketServer;
@@ -74,6 +75,8 @@ struct Ctx<'p> {
     clients: BTreeMap<String, SocketClient>,
     /// Present when a link of this process is on NATS.
     nats: Option<NatsSide>,
+    /// Counters of every edge this process calls through.
+    edges: Arc<EdgeRegistry>,
 }
 
 impl Ctx<'_> {
@@ -88,6 +91,27 @@ impl Ctx<'_> {
     /// A client for `port` of replica `target`, reached by `transport`: the local service
     /// for in-process links, the target process's socket for socket links, the target
     /// replica's own subject for NATS links.
+    /// `link_client`, counted on the edge's metrics for the calling `replica`.
+    fn metered_client<Req: Message, Resp: Message>(
+        &mut self,
+        target: &ReplicaId,
+        port: &str,
+        transport: Transport,
+        (from, to, replica): (String, String, u32),
+        local: &Local<Req, Resp>,
+    ) -> Result<Arc<dyn Service<Req, Resp>>, ProcessError> {
+        let edge = format!("{from} -> {to}");
+        let client = self.link_client(target, port, transport, edge, local)?;
+        let labels = EdgeLabels {
+            from,
+            to,
+            transport: transport.as_str().to_string(),
+            replica,
+            serialises: transport != Transport::InProcess,
+        };
+        Ok(self.edges.meter(labels, client))
+    }
+
     fn link_client<Req: Message, Resp: Message>(
         &mut self,
         target: &ReplicaId,
@@ -159,11 +183,11 @@ impl Ctx<'_> {
                     node: edge.to.node.clone(),
                     index: link.to,
                 };
-                let client = self.link_client(
+                let client = self.metered_client(
                     &target,
                     &edge.to.port,
                     link.transport,
-                    format!("{} -> {}", edge.from, edge.to),
+                    (edge.from.to_string(), edge.to.to_string(), link.from),
                     local,
                 )?;
                 set.add(instance_id(&target), client);
@@ -191,11 +215,11 @@ impl Ctx<'_> {
                     node: edge.from.node.clone(),
                     index: link.from,
                 };
-                let client = self.link_client(
+                let client = self.metered_client(
                     &source,
                     &edge.from.port,
                     link.transport,
-                    format!("{} ~> {}", edge.from, edge.to),
+                    (edge.from.to_string(), edge.to.to_string(), link.to),
                     local,
                 )?;
                 out.push((instance_id(&source), client));
@@ -296,18 +320,19 @@ pub async fn run(
         path: sock.clone(),
         message: e.to_string(),
     })?;
+    let hub = MetricsHub::new(&plan, process, run_dir);
     let mut ctx = Ctx {
         plan: &plan,
         run_dir,
         clients: BTreeMap::new(),
         nats: NatsSide::open(&plan, &me.replicas).await?,
+        edges: hub.edges(),
     };
     let mut chat: Local<ChatRequest, TextDelta> = Local::default();
     let mut tokens: Local<TokenRequest, TokenDelta> = Local::default();
     let mut kv_events: Local<KvSubscribe, KvStreamItem> = Local::default();
     let mut kv_in: Local<KvTransfer, KvTransferAck> = Local::default();
     let mut prefill_in: Local<PrefillRequest, PrefillResult> = Local::default();
-    let hub = MetricsHub::new(&plan, process, run_dir);
     let mut frontends = Vec::new();
     let mut tasks_before_ready = Vec::new();
     let order = callee_first(&plan);
