@@ -38,6 +38,8 @@ pub enum GraphCommand {
     Schema,
     /// Serve the graph on this machine until Ctrl-C.
     Up(crate::cmd::up::UpArgs),
+    /// Live figures of a running graph in the terminal (nodes, edges), from its admin server.
+    Top(crate::cmd::top::TopArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -115,6 +117,10 @@ pub fn run(cmd: GraphCommand, dyn_log: Option<String>) -> anyhow::Result<ExitCod
         GraphCommand::Up(args) => {
             drop(out);
             crate::cmd::up::run(args, dyn_log)
+        }
+        GraphCommand::Top(args) => {
+            drop(out);
+            crate::cmd::top::run(args)
         }
         GraphCommand::Validate {
             file,
