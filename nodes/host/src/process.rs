@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dynamo_graph::kinds::EdgeKind;
-use dynamo_graph::plan::{Plan, PlannedReplica, ReplicaId, Transport};
+use dynamo_graph::plan::{Plan, PlannedReplica, PortRef, ReplicaId, Transport};
 use dynamo_mocker::{KvImportService, PrefillService};
 use dynamo_protocol::{
     ChatRequest, KvStreamItem, KvSubscribe, KvTransfer, KvTransferAck, PrefillRequest,
@@ -91,27 +91,6 @@ impl Ctx<'_> {
     /// A client for `port` of replica `target`, reached by `transport`: the local service
     /// for in-process links, the target process's socket for socket links, the target
     /// replica's own subject for NATS links.
-    /// `link_client`, counted on the edge's metrics for the calling `replica`.
-    fn metered_client<Req: Message, Resp: Message>(
-        &mut self,
-        target: &ReplicaId,
-        port: &str,
-        transport: Transport,
-        (from, to, replica): (String, String, u32),
-        local: &Local<Req, Resp>,
-    ) -> Result<Arc<dyn Service<Req, Resp>>, ProcessError> {
-        let edge = format!("{from} -> {to}");
-        let client = self.link_client(target, port, transport, edge, local)?;
-        let labels = EdgeLabels {
-            from,
-            to,
-            transport: transport.as_str().to_string(),
-            replica,
-            serialises: transport != Transport::InProcess,
-        };
-        Ok(self.edges.meter(labels, client))
-    }
-
     fn link_client<Req: Message, Resp: Message>(
         &mut self,
         target: &ReplicaId,
@@ -150,6 +129,25 @@ impl Ctx<'_> {
         }
     }
 
+    /// `client` (of edge `from -> to`, by `transport`), counted on the edge's metrics
+    /// for the replica that holds it.
+    fn metered<Req: Message, Resp: Message>(
+        &self,
+        client: Arc<dyn Service<Req, Resp>>,
+        (from, to): (&PortRef, &PortRef),
+        transport: Transport,
+        replica: u32,
+    ) -> Arc<dyn Service<Req, Resp>> {
+        let labels = EdgeLabels {
+            from: from.to_string(),
+            to: to.to_string(),
+            transport: transport.as_str().to_string(),
+            replica,
+            serialises: transport != Transport::InProcess,
+        };
+        self.edges.meter(labels, client)
+    }
+
     /// Also serve `port` of `replica` on NATS, when a link of the plan reaches it there.
     fn serve_nats<Req: Message, Resp: Message>(
         &mut self,
@@ -183,13 +181,15 @@ impl Ctx<'_> {
                     node: edge.to.node.clone(),
                     index: link.to,
                 };
-                let client = self.metered_client(
+                let client = self.link_client(
                     &target,
                     &edge.to.port,
                     link.transport,
-                    (edge.from.to_string(), edge.to.to_string(), link.from),
+                    format!("{} -> {}", edge.from, edge.to),
                     local,
                 )?;
+                let client =
+                    self.metered(client, (&edge.from, &edge.to), link.transport, link.from);
                 set.add(instance_id(&target), client);
             }
         }
@@ -215,13 +215,14 @@ impl Ctx<'_> {
                     node: edge.from.node.clone(),
                     index: link.from,
                 };
-                let client = self.metered_client(
+                let client = self.link_client(
                     &source,
                     &edge.from.port,
                     link.transport,
-                    (edge.from.to_string(), edge.to.to_string(), link.to),
+                    format!("{} ~> {}", edge.from, edge.to),
                     local,
                 )?;
+                let client = self.metered(client, (&edge.from, &edge.to), link.transport, link.to);
                 out.push((instance_id(&source), client));
             }
         }
