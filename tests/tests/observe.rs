@@ -416,3 +416,70 @@ async fn graph_top_once_prints_every_node_and_edge() {
         }
     }
 }
+
+async fn stats(admin: &str) -> serde_json::Value {
+    serde_json::from_str(&get_text(&format!("http://{admin}/api/stats")).await)
+        .expect("/api/stats is JSON")
+}
+
+/// `(replica state, node health)` of replica 0 of `node`.
+fn health_of(stats: &serde_json::Value, node: &str) -> (String, String) {
+    let n = stats["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["node"] == node)
+        .cloned()
+        .unwrap_or_default();
+    (
+        n["replicas"][0]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        n["health"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// Waits (bounded) until replica 0 of `node` is `state`; returns the last figures.
+async fn until_state(admin: &str, node: &str, state: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stats(admin).await;
+        if health_of(&s, node).0 == state || Instant::now() > deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_stops_answering_shows_down_and_comes_back() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    assert!(
+        model_cached(),
+        "the SmolLM2 model is not cached: run scripts/setup-tests.sh"
+    );
+    let g = Graph::up(&graph(), &MOCKER);
+    let admin = g.admin.clone().expect("graph up serves an admin server");
+    let s = until_state(&admin, "decode", "up").await;
+    assert_eq!(health_of(&s, "decode"), ("up".into(), "ok".into()), "{s}");
+    let pid = g.process_pid("decode-0").expect("the decode process runs");
+    let pid = Pid::from_raw(pid);
+    // Frozen, not killed: the supervisor does not restart it, it just stops answering.
+    kill(pid, Signal::SIGSTOP).expect("stops the decode process");
+    let s = until_state(&admin, "decode", "down").await;
+    let _ = kill(pid, Signal::SIGCONT);
+    assert_eq!(
+        health_of(&s, "decode"),
+        ("down".into(), "down".into()),
+        "{s}"
+    );
+    assert_eq!(
+        health_of(&s, "prefill").0,
+        "up",
+        "only the frozen process is down: {s}"
+    );
+    let s = until_state(&admin, "decode", "up").await;
+    assert_eq!(health_of(&s, "decode"), ("up".into(), "ok".into()), "{s}");
+}
