@@ -1,8 +1,10 @@
-//! Engine metrics of every process, gathered where the frontend serves `/metrics`.
+//! Engine, router and edge metrics of every process, gathered where the frontend serves
+//! `/metrics`.
 //!
-//! Each process serves the samples of its own engines on its socket (`_metrics`); the
-//! process hosting a frontend polls its peers every second and appends everything, with
-//! one `# HELP`/`# TYPE` header per family, to the frontend's `/metrics`.
+//! Each process serves the samples of its own engines, routers and the edges it calls
+//! through on its socket (`_metrics`); the process hosting a frontend polls its peers
+//! every 500 ms and appends everything, with one `# HELP`/`# TYPE` header per family, to
+//! the frontend's `/metrics`. The admin server (`crate::admin`) scrapes the same endpoint.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

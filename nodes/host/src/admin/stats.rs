@@ -151,8 +151,9 @@ pub struct NodeStats {
     pub replicas: Vec<ReplicaStats>,
 }
 
-/// What `/api/stats` answers.
+/// What `/api/stats` answers (`{}` before the first scrape, read as no figures yet).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default)]
 pub struct Stats {
     pub graph: String,
     /// How many scrapes made these figures (the page shows it advance).
