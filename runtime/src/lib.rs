@@ -4,6 +4,7 @@
 pub mod discovery;
 pub mod drain;
 pub mod edge;
+pub mod edge_metrics;
 pub mod error;
 pub mod instances;
 pub mod supervisor;

@@ -39,6 +39,8 @@ pub struct Graph {
     child: Child,
     /// `http://127.0.0.1:PORT` of the first frontend.
     pub url: String,
+    /// `127.0.0.1:PORT` of the admin server (graph page, `/api/stats`), when it serves one.
+    pub admin: Option<String>,
     /// Every line the controller printed on stderr so far is collected here.
     stderr: mpsc::Receiver<String>,
     pub stderr_lines: Vec<String>,
@@ -51,7 +53,8 @@ impl Graph {
         Graph::up_with(file, sets, &[])
     }
 
-    /// [`Graph::up`] with more `graph up` arguments, e.g. `["--nats", URL]`.
+    /// [`Graph::up`] with more `graph up` arguments, e.g. `["--nats", URL]`. The admin
+    /// server gets a free port unless `args` say `--admin`.
     pub fn up_with(file: &Path, sets: &[&str], args: &[&str]) -> Graph {
         let mut cmd = Command::new(dynamo_bin());
         cmd.args(["graph", "up", "--offline", "--grace", "5"])
@@ -60,6 +63,9 @@ impl Graph {
         for s in sets {
             cmd.args(["--set", s]);
         }
+        if !args.contains(&"--admin") {
+            cmd.args(["--admin", "127.0.0.1:0"]);
+        }
         cmd.args(args);
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -67,9 +73,18 @@ impl Graph {
             .spawn()
             .expect("dynamo graph up starts");
         let (url_tx, url_rx) = mpsc::channel();
+        let (admin_tx, admin_rx) = mpsc::channel();
         if let Some(out) = child.stdout.take() {
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Some(i) = line.find("graph page: http://") {
+                        let addr = line[i + "graph page: http://".len()..]
+                            .split(['/', ' '])
+                            .next()
+                            .unwrap_or("")
+                            .to_string();
+                        let _ = admin_tx.send(addr);
+                    }
                     if let Some(i) = line.find("OpenAI API http://") {
                         let url = line[i + "OpenAI API ".len()..]
                             .split_whitespace()
@@ -102,9 +117,16 @@ impl Graph {
                 );
             }
         };
+        // The admin line follows the frontends' (it is absent with `--admin off`).
+        let admin = if args.windows(2).any(|w| w == ["--admin", "off"]) {
+            None
+        } else {
+            admin_rx.recv_timeout(Duration::from_secs(10)).ok()
+        };
         Graph {
             child,
             url,
+            admin,
             stderr: err_rx,
             stderr_lines: Vec::new(),
         }

@@ -152,9 +152,10 @@ fn sets(endpoint: &str) -> Vec<String> {
 
 /// The spans expected from each process, by service: the request is complete in the
 /// trace once all of them arrived (each process exports on its own schedule).
-const EXPECTED: [(&str, &str); 7] = [
+const EXPECTED: [(&str, &str); 8] = [
     ("frontend", "http.request"),
     ("preprocessor", "preprocess"),
+    ("preprocessor", "detokenize"),
     ("router", "disagg_router"),
     ("prefill", "prefill"),
     ("prefill", "kv_handoff"),
@@ -241,6 +242,14 @@ async fn one_request_is_one_trace_across_processes() {
     for hop in ["kv_handoff", "prefill", "preprocess", "http.request"] {
         assert!(chain.iter().any(|n| n == hop), "kv_import under {chain:?}");
     }
+    let detokenize = spans
+        .iter()
+        .find(|s| s.name == "detokenize")
+        .expect("listed");
+    let parent = by_id
+        .get(detokenize.parent.as_str())
+        .map(|p| p.name.as_str());
+    assert_eq!(parent, Some("preprocess"), "{listing}");
     let router = spans
         .iter()
         .find(|s| s.name == "disagg_router")

@@ -54,6 +54,8 @@ pub enum GraphCommand {
         #[arg(long, default_value = "dynamo")]
         namespace: String,
     },
+    /// Live figures of a running graph in the terminal (nodes, edges), from its admin server.
+    Top(crate::cmd::top::TopArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -147,6 +149,10 @@ pub fn run(cmd: GraphCommand, dyn_log: Option<String>) -> anyhow::Result<ExitCod
         } => {
             drop(out);
             crate::cmd::cluster::down(&name, &namespace, &etcd)
+        }
+        GraphCommand::Top(args) => {
+            drop(out);
+            crate::cmd::top::run(args)
         }
         GraphCommand::Validate {
             file,

@@ -9,4 +9,5 @@ pub mod model;
 pub mod node;
 pub mod replay;
 pub mod started_graph;
+pub mod top;
 pub mod up;

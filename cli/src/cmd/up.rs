@@ -40,7 +40,13 @@ pub struct UpArgs {
     /// (`http://HOST:PORT`) instead of on this machine; Ctrl-C takes it down.
     #[arg(long, value_name = "URL")]
     etcd: Option<String>,
+    /// The admin server (live graph page, /api/graph, /api/stats for `graph top`). The
+    /// default tries 9100 and the next nine ports; port 0 picks any free one; `off` serves none.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
+    admin: String,
 }
+
+const DEFAULT_ADMIN: &str = "127.0.0.1:9100";
 
 pub fn run(args: UpArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
     // `--nats` overrides the file's `[cluster] nats` before validation, so edges on NATS
@@ -93,6 +99,7 @@ pub fn run(args: UpArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
         opts,
         Duration::from_secs(args.grace),
         args.interactive,
+        args.admin,
     ))
 }
 
@@ -101,6 +108,7 @@ async fn serve(
     opts: UpOptions,
     grace: Duration,
     interactive: bool,
+    admin: String,
 ) -> anyhow::Result<ExitCode> {
     let multi = MultiProgress::new();
     let bars: Arc<std::sync::Mutex<std::collections::BTreeMap<String, ProgressBar>>> =
@@ -152,6 +160,23 @@ async fn serve(
     for (replica, url) in &running.http {
         println!("  {replica}: OpenAI API {url}/v1   metrics {url}/metrics");
     }
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    if admin != "off" {
+        match dynamo_host::admin::bind(&admin, admin == DEFAULT_ADMIN).await {
+            Ok(listener) => {
+                if let Ok(addr) = listener.local_addr() {
+                    println!("  graph page: http://{addr}/   (dynamo graph top --admin {addr})");
+                }
+                tokio::spawn(dynamo_host::admin::serve(
+                    listener,
+                    plan.clone(),
+                    running.run_dir.clone(),
+                    admin_stop.clone(),
+                ));
+            }
+            Err(e) => eprintln!("warning: {e}; no graph page"),
+        }
+    }
     println!("  run directory: {}", running.run_dir.display());
     println!(
         "Ctrl-C stops it (in-flight requests get {} s to finish).",
@@ -196,6 +221,7 @@ async fn serve(
         }
     };
     eprintln!("stopping graph `{}` …", plan.graph);
+    admin_stop.cancel();
     let report = running.shutdown(grace).await;
     eprintln!(
         "stopped: {} processes stopped, {} killed",

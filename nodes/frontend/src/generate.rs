@@ -47,6 +47,7 @@ pub(crate) async fn generate(
         completion_tokens = tracing::field::Empty,
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
     let incoming = parts
         .headers
@@ -56,6 +57,11 @@ pub(crate) async fn generate(
     // Its own span when traces are exported, else the client's context passed on.
     let traceparent = telemetry::traceparent_of(&span).or_else(|| incoming.map(str::to_string));
     let trace_id = telemetry::trace_id(&span);
+    // Every log line of the request (its span's fields are printed with it) names the
+    // trace, so an error in the log leads to its trace in Jaeger.
+    if let Some(t) = &trace_id {
+        span.record("trace_id", t.as_str());
+    }
     tracker.set_span(span.clone());
     let request = Incoming {
         endpoint,
@@ -68,6 +74,9 @@ pub(crate) async fn generate(
     let mut response = answer(&frontend, request, tracker, &span)
         .instrument(span.clone())
         .await;
+    if response.status().is_server_error() {
+        span.in_scope(|| tracing::error!(status = %response.status(), "request failed"));
+    }
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }

@@ -5,7 +5,9 @@
 //!   (in-process, local socket or NATS: [`nats`]). The node never chooses.
 //! - [`controller`]: `dynamo graph up`, which starts every process of this machine under
 //!   the runtime's supervisor, waits until each is ready and stops them all on a signal.
+//! - [`admin`]: the live graph page and `/api/stats` that `graph up` serves.
 
+pub mod admin;
 pub mod agent;
 pub mod cluster;
 pub mod controller;

@@ -1,8 +1,10 @@
-//! Engine metrics of every process, gathered where the frontend serves `/metrics`.
+//! Engine, router and edge metrics of every process, gathered where the frontend serves
+//! `/metrics`.
 //!
-//! Each process serves the samples of its own engines on its socket (`_metrics`); the
-//! process hosting a frontend polls its peers every second and appends everything, with
-//! one `# HELP`/`# TYPE` header per family, to the frontend's `/metrics`.
+//! Each process serves the samples of its own engines, routers and the edges it calls
+//! through on its socket (`_metrics`); the process hosting a frontend polls its peers
+//! every 500 ms and appends everything, with one `# HELP`/`# TYPE` header per family, to
+//! the frontend's `/metrics`. The admin server (`crate::admin`) scrapes the same endpoint.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -15,6 +17,7 @@ use dynamo_graph::plan::{Plan, ReplicaId};
 use dynamo_mocker::MockerEngine;
 use dynamo_router::kv::{OVERHEAD_BUCKETS_US, OVERLAP_BUCKETS_BLOCKS};
 use dynamo_router::{DisaggRouter, KvRouterHandle};
+use dynamo_runtime::edge_metrics::{write_histogram as histogram, EdgeRegistry};
 use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
 use dynamo_runtime::{RequestContext, ResponseStream, Service};
 use futures::StreamExt;
@@ -113,6 +116,12 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     ("dynamo_engine_kv_transfer_bytes_total", "counter", "Bytes of KV blocks handed from prefill to decode workers, by direction"),
     ("dynamo_router_disagg_requests_total", "counter", "Requests of a disaggregated router by path: prefill (on a prefill worker), local (short prompt), fallback (no prefill worker), rejected"),
     ("dynamo_router_disagg_prefill_seconds_total", "counter", "Time spent waiting for prefill workers"),
+    ("dynamo_edge_messages_total", "counter", "Messages on an edge, by direction: request (calls) or response (streamed items)"),
+    ("dynamo_edge_bytes_total", "counter", "Serialised payload bytes on an edge, by direction (edges whose transport serialises)"),
+    ("dynamo_edge_errors_total", "counter", "Error responses on an edge (the call failed or its stream ended with an error)"),
+    ("dynamo_edge_inflight_requests", "gauge", "Calls on an edge whose response stream is still open"),
+    ("dynamo_edge_request_duration_seconds", "histogram", "Time from a call on an edge to the end of its response stream"),
+    ("dynamo_edge_first_response_seconds", "histogram", "Time from a call on an edge to its first response"),
 ];
 
 /// The family a sample belongs to: a histogram's `_bucket`, `_sum` and `_count` samples
@@ -128,23 +137,11 @@ fn family_of(sample: &str) -> &str {
     sample
 }
 
-/// Writes a Prometheus histogram from non-cumulative `counts` (one per bound, then the
-/// overflow): cumulative `_bucket{le}` lines, `+Inf`, `_sum` and `_count`.
-fn histogram(out: &mut String, name: &str, labels: &str, bounds: &[f64], counts: &[u64], sum: f64) {
-    let mut total = 0;
-    for (i, count) in counts.iter().enumerate() {
-        total += count;
-        let le = bounds.get(i).map_or("+Inf".to_string(), |b| b.to_string());
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {total}");
-    }
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-    let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
-}
-
 pub struct MetricsHub {
     engines: Mutex<Vec<(ReplicaId, Arc<MockerEngine>)>>,
     routers: Mutex<Vec<(ReplicaId, KvRouterHandle)>>,
     disagg: Mutex<Vec<(ReplicaId, Arc<DisaggRouter>)>>,
+    edges: Arc<EdgeRegistry>,
     peers: Vec<(String, PathBuf)>,
     peer_text: Mutex<String>,
 }
@@ -165,9 +162,15 @@ impl MetricsHub {
             engines: Mutex::new(Vec::new()),
             routers: Mutex::new(Vec::new()),
             disagg: Mutex::new(Vec::new()),
+            edges: Arc::default(),
             peers,
             peer_text: Mutex::new(String::new()),
         })
+    }
+
+    /// The counters of every edge this process calls through.
+    pub fn edges(&self) -> Arc<EdgeRegistry> {
+        self.edges.clone()
     }
 
     pub fn add_engine(&self, id: ReplicaId, engine: Arc<MockerEngine>) {
@@ -191,6 +194,7 @@ impl MetricsHub {
     /// Sample lines (no headers) of this process's engines and routers.
     pub fn local_samples(&self) -> String {
         let mut out = String::new();
+        self.edges.write_samples(&mut out);
         if let Ok(routers) = self.disagg.lock() {
             for (id, r) in routers.iter() {
                 let m = r.metrics();
@@ -456,6 +460,7 @@ mod tests {
             engines: Mutex::new(Vec::new()),
             routers: Mutex::new(Vec::new()),
             disagg: Mutex::new(Vec::new()),
+            edges: Arc::default(),
             peers: Vec::new(),
             peer_text: Mutex::new(String::new()),
         }

@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dynamo_graph::kinds::EdgeKind;
-use dynamo_graph::plan::{Plan, PlannedReplica, ReplicaId, Transport};
+use dynamo_graph::plan::{Plan, PlannedReplica, PortRef, ReplicaId, Transport};
 use dynamo_mocker::{KvImportService, PrefillService};
 use dynamo_protocol::{
     ChatRequest, KvStreamItem, KvSubscribe, KvTransfer, KvTransferAck, PrefillRequest,
     PrefillResult, TextDelta, TokenDelta, TokenRequest,
 };
+use dynamo_runtime::edge_metrics::{EdgeLabels, EdgeRegistry};
 use dynamo_runtime::transport::in_process::InProcessClient;
 use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
 use dynamo_runtime::transport::socket_server::SocketServer;
@@ -74,6 +75,8 @@ struct Ctx<'p> {
     clients: BTreeMap<String, SocketClient>,
     /// Present when a link of this process is on NATS.
     nats: Option<NatsSide>,
+    /// Counters of every edge this process calls through.
+    edges: Arc<EdgeRegistry>,
 }
 
 impl Ctx<'_> {
@@ -126,6 +129,25 @@ impl Ctx<'_> {
         }
     }
 
+    /// `client` (of edge `from -> to`, by `transport`), counted on the edge's metrics
+    /// for the replica that holds it.
+    fn metered<Req: Message, Resp: Message>(
+        &self,
+        client: Arc<dyn Service<Req, Resp>>,
+        (from, to): (&PortRef, &PortRef),
+        transport: Transport,
+        replica: u32,
+    ) -> Arc<dyn Service<Req, Resp>> {
+        let labels = EdgeLabels {
+            from: from.to_string(),
+            to: to.to_string(),
+            transport: transport.as_str().to_string(),
+            replica,
+            serialises: transport != Transport::InProcess,
+        };
+        self.edges.meter(labels, client)
+    }
+
     /// Also serve `port` of `replica` on NATS, when a link of the plan reaches it there.
     fn serve_nats<Req: Message, Resp: Message>(
         &mut self,
@@ -168,6 +190,8 @@ impl Ctx<'_> {
                     format!("{} -> {}", edge.from, edge.to),
                     local,
                 )?;
+                let client =
+                    self.metered(client, (&edge.from, &edge.to), link.transport, link.from);
                 if link.transport == Transport::Nats {
                     (over_nats.entry((edge.to.node.clone(), edge.to.port.clone())))
                         .or_default()
@@ -211,6 +235,7 @@ impl Ctx<'_> {
                     format!("{} ~> {}", edge.from, edge.to),
                     local,
                 )?;
+                let client = self.metered(client, (&edge.from, &edge.to), link.transport, link.to);
                 out.push((instance_id(&source), client));
             }
         }
@@ -309,18 +334,19 @@ pub async fn run(
         path: sock.clone(),
         message: e.to_string(),
     })?;
+    let hub = MetricsHub::new(&plan, process, run_dir);
     let mut ctx = Ctx {
         plan: &plan,
         run_dir,
         clients: BTreeMap::new(),
         nats: NatsSide::open(&plan, &me.replicas).await?,
+        edges: hub.edges(),
     };
     let mut chat: Local<ChatRequest, TextDelta> = Local::default();
     let mut tokens: Local<TokenRequest, TokenDelta> = Local::default();
     let mut kv_events: Local<KvSubscribe, KvStreamItem> = Local::default();
     let mut kv_in: Local<KvTransfer, KvTransferAck> = Local::default();
     let mut prefill_in: Local<PrefillRequest, PrefillResult> = Local::default();
-    let hub = MetricsHub::new(&plan, process, run_dir);
     let mut frontends = Vec::new();
     let mut tasks_before_ready = Vec::new();
     let order = callee_first(&plan);

@@ -86,6 +86,8 @@ impl Service<ChatRequest, TextDelta> for PreprocessorService {
             ctx,
             upstream: Some(upstream),
             span: span.clone(),
+            detokenize: None,
+            detokenize_ns: 0,
         };
         Box::pin(futures::stream::unfold(state, |mut s| {
             let span = s.span.clone();
@@ -110,6 +112,10 @@ struct TextStream {
     /// `None` once the stream is over; dropping it cancels the downstream call.
     upstream: Option<ResponseStream<TokenDelta>>,
     span: tracing::Span,
+    /// From the first token to the last: the detokenize span (one per request, not per
+    /// token, so tracing stays cheap), and the time spent in the detokenizer within it.
+    detokenize: Option<tracing::Span>,
+    detokenize_ns: u64,
 }
 
 impl TextStream {
@@ -161,11 +167,21 @@ impl TextStream {
         for lp in &delta.logprobs {
             self.unreported_logprobs.push(text_logprob(tokenizer, lp));
         }
+        if self.detokenize.is_none() {
+            self.detokenize = Some(tracing::info_span!(
+                parent: &self.span,
+                "detokenize",
+                tokens = tracing::field::Empty,
+                detokenize_us = tracing::field::Empty,
+            ));
+        }
+        let t0 = std::time::Instant::now();
         let text = self
             .detokenizer
             .push(tokenizer, &delta.token_ids)
             .map_err(|e| ServeError::internal(e.to_string()))?;
         let out = self.stop.push(&text);
+        self.detokenize_ns += u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         if out.stopped {
             // Dropping the upstream (in `finish`) cancels the engine's work.
             return Ok(Some(self.finish(out.text, FinishReason::Stop)));
@@ -212,6 +228,10 @@ impl TextStream {
         self.span
             .record("completion_tokens", self.completion_tokens);
         self.span.record("cached_tokens", self.cached_tokens);
+        if let Some(d) = self.detokenize.take() {
+            d.record("tokens", self.completion_tokens);
+            d.record("detokenize_us", self.detokenize_ns / 1000);
+        }
         TextDelta {
             text,
             tokens: std::mem::take(&mut self.unreported_tokens),
