@@ -60,6 +60,10 @@ pub fn command_line(
                 s("127.0.0.1"),
                 s("--port"),
                 port_s.clone(),
+                // Its default lets any new request (even `GET /v1/models`) cut off the
+                // completion in progress; a worker gets concurrent requests.
+                s("--interrupt_requests"),
+                s("False"),
             ],
         ),
         EngineKind::Vllm => (
@@ -214,7 +218,8 @@ mod tests {
         assert_eq!(c.program, "/venv/bin/python");
         assert_eq!(
             c.args.join(" "),
-            "-m llama_cpp.server --model /m/s.gguf --host 127.0.0.1 --port 7 --n_ctx 4096"
+            "-m llama_cpp.server --model /m/s.gguf --host 127.0.0.1 --port 7 \
+             --interrupt_requests False --n_ctx 4096"
         );
         assert!(c.env.is_empty(), "no GPUs, no CUDA_VISIBLE_DEVICES");
     }

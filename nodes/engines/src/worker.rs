@@ -3,7 +3,7 @@
 //! (restarted when it dies); the worker only takes requests while the engine's
 //! `/v1/models` answers.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +50,9 @@ pub struct ExternalEngine {
     http: reqwest::Client,
     tokenizer: Option<Arc<Tokenizer>>,
     ready: Arc<AtomicBool>,
+    /// Requests streaming now: while any is, the engine is alive and is not polled
+    /// (llama-cpp-python's server, by default, cuts a stream off at any new request).
+    inflight: Arc<AtomicUsize>,
     hub: Arc<KvEventHub>,
     supervisor: Option<Supervisor>,
     stop: CancellationToken,
@@ -148,10 +151,12 @@ impl ExternalEngine {
             ));
         }
         let ready = Arc::new(AtomicBool::new(true));
+        let inflight = Arc::new(AtomicUsize::new(0));
         tokio::spawn(health(
             http.clone(),
             base.clone(),
             ready.clone(),
+            inflight.clone(),
             stop.clone(),
         ));
         Ok(Arc::new(ExternalEngine {
@@ -161,6 +166,7 @@ impl ExternalEngine {
             http,
             tokenizer,
             ready,
+            inflight,
             hub,
             supervisor,
             stop,
@@ -239,12 +245,16 @@ async fn health(
     http: reqwest::Client,
     base: String,
     ready: Arc<AtomicBool>,
+    inflight: Arc<AtomicUsize>,
     stop: CancellationToken,
 ) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        if inflight.load(Ordering::Relaxed) > 0 {
+            continue;
         }
         let ok = served_model(&http, &base).await.is_ok();
         if ready.swap(ok, Ordering::Relaxed) != ok {
@@ -280,7 +290,9 @@ impl Service<TokenRequest, TokenDelta> for ExternalEngine {
             .send();
         let (tx, rx) = mpsc::channel(64);
         let tokenizer = self.tokenizer.clone();
+        let inflight = InFlight::new(self.inflight.clone());
         tokio::spawn(async move {
+            let _inflight = inflight;
             tokio::select! {
                 // Cancellation drops the HTTP response, which closes the engine request.
                 _ = ctx.cancelled() => {}
@@ -290,6 +302,22 @@ impl Service<TokenRequest, TokenDelta> for ExternalEngine {
         });
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
             .boxed()
+    }
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(n: Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

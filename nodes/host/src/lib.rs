@@ -9,6 +9,7 @@
 pub mod controller;
 pub mod endpoints;
 pub mod events;
+pub mod external;
 pub mod metrics;
 pub mod model;
 pub mod nats;
