@@ -2,7 +2,8 @@
 //! (llama-cpp-python 0.3.36, CPU) serving SmolLM2 behind our frontend, preprocessor and
 //! router, asked through the official `openai` client, streamed and not. Once launched and
 //! supervised by the worker (`graphs/llamacpp_server.toml`), once connected to by URL
-//! (a server this test starts itself).
+//! (a server this test starts itself). Killed, the launched engine is started again by
+//! the supervisor and the graph answers again.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -65,6 +66,64 @@ fn llamacpp_server_launched_by_the_worker_answers_through_our_graph() {
     let g = Graph::up(&graph_file(), &[&command]);
     let answer = ask(&g);
     assert!(answer.contains("Paris"), "{answer}");
+
+    // The engine dies: the supervisor starts it again and the graph answers again.
+    let worker = g.process_pid("worker-0").expect("the worker process");
+    let engine = engine_child(worker).expect("the engine is a child of the worker");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(engine),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the engine");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let restarted = loop {
+        match engine_child(worker) {
+            Some(pid) if pid != engine && answers(&g.url) => break pid,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the engine was not restarted, or the graph never answered again"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_ne!(restarted, engine);
+    let answer = ask(&g);
+    assert!(answer.contains("Paris"), "after the restart: {answer}");
+}
+
+/// The llama_cpp.server process whose parent is `parent`.
+fn engine_child(parent: i32) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+        let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+        let ppid: i32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        (ppid == parent && String::from_utf8_lossy(&cmd).contains("llama_cpp.server"))
+            .then_some(pid)
+    })
+}
+
+/// Whether one chat request through the graph succeeds.
+fn answers(url: &str) -> bool {
+    Command::new("curl")
+        .args([
+            "-sf",
+            "-o",
+            "/dev/null",
+            "-H",
+            "content-type: application/json",
+        ])
+        .arg("-d")
+        .arg(r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#)
+        .arg(format!("{url}/v1/chat/completions"))
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// A server the test started itself, killed when the test ends.
