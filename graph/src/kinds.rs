@@ -166,7 +166,21 @@ use Cardinality::{Stream, Unary};
 use Direction::{In, Out};
 
 pub const ROUTER_MODES: &[&str] = &["round-robin", "random", "least-loaded", "kv", "kv-approx"];
-pub const ENGINES: &[&str] = &["mocker", "native"];
+pub const ENGINES: &[&str] = &[
+    "mocker",
+    "native",
+    "openai",
+    "llamacpp-server",
+    "vllm",
+    "sglang",
+    "trtllm",
+];
+/// Engines that run as their own OpenAI-compatible server, launched or connected to.
+pub const EXTERNAL_ENGINES: &[&str] = &["openai", "llamacpp-server", "vllm", "sglang", "trtllm"];
+/// External engines that publish KV events over ZeroMQ (vLLM's `KVEventBatch` format).
+pub const ZMQ_EVENT_ENGINES: &[&str] = &["vllm", "sglang"];
+/// External engines that need a GPU when we launch them.
+pub const GPU_ENGINES: &[&str] = &["vllm", "sglang", "trtllm"];
 pub const DEVICES: &[&str] = &["cpu", "cuda"];
 
 const FRONTEND_SETTINGS: &[Field] = &[
@@ -319,6 +333,42 @@ const ENGINE_SETTINGS: &[Field] = &[
         "where the KV cache lives; `cuda` needs gpus >= 1",
     ),
     Field::opt("threads", POSITIVE, Some("1"), "native: compute threads"),
+    Field::opt(
+        "url",
+        Ty::Str,
+        None,
+        "external engines: base URL of an engine server already running (`http://host:port`); excludes the launch settings",
+    ),
+    Field::opt(
+        "command",
+        Ty::Str,
+        None,
+        "external engines: the program that launches the engine server (default per engine: `vllm`, `python3`, `trtllm-serve`)",
+    ),
+    Field::opt(
+        "extra_args",
+        Ty::Str,
+        None,
+        "external engines: arguments appended to the launch line, split on whitespace; `{port}` and `{model}` are replaced",
+    ),
+    Field::opt(
+        "port",
+        int(0, 65535),
+        Some("0"),
+        "external engines: the port the launched server listens on (0 picks a free one)",
+    ),
+    Field::opt(
+        "ready_timeout",
+        Ty::Duration,
+        Some("\"600s\""),
+        "external engines: how long a launched server may take to answer its health check",
+    ),
+    Field::opt(
+        "kv_events_endpoint",
+        Ty::Str,
+        None,
+        "vllm, sglang: the ZeroMQ endpoint the engine publishes KV events on (`tcp://127.0.0.1:5557`)",
+    ),
     Field::opt(
         "seed",
         NON_NEGATIVE,

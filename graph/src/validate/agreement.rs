@@ -56,7 +56,11 @@ fn routers(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
         if mode == "kv" {
             for &w in &workers {
                 let node = &r.spec.nodes[w];
-                if !kv_events(node) {
+                if let Some(d) =
+                    crate::validate::engines::kv_router_over_external(router, mode_span, node)
+                {
+                    diags.push(d);
+                } else if !kv_events(node) {
                     let span = node.setting_span("kv_events").unwrap_or(node.name.span);
                     diags.push(
                         Diagnostic::at(Code::E0301, span, format!("router `{}` routes by KV events, but `{}` publishes none", router.name.value, node.name.value))
@@ -249,7 +253,8 @@ fn engine_settings(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
             let engine = node.setting_str("engine").unwrap_or(ENGINES[0]);
             let useless: &[&str] = match engine {
                 "mocker" => &["threads"],
-                _ => &["speedup"],
+                "native" => &["speedup"],
+                _ => crate::validate::engines::IN_PROCESS_ONLY,
             };
             for key in useless {
                 if let Some(span) = node.setting_span(key) {

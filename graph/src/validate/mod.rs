@@ -1,6 +1,7 @@
 //! Validation as a list of small passes that each collect diagnostics.
 
 pub mod agreement;
+pub mod engines;
 pub mod resolve;
 pub mod topology;
 pub mod types;
@@ -16,4 +17,5 @@ pub const PASSES: &[(&str, Pass)] = &[
     ("port types", types::check),
     ("topology", topology::check),
     ("agreement", agreement::check),
+    ("engines", engines::check),
 ];

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod controller;
 pub mod endpoints;
 pub mod events;
+pub mod external;
 pub mod metrics;
 pub mod model;
 pub mod nats;

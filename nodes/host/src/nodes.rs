@@ -16,7 +16,11 @@ use dynamo_router::{
 };
 use dynamo_runtime::{InstanceSet, Service};
 
+use dynamo_engines::EngineKind;
+use dynamo_protocol::{KvStreamItem, KvSubscribe};
+
 use crate::endpoints::instance_id;
+use crate::events::EventsService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -30,7 +34,7 @@ pub enum BuildError {
     Invalid { node: String, message: String },
 }
 
-fn invalid(node: &PlannedNode, message: impl std::fmt::Display) -> BuildError {
+pub(crate) fn invalid(node: &PlannedNode, message: impl std::fmt::Display) -> BuildError {
     BuildError::Invalid {
         node: node.name.clone(),
         message: message.to_string(),
@@ -166,20 +170,56 @@ fn kv_layout(gguf: &GgufFile) -> dynamo_protocol::KvLayout {
 /// An input port that takes token requests.
 pub type TokenService = Arc<dyn Service<TokenRequest, TokenDelta>>;
 
-/// An engine replica of any kind (worker, prefill, decode): the mocker or the native engine.
-pub fn engine(
+/// An engine replica, built: its `in` and `events` ports, and the in-process engine behind
+/// them when there is one (prefill hand-off, KV import and metrics need it).
+pub struct BuiltEngine {
+    pub svc: TokenService,
+    pub events: Arc<dyn Service<KvSubscribe, KvStreamItem>>,
+    pub in_process: Option<Arc<MockerEngine>>,
+}
+
+impl BuiltEngine {
+    fn in_process(engine: Arc<MockerEngine>) -> Self {
+        BuiltEngine {
+            svc: engine.clone(),
+            events: Arc::new(EventsService::new(engine.clone())),
+            in_process: Some(engine),
+        }
+    }
+
+    /// The in-process engine a prefill or decode role needs (validation keeps external
+    /// engines out of those roles; this is the check at build time).
+    pub fn engine_for(&self, node: &PlannedNode) -> Result<Arc<MockerEngine>, BuildError> {
+        self.in_process.clone().ok_or_else(|| {
+            invalid(
+                node,
+                "an external engine can only be an aggregated worker (kind = \"worker\")",
+            )
+        })
+    }
+}
+
+/// An engine replica of any kind (worker, prefill, decode): the mocker, the native engine,
+/// or an external engine server (launched, or connected to; waits until it serves).
+pub async fn engine(
     node: &PlannedNode,
     replica: &PlannedReplica,
     model_file: &Path,
-) -> Result<(TokenService, Arc<MockerEngine>), BuildError> {
+) -> Result<BuiltEngine, BuildError> {
     match node.str("engine") {
-        Some("mocker") => {
-            let engine = Arc::new(mocker(node, replica, model_file)?);
-            Ok((engine.clone(), engine))
-        }
-        Some("native") => {
-            let engine = Arc::new(native(node, replica, model_file)?);
-            Ok((engine.clone(), engine))
+        Some("mocker") => Ok(BuiltEngine::in_process(Arc::new(mocker(
+            node, replica, model_file,
+        )?))),
+        Some("native") => Ok(BuiltEngine::in_process(Arc::new(native(
+            node, replica, model_file,
+        )?))),
+        Some(name) if name.parse::<EngineKind>().is_ok() => {
+            let engine = crate::external::start(node, replica, model_file).await?;
+            Ok(BuiltEngine {
+                svc: engine.clone(),
+                events: Arc::new(engine.events()),
+                in_process: None,
+            })
         }
         other => Err(invalid(
             node,

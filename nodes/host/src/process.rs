@@ -24,7 +24,6 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoints::{endpoint, instance_id, socket_path, METRICS_ENDPOINT};
-use crate::events::EventsService;
 use crate::metrics::{MetricsHub, MetricsService};
 use crate::nats::{NatsSetupError, NatsSide};
 use crate::nodes::{self, BuildError};
@@ -246,12 +245,12 @@ impl Ctx<'_> {
 /// A subscription port whose streams end when the process starts stopping: a stream of
 /// KV events never finishes on its own, and draining must not wait for it (over NATS no
 /// connection closes to end it, and the subscriber resubscribes anyway).
-struct UntilShutdown<S> {
-    inner: S,
+struct UntilShutdown<Req, Resp> {
+    inner: Arc<dyn Service<Req, Resp>>,
     shutdown: CancellationToken,
 }
 
-impl<Req: Message, Resp: Message, S: Service<Req, Resp>> Service<Req, Resp> for UntilShutdown<S> {
+impl<Req: Message, Resp: Message> Service<Req, Resp> for UntilShutdown<Req, Resp> {
     fn call(&self, req: Req, ctx: RequestContext) -> ResponseStream<Resp> {
         let stop = self.shutdown.clone().cancelled_owned();
         Box::pin(self.inner.call(req, ctx).take_until(stop))
@@ -367,9 +366,10 @@ pub async fn run(
         match node.kind.as_str() {
             "worker" | "prefill" | "decode" => {
                 let model = nodes::model_of(node, &plan.models)?;
-                let (svc, engine) = nodes::engine(node, replica, nodes::model_path(node, model)?)?;
+                let built = nodes::engine(node, replica, nodes::model_path(node, model)?).await?;
+                let svc = built.svc.clone();
                 let events: Arc<dyn Service<KvSubscribe, KvStreamItem>> = Arc::new(UntilShutdown {
-                    inner: EventsService::new(engine.clone()),
+                    inner: built.events.clone(),
                     shutdown: shutdown.clone(),
                 });
                 let events_ep = endpoint(&replica.id, "events");
@@ -383,7 +383,7 @@ pub async fn run(
                     // Its `kv` output reaches the decode workers, built before it.
                     let kv_out = ctx.outputs(replica, "kv", &kv_in)?;
                     let prefill: Arc<dyn Service<PrefillRequest, PrefillResult>> =
-                        Arc::new(PrefillService::new(engine.clone(), kv_out));
+                        Arc::new(PrefillService::new(built.engine_for(node)?, kv_out));
                     server
                         .register(&ep, prefill.clone())
                         .map_err(register_err)?;
@@ -392,7 +392,7 @@ pub async fn run(
                 } else {
                     if node.kind == "decode" {
                         let import: Arc<dyn Service<KvTransfer, KvTransferAck>> =
-                            Arc::new(KvImportService::new(engine.clone()));
+                            Arc::new(KvImportService::new(built.engine_for(node)?));
                         let kv_ep = endpoint(&replica.id, "kv");
                         server
                             .register(&kv_ep, import.clone())
@@ -403,7 +403,9 @@ pub async fn run(
                     ctx.serve_nats(&replica.id, "in", &svc)?;
                     tokens.services.insert(ep, svc);
                 }
-                hub.add_engine(replica.id.clone(), engine);
+                if let Some(engine) = built.in_process {
+                    hub.add_engine(replica.id.clone(), engine);
+                }
             }
             "router" => {
                 let block_size = worker_block_size(&plan, &replica.id.node);

@@ -26,18 +26,34 @@ pub fn block_hashes(tokens: &[u32], block_size: usize, seed: u64) -> Vec<BlockHa
     let mut buf = Vec::with_capacity(8 + block_size * 4);
     let mut parent: Option<BlockHash> = None;
     for chunk in tokens.chunks_exact(block_size) {
-        buf.clear();
-        // The root block has no parent; hashing a marker keeps it distinct from a child
-        // whose parent hash happens to be 0.
-        buf.extend_from_slice(&parent.map_or([0xff; 8], u64::to_le_bytes));
-        for t in chunk {
-            buf.extend_from_slice(&t.to_le_bytes());
-        }
-        let h = xxh3_64_with_seed(&buf, seed);
+        let h = hash_into(&mut buf, parent, chunk, seed);
         out.push(h);
         parent = Some(h);
     }
     out
+}
+
+/// The hash of one block of `tokens` whose parent block hashes to `parent` (`None` for
+/// the first block): the link [`block_hashes`] computes, for callers that learn blocks
+/// one at a time (an external engine's KV events).
+pub fn block_hash(parent: Option<BlockHash>, tokens: &[u32], seed: u64) -> BlockHash {
+    hash_into(
+        &mut Vec::with_capacity(8 + tokens.len() * 4),
+        parent,
+        tokens,
+        seed,
+    )
+}
+
+fn hash_into(buf: &mut Vec<u8>, parent: Option<BlockHash>, tokens: &[u32], seed: u64) -> BlockHash {
+    buf.clear();
+    // The root block has no parent; hashing a marker keeps it distinct from a child
+    // whose parent hash happens to be 0.
+    buf.extend_from_slice(&parent.map_or([0xff; 8], u64::to_le_bytes));
+    for t in tokens {
+        buf.extend_from_slice(&t.to_le_bytes());
+    }
+    xxh3_64_with_seed(buf, seed)
 }
 
 /// A block stored in a worker's cache.
@@ -103,6 +119,18 @@ mod tests {
         assert_ne!(ha[2], hb[2]);
         // A change in block 2 changes every later hash through the chain.
         assert_ne!(ha[3], hb[3]);
+    }
+
+    #[test]
+    fn one_block_at_a_time_matches_the_chain() {
+        let t: Vec<u32> = (0..48).collect();
+        let chain = block_hashes(&t, 16, 7);
+        let mut parent = None;
+        for (i, block) in t.chunks_exact(16).enumerate() {
+            let h = block_hash(parent, block, 7);
+            assert_eq!(h, chain[i]);
+            parent = Some(h);
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod tokens;
 pub use chat::{ChatMessage, ChatRequest, FinishReason, Prompt, TextDelta, TextLogprob, Usage};
 pub use disagg::{KvLayout, KvTransfer, KvTransferAck, PrefillRequest, PrefillResult};
 pub use kv::{
-    block_hashes, BlockHash, KvEvent, KvEventData, KvStreamItem, KvSubscribe, StoredBlock,
-    DEFAULT_BLOCK_HASH_SEED,
+    block_hash, block_hashes, BlockHash, KvEvent, KvEventData, KvStreamItem, KvSubscribe,
+    StoredBlock, DEFAULT_BLOCK_HASH_SEED,
 };
 pub use tokens::{SamplingOptions, StopConditions, TokenDelta, TokenLogprob, TokenRequest};

@@ -1,0 +1,252 @@
+//! The command line that launches each engine's own OpenAI-compatible server, built from
+//! the typed settings (pure, so every engine's line is unit-tested even where the engine
+//! cannot run).
+
+use std::path::Path;
+
+use crate::config::{EngineKind, Launch};
+
+/// A program, its arguments and its extra environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandLine {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LaunchError {
+    #[error("the openai engine has no default launch line: set `command` (and `extra_args` with {{port}} and {{model}})")]
+    NoCommand,
+    #[error("kv_events_endpoint `{0}` is not tcp://host:port")]
+    BadEndpoint(String),
+}
+
+/// vLLM's `--kv-events-config`: publish over ZeroMQ, binding the endpoint's port on all
+/// interfaces (vLLM binds when the address holds `*`, and connects otherwise).
+fn kv_events_config(endpoint: &str) -> Result<String, LaunchError> {
+    let port = endpoint
+        .strip_prefix("tcp://")
+        .and_then(|rest| rest.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .ok_or_else(|| LaunchError::BadEndpoint(endpoint.to_string()))?;
+    Ok(format!(
+        r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{port}"}}"#
+    ))
+}
+
+/// The launch line of `kind` serving `model` on 127.0.0.1:`port`.
+pub fn command_line(
+    kind: EngineKind,
+    launch: &Launch,
+    model: &Path,
+    port: u16,
+    block_size: usize,
+    kv_events: Option<&str>,
+) -> Result<CommandLine, LaunchError> {
+    let model_s = model.display().to_string();
+    let port_s = port.to_string();
+    let s = |v: &str| v.to_string();
+    let (default_program, mut args): (&str, Vec<String>) = match kind {
+        EngineKind::OpenAi => ("", Vec::new()),
+        EngineKind::LlamaCppServer => (
+            "python3",
+            vec![
+                s("-m"),
+                s("llama_cpp.server"),
+                s("--model"),
+                model_s.clone(),
+                s("--host"),
+                s("127.0.0.1"),
+                s("--port"),
+                port_s.clone(),
+                // Its default lets any new request (even `GET /v1/models`) cut off the
+                // completion in progress; a worker gets concurrent requests.
+                s("--interrupt_requests"),
+                s("False"),
+            ],
+        ),
+        EngineKind::Vllm => (
+            "vllm",
+            vec![
+                s("serve"),
+                model_s.clone(),
+                s("--host"),
+                s("127.0.0.1"),
+                s("--port"),
+                port_s.clone(),
+                s("--block-size"),
+                block_size.to_string(),
+            ],
+        ),
+        EngineKind::Sglang => (
+            "python3",
+            vec![
+                s("-m"),
+                s("sglang.launch_server"),
+                s("--model-path"),
+                model_s.clone(),
+                s("--host"),
+                s("127.0.0.1"),
+                s("--port"),
+                port_s.clone(),
+                s("--page-size"),
+                block_size.to_string(),
+            ],
+        ),
+        EngineKind::TrtLlm => (
+            "trtllm-serve",
+            vec![
+                model_s.clone(),
+                s("--host"),
+                s("127.0.0.1"),
+                s("--port"),
+                port_s.clone(),
+            ],
+        ),
+    };
+    if let (Some(ep), true) = (kv_events, kind.publishes_zmq_events()) {
+        args.push(s("--kv-events-config"));
+        args.push(kv_events_config(ep)?);
+    }
+    if let Some(extra) = &launch.extra_args {
+        args.extend(
+            extra
+                .split_whitespace()
+                .map(|a| a.replace("{port}", &port_s).replace("{model}", &model_s)),
+        );
+    }
+    let program = match (&launch.command, kind) {
+        (Some(c), _) => c.clone(),
+        (None, EngineKind::OpenAi) => return Err(LaunchError::NoCommand),
+        (None, _) => default_program.to_string(),
+    };
+    let mut env = Vec::new();
+    if !launch.gpus.is_empty() {
+        let ids: Vec<String> = launch.gpus.iter().map(u32::to_string).collect();
+        env.push((s("CUDA_VISIBLE_DEVICES"), ids.join(",")));
+    }
+    Ok(CommandLine { program, args, env })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(gpus: Vec<u32>, extra: Option<&str>) -> Launch {
+        Launch {
+            command: None,
+            extra_args: extra.map(str::to_string),
+            port: 0,
+            gpus,
+        }
+    }
+
+    #[test]
+    fn vllm_line_has_model_port_block_size_events_and_gpus() {
+        let l = launch(
+            vec![2, 3],
+            Some("--tensor-parallel-size 2 --max-model-len 4096"),
+        );
+        let c = command_line(
+            EngineKind::Vllm,
+            &l,
+            Path::new("/m/Qwen3-0.6B"),
+            8101,
+            16,
+            Some("tcp://127.0.0.1:5557"),
+        )
+        .expect("builds");
+        assert_eq!(c.program, "vllm");
+        assert_eq!(
+            c.args.join(" "),
+            "serve /m/Qwen3-0.6B --host 127.0.0.1 --port 8101 --block-size 16 \
+             --kv-events-config {\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://*:5557\"} \
+             --tensor-parallel-size 2 --max-model-len 4096"
+        );
+        assert_eq!(
+            c.env,
+            vec![("CUDA_VISIBLE_DEVICES".to_string(), "2,3".to_string())]
+        );
+    }
+
+    #[test]
+    fn sglang_uses_page_size_and_model_path() {
+        let c = command_line(
+            EngineKind::Sglang,
+            &launch(vec![0], None),
+            Path::new("/m/x"),
+            9000,
+            32,
+            None,
+        )
+        .expect("builds");
+        assert_eq!(c.program, "python3");
+        assert_eq!(
+            c.args.join(" "),
+            "-m sglang.launch_server --model-path /m/x --host 127.0.0.1 --port 9000 --page-size 32"
+        );
+    }
+
+    #[test]
+    fn trtllm_and_llamacpp_server_lines() {
+        let t = command_line(
+            EngineKind::TrtLlm,
+            &launch(vec![0], None),
+            Path::new("/m/x"),
+            1,
+            16,
+            Some("tcp://127.0.0.1:5557"),
+        )
+        .expect("builds");
+        assert_eq!(
+            t.args.join(" "),
+            "/m/x --host 127.0.0.1 --port 1",
+            "no events flag"
+        );
+        let mut l = launch(vec![], Some("--n_ctx 4096"));
+        l.command = Some("/venv/bin/python".to_string());
+        let c = command_line(
+            EngineKind::LlamaCppServer,
+            &l,
+            Path::new("/m/s.gguf"),
+            7,
+            16,
+            None,
+        )
+        .expect("builds");
+        assert_eq!(c.program, "/venv/bin/python");
+        assert_eq!(
+            c.args.join(" "),
+            "-m llama_cpp.server --model /m/s.gguf --host 127.0.0.1 --port 7 \
+             --interrupt_requests False --n_ctx 4096"
+        );
+        assert!(c.env.is_empty(), "no GPUs, no CUDA_VISIBLE_DEVICES");
+    }
+
+    #[test]
+    fn openai_needs_a_command_and_fills_placeholders() {
+        let l = launch(vec![], Some("serve --port={port} {model}"));
+        assert_eq!(
+            command_line(EngineKind::OpenAi, &l, Path::new("/m"), 5, 16, None),
+            Err(LaunchError::NoCommand)
+        );
+        let mut l = l;
+        l.command = Some("my-server".to_string());
+        let c = command_line(EngineKind::OpenAi, &l, Path::new("/m"), 5, 16, None).expect("builds");
+        assert_eq!(c.args, vec!["serve", "--port=5", "/m"]);
+    }
+
+    #[test]
+    fn a_bad_events_endpoint_is_an_error() {
+        let r = command_line(
+            EngineKind::Vllm,
+            &launch(vec![0], None),
+            Path::new("/m"),
+            5,
+            16,
+            Some("ipc:///tmp/x"),
+        );
+        assert!(matches!(r, Err(LaunchError::BadEndpoint(_))));
+    }
+}
