@@ -6,6 +6,7 @@ pub mod drain;
 pub mod edge;
 pub mod error;
 pub mod instances;
+pub mod kv_transfer;
 pub mod supervisor;
 pub mod telemetry;
 pub mod transport;

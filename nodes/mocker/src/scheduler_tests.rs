@@ -413,7 +413,7 @@ impl StepBackend for Recorder {
         1
     }
     fn export_blocks(&self, _: &[BlockId], _: &mut Vec<u8>) {}
-    fn import_blocks(&mut self, _: &[BlockId], _: &[u8]) -> Result<(), BackendError> {
+    fn import_blocks(&mut self, _: &[BlockId], _: &[&[u8]]) -> Result<(), BackendError> {
         Ok(())
     }
 }
