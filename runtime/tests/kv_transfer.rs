@@ -32,12 +32,13 @@ fn spawn_peer(job: &str) -> Child {
         .expect("start the peer process")
 }
 
-/// Reads the peer's stdout until a line starts with `prefix`; returns that line.
+/// Reads the peer's stdout until a line contains `prefix` (libtest may print its own
+/// `test … ` before it); returns the line from `prefix` on.
 fn wait_line(lines: &mut impl Iterator<Item = std::io::Result<String>>, prefix: &str) -> String {
     for line in lines.by_ref() {
         let line = line.expect("peer stdout");
-        if line.starts_with(prefix) {
-            return line;
+        if let Some(at) = line.find(prefix) {
+            return line[at..].to_string();
         }
     }
     panic!("the peer ended before printing `{prefix}`");

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use dynamo_runtime::kv_transfer::tcp::{recv_blocks, send_blocks};
+use dynamo_runtime::kv_transfer::tcp::{acknowledge, read_block, read_header, send_blocks};
 use dynamo_runtime::kv_transfer::{ShmPeers, ShmSegment};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -39,16 +39,25 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Seconds of `f`, median of `reps` after one warm-up.
-fn time(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-    f()?;
-    let mut xs = Vec::with_capacity(reps);
+/// Seconds of `a` and of `b`, alternated `reps` times after one warm-up each, so both
+/// see the same load (the development machine is shared): medians.
+fn alternate(
+    reps: usize,
+    mut a: impl FnMut() -> anyhow::Result<()>,
+    mut b: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, f64)> {
+    a()?;
+    b()?;
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
     for _ in 0..reps.max(1) {
         let t = Instant::now();
-        f()?;
-        xs.push(t.elapsed().as_secs_f64());
+        a()?;
+        ta.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        b()?;
+        tb.push(t.elapsed().as_secs_f64());
     }
-    Ok(median(xs))
+    Ok((median(ta), median(tb)))
 }
 
 /// The hand-off's block ids: spread over the pool, not contiguous.
@@ -56,47 +65,50 @@ fn block_ids(blocks: usize) -> Vec<u32> {
     (0..blocks).map(|i| ((i * 37) % POOL_BLOCKS) as u32).collect()
 }
 
+/// Bytes per second of a memcpy of the hand-off's bytes and of the shared-memory
+/// hand-off's copy out of the peer's mapped pool into the own pool.
 fn shm_figures(blocks: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
     let bytes = blocks * BLOCK_BYTES;
     let src = vec![0x5au8; bytes];
-    let mut dst = vec![0u8; bytes];
-    let memcpy = time(reps, || {
-        dst.copy_from_slice(std::hint::black_box(&src));
-        std::hint::black_box(&dst);
-        Ok(())
-    })?;
-
+    let mut dst = vec![0x11u8; bytes];
     let mut pool = ShmSegment::create("bench-kv", POOL_BLOCKS * BLOCK_BYTES)?;
     for (i, b) in pool.as_mut_slice().iter_mut().enumerate() {
         *b = i as u8;
     }
     let export = pool.export()?;
     let peers = ShmPeers::new();
-    let mut own = vec![0u8; POOL_BLOCKS * BLOCK_BYTES];
+    let mut own = vec![0x22u8; POOL_BLOCKS * BLOCK_BYTES];
     let ids = block_ids(blocks);
     let dest = block_ids(blocks).into_iter().rev().collect::<Vec<_>>();
-    let shm = time(reps, || {
-        // What the decode worker does per chunk: find the (once-mapped) pool, copy the
-        // listed blocks into its own pool's blocks.
-        let peer = peers.get(export.name())?;
-        for (&from, &to) in ids.iter().zip(&dest) {
-            let block = peer.block(from, BLOCK_BYTES)?;
-            let at = to as usize * BLOCK_BYTES;
-            own[at..at + BLOCK_BYTES].copy_from_slice(block);
-        }
-        std::hint::black_box(&own);
-        Ok(())
-    })?;
+    let (memcpy, shm) = alternate(
+        reps,
+        || {
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            Ok(())
+        },
+        || {
+            // What the decode worker does per hand-off: find the (once-mapped) pool, copy
+            // the listed blocks into its own pool's blocks.
+            let peer = peers.get(export.name())?;
+            for (&from, &to) in ids.iter().zip(&dest) {
+                let block = peer.block(from, BLOCK_BYTES)?;
+                let at = to as usize * BLOCK_BYTES;
+                own[at..at + BLOCK_BYTES].copy_from_slice(block);
+            }
+            std::hint::black_box(&own);
+            Ok(())
+        },
+    )?;
     Ok((bytes as f64 / memcpy, bytes as f64 / shm))
 }
 
-async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
-    let bytes = blocks * BLOCK_BYTES;
-    // Raw loopback: one connection, `bytes` written in 1 MiB writes, read and discarded,
-    // one byte back when all arrived.
+/// A raw loopback connection: the server reads `bytes` (1 MiB reads, discarded) and
+/// answers one byte.
+async fn raw_pair(bytes: usize) -> anyhow::Result<tokio::net::TcpStream> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let raw_server = tokio::spawn(async move {
+    tokio::spawn(async move {
         let (mut s, _) = listener.accept().await?;
         s.set_nodelay(true)?;
         let mut buf = vec![0u8; 1 << 20];
@@ -112,61 +124,66 @@ async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
             s.write_all(&[1]).await?;
         }
     });
-    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    let c = tokio::net::TcpStream::connect(addr).await?;
     c.set_nodelay(true)?;
-    let payload = vec![0x33u8; bytes];
-    let mut raw = Vec::new();
-    for _ in 0..=reps {
-        let t = Instant::now();
-        for chunk in payload.chunks(1 << 20) {
-            c.write_all(chunk).await?;
-        }
-        let mut ack = [0u8; 1];
-        c.read_exact(&mut ack).await?;
-        raw.push(t.elapsed().as_secs_f64());
-    }
-    raw.remove(0);
-    drop(c);
-    raw_server.await??;
+    Ok(c)
+}
 
-    // The block stream: blocks read from a pool, written into the receiver's pool.
+/// A block-stream connection: the server reads each hand-off's blocks straight into its
+/// own pool's blocks, as a decode worker does.
+async fn stream_pair(blocks: usize) -> anyhow::Result<tokio::net::TcpStream> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let recv_server = tokio::spawn(async move {
+    tokio::spawn(async move {
         let (mut s, _) = listener.accept().await?;
         s.set_nodelay(true)?;
         let mut own = vec![0u8; POOL_BLOCKS * BLOCK_BYTES];
         let dest: Vec<u32> = block_ids(blocks).into_iter().rev().collect();
-        loop {
-            let r = recv_blocks(&mut s, |i, b| {
+        while let Ok(header) = read_header(&mut s).await {
+            for i in 0..header.blocks {
                 let at = dest[i as usize % dest.len()] as usize * BLOCK_BYTES;
-                own[at..at + BLOCK_BYTES].copy_from_slice(b);
-            })
-            .await;
-            if r.is_err() {
-                return Ok::<_, std::io::Error>(());
+                read_block(&mut s, &header, i, &mut own[at..at + BLOCK_BYTES]).await?;
             }
+            acknowledge(&mut s, &header).await?;
         }
+        Ok::<_, anyhow::Error>(())
     });
+    let c = tokio::net::TcpStream::connect(addr).await?;
+    c.set_nodelay(true)?;
+    Ok(c)
+}
+
+/// Bytes per second of raw loopback TCP and of the TCP block stream, alternated.
+async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
+    let bytes = blocks * BLOCK_BYTES;
+    let mut raw = raw_pair(bytes).await?;
+    let mut stream = stream_pair(blocks).await?;
+    let payload = vec![0x33u8; bytes];
     let pool: Vec<u8> = (0..POOL_BLOCKS * BLOCK_BYTES).map(|i| i as u8).collect();
     let ids = block_ids(blocks);
-    let mut c = tokio::net::TcpStream::connect(addr).await?;
-    c.set_nodelay(true)?;
     let never = CancellationToken::new();
-    let mut stream = Vec::new();
+    let (mut traw, mut tstream) = (Vec::new(), Vec::new());
     for rep in 0..=reps {
+        let t = Instant::now();
+        for chunk in payload.chunks(1 << 20) {
+            raw.write_all(chunk).await?;
+        }
+        let mut ack = [0u8; 1];
+        raw.read_exact(&mut ack).await?;
+        traw.push(t.elapsed().as_secs_f64());
+
         let t = Instant::now();
         let refs: Vec<&[u8]> = ids
             .iter()
             .map(|&i| &pool[i as usize * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES])
             .collect();
-        send_blocks(&mut c, rep as u64, &refs, &never).await?;
-        stream.push(t.elapsed().as_secs_f64());
+        send_blocks(&mut stream, rep as u64, &refs, &never).await?;
+        tstream.push(t.elapsed().as_secs_f64());
     }
-    stream.remove(0);
-    drop(c);
-    recv_server.await??;
-    Ok((bytes as f64 / median(raw), bytes as f64 / median(stream)))
+    // The first of each is the warm-up.
+    traw.remove(0);
+    tstream.remove(0);
+    Ok((bytes as f64 / median(traw), bytes as f64 / median(tstream)))
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {

@@ -82,14 +82,62 @@ pub async fn send_blocks(
 /// Reads one hand-off from `stream`, handing each block to `on_block(index, bytes)` as it
 /// arrives (the buffer is reused: copy what you keep), then acknowledges the bytes.
 /// Returns the header. A stream that ends early is an error naming how far it got.
+/// [`read_header`], [`read_block`] and [`acknowledge`] do the same with each block read
+/// straight into its destination (no copy after the socket's).
 pub async fn recv_blocks(
     stream: &mut TcpStream,
     mut on_block: impl FnMut(u32, &[u8]),
 ) -> Result<BlockStreamHeader, KvTransferError> {
-    let peer = stream
+    let header = read_header(stream).await?;
+    let mut buf = vec![0u8; header.block_bytes as usize];
+    for i in 0..header.blocks {
+        read_block(stream, &header, i, &mut buf).await?;
+        on_block(i, &buf);
+    }
+    acknowledge(stream, &header).await?;
+    Ok(header)
+}
+
+fn peer_of(stream: &TcpStream) -> String {
+    stream
         .peer_addr()
         .map(|a| a.to_string())
-        .unwrap_or_else(|_| "a peer".into());
+        .unwrap_or_else(|_| "a peer".into())
+}
+
+/// Reads block `index` of the hand-off `header` into `dst` (`header.block_bytes` long).
+pub async fn read_block(
+    stream: &mut TcpStream,
+    header: &BlockStreamHeader,
+    index: u32,
+    dst: &mut [u8],
+) -> Result<(), KvTransferError> {
+    stream.read_exact(dst).await.map_err(|e| KvTransferError::Protocol {
+        peer: peer_of(stream),
+        message: format!(
+            "hand-off {} ended after {index} of {} blocks: {e}",
+            header.handoff, header.blocks
+        ),
+    })?;
+    Ok(())
+}
+
+/// Tells the sender every block of `header` arrived.
+pub async fn acknowledge(
+    stream: &mut TcpStream,
+    header: &BlockStreamHeader,
+) -> Result<(), KvTransferError> {
+    let total = u64::from(header.blocks) * u64::from(header.block_bytes);
+    let peer = peer_of(stream);
+    stream
+        .write_all(&total.to_le_bytes())
+        .await
+        .map_err(io(&peer))
+}
+
+/// Reads the header of the next hand-off.
+pub async fn read_header(stream: &mut TcpStream) -> Result<BlockStreamHeader, KvTransferError> {
+    let peer = peer_of(stream);
     let bad = |message: String| KvTransferError::Protocol {
         peer: peer.clone(),
         message,
@@ -111,21 +159,6 @@ pub async fn recv_blocks(
     if block_bytes > MAX_BLOCK_BYTES {
         return Err(bad(format!("a block of {block_bytes} bytes")));
     }
-    let mut buf = vec![0u8; block_bytes];
-    for i in 0..header.blocks {
-        stream.read_exact(&mut buf).await.map_err(|e| {
-            bad(format!(
-                "hand-off {} ended after {i} of {} blocks: {e}",
-                header.handoff, header.blocks
-            ))
-        })?;
-        on_block(i, &buf);
-    }
-    let total = u64::from(header.blocks) * block_bytes as u64;
-    stream
-        .write_all(&total.to_le_bytes())
-        .await
-        .map_err(io(&peer))?;
     Ok(header)
 }
 
