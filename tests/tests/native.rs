@@ -100,7 +100,8 @@ async fn cancel_midway(url: &str, after: std::time::Duration) {
     });
     let call = reqwest::Client::new()
         .post(format!("{url}/v1/chat/completions"))
-        .json(&body)
+        .header("content-type", "application/json")
+        .body(body.to_string())
         .send();
     // Dropping the future (or the response) closes the connection: the frontend cancels.
     let _ = tokio::time::timeout(after, async {

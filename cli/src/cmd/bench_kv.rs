@@ -62,7 +62,9 @@ fn alternate(
 
 /// The hand-off's block ids: spread over the pool, not contiguous.
 fn block_ids(blocks: usize) -> Vec<u32> {
-    (0..blocks).map(|i| ((i * 37) % POOL_BLOCKS) as u32).collect()
+    (0..blocks)
+        .map(|i| ((i * 37) % POOL_BLOCKS) as u32)
+        .collect()
 }
 
 /// Bytes per second of a memcpy of the hand-off's bytes and of the shared-memory
@@ -220,14 +222,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             bytes as f64 / 1e6,
             args.reps
         );
-        println!("  memcpy             {:6.2} GB/s  {:6.2} ms", gb(memcpy), ms(memcpy));
+        println!(
+            "  memcpy             {:6.2} GB/s  {:6.2} ms",
+            gb(memcpy),
+            ms(memcpy)
+        );
         println!(
             "  shm hand-off       {:6.2} GB/s  {:6.2} ms  {:4.0}% of memcpy",
             gb(shm),
             ms(shm),
             100.0 * shm / memcpy
         );
-        println!("  raw loopback TCP   {:6.2} GB/s  {:6.2} ms", gb(raw), ms(raw));
+        println!(
+            "  raw loopback TCP   {:6.2} GB/s  {:6.2} ms",
+            gb(raw),
+            ms(raw)
+        );
         println!(
             "  TCP hand-off       {:6.2} GB/s  {:6.2} ms  {:4.0}% of raw TCP",
             gb(tcp),

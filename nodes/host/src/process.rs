@@ -365,11 +365,10 @@ pub async fn run(
                 if node.kind == "prefill" {
                     // Its `kv` output reaches the decode workers, built before it.
                     let kv_out = ctx.outputs(replica, "kv", &kv_in)?;
-                    let prefill: Arc<dyn Service<PrefillRequest, PrefillResult>> =
-                        Arc::new(
-                            PrefillService::new(engine.clone(), kv_out)
-                                .with_shm_instances(shm_targets(&plan, replica, "kv")),
-                        );
+                    let prefill: Arc<dyn Service<PrefillRequest, PrefillResult>> = Arc::new(
+                        PrefillService::new(engine.clone(), kv_out)
+                            .with_shm_instances(shm_targets(&plan, replica, "kv")),
+                    );
                     server
                         .register(&ep, prefill.clone())
                         .map_err(register_err)?;

@@ -73,7 +73,9 @@ impl PinnedBlocks {
 impl Drop for PinnedBlocks {
     fn drop(&mut self) {
         // A stopped engine has nothing left to release.
-        let _ = self.control.send(Control::Unpin(std::mem::take(&mut self.ids)));
+        let _ = self
+            .control
+            .send(Control::Unpin(std::mem::take(&mut self.ids)));
     }
 }
 

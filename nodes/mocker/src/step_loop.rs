@@ -354,7 +354,8 @@ fn write_imported(
                     chain.len()
                 ));
             }
-            peer.blocks(blocks, block_bytes).map_err(|e| e.to_string())?
+            peer.blocks(blocks, block_bytes)
+                .map_err(|e| e.to_string())?
         }
     };
     backend.import_blocks(chain, &src).map_err(|e| e.0)

@@ -27,12 +27,20 @@ pub use shm::{ShmExport, ShmPeer, ShmPeers, ShmSegment};
 #[derive(Debug, thiserror::Error)]
 pub enum KvTransferError {
     #[error("creating a shared KV segment of {bytes} bytes: {source}")]
-    Create { bytes: usize, source: std::io::Error },
+    Create {
+        bytes: usize,
+        source: std::io::Error,
+    },
     #[error("exporting the KV pool `{name}`: {source}")]
-    Export { name: String, source: std::io::Error },
+    Export {
+        name: String,
+        source: std::io::Error,
+    },
     #[error("mapping the peer's KV pool `{name}`: {message}")]
     Map { name: String, message: String },
-    #[error("block {block} ({bytes} bytes each) lies outside the peer's pool `{name}` of {len} bytes")]
+    #[error(
+        "block {block} ({bytes} bytes each) lies outside the peer's pool `{name}` of {len} bytes"
+    )]
     OutOfRange {
         name: String,
         block: u32,
@@ -40,7 +48,10 @@ pub enum KvTransferError {
         len: usize,
     },
     #[error("the KV connection to {peer} failed: {source}")]
-    Io { peer: String, source: std::io::Error },
+    Io {
+        peer: String,
+        source: std::io::Error,
+    },
     #[error("the KV stream from {peer} is malformed: {message}")]
     Protocol { peer: String, message: String },
     #[error("the KV transfer was cancelled")]

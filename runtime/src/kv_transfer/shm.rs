@@ -37,8 +37,8 @@ impl ShmSegment {
     pub fn create(label: &str, len: usize) -> Result<ShmSegment, KvTransferError> {
         let len = len.max(4096);
         let err = |source| KvTransferError::Create { bytes: len, source };
-        let fd = memfd_create(label, MFdFlags::MFD_CLOEXEC)
-            .map_err(|e| err(std::io::Error::from(e)))?;
+        let fd =
+            memfd_create(label, MFdFlags::MFD_CLOEXEC).map_err(|e| err(std::io::Error::from(e)))?;
         let file = File::from(fd);
         file.set_len(len as u64).map_err(err)?;
         // SAFETY: the memfd is ours and sized above; other processes only ever map it
@@ -197,16 +197,25 @@ impl ShmPeer {
             name: name.to_string(),
             message,
         };
-        let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| fail(e.to_string()))?;
-        let conn = UnixStream::connect_addr(&addr)
-            .map_err(|e| fail(format!("no export answers ({e}); is its process on this machine?")))?;
+        let addr =
+            SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| fail(e.to_string()))?;
+        let conn = UnixStream::connect_addr(&addr).map_err(|e| {
+            fail(format!(
+                "no export answers ({e}); is its process on this machine?"
+            ))
+        })?;
         let mut header = [0u8; 8];
         let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
         let mut fd = None;
         let got = {
             let mut iov = [IoSliceMut::new(&mut header)];
-            let msg = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(space.as_mut_slice()), MsgFlags::MSG_CMSG_CLOEXEC)
-                .map_err(|e| fail(format!("receiving the descriptor: {e}")))?;
+            let msg = recvmsg::<()>(
+                conn.as_raw_fd(),
+                &mut iov,
+                Some(space.as_mut_slice()),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(|e| fail(format!("receiving the descriptor: {e}")))?;
             for cmsg in msg.cmsgs().map_err(|e| fail(e.to_string()))? {
                 if let ControlMessageOwned::ScmRights(fds) = cmsg {
                     for raw in fds {
@@ -226,11 +235,14 @@ impl ShmPeer {
         let file = File::from(fd);
         let real = file.metadata().map_err(|e| fail(e.to_string()))?.len();
         if real < len as u64 {
-            return Err(fail(format!("the segment has {real} bytes, the export says {len}")));
+            return Err(fail(format!(
+                "the segment has {real} bytes, the export says {len}"
+            )));
         }
         // SAFETY: a read-only shared mapping; the owner does not write the blocks we read
         // while a hand-off of them is open (it pins them until we answer).
-        let map = unsafe { MmapOptions::new().len(len).map(&file) }.map_err(|e| fail(e.to_string()))?;
+        let map =
+            unsafe { MmapOptions::new().len(len).map(&file) }.map_err(|e| fail(e.to_string()))?;
         Ok(ShmPeer {
             name: name.to_string(),
             map,
@@ -330,14 +342,23 @@ mod tests {
         let peer = peers.get(export.name()).unwrap();
         assert_eq!(peer.len(), seg.len());
         assert_eq!(peer.block(2, 4096).unwrap(), &seg.as_slice()[8192..12288]);
-        assert!(peer.block(4, 4096).is_err(), "a block past the end was read");
+        assert!(
+            peer.block(4, 4096).is_err(),
+            "a block past the end was read"
+        );
         // Written after the mapping: the peer sees it, there is no copy in between.
         seg.as_mut_slice()[8192] = 7;
-        assert_eq!(peers.get(export.name()).unwrap().block(2, 4096).unwrap()[0], 7);
+        assert_eq!(
+            peers.get(export.name()).unwrap().block(2, 4096).unwrap()[0],
+            7
+        );
         let name = export.name().to_string();
         drop(export);
         assert!(!peer.is_alive(), "the peer did not see the export go");
-        assert!(peers.get(&name).is_err(), "a dropped export was mapped again");
+        assert!(
+            peers.get(&name).is_err(),
+            "a dropped export was mapped again"
+        );
         assert!(ShmPeer::connect("dynamo-kv-nobody").is_err());
     }
 }

@@ -112,13 +112,16 @@ pub async fn read_block(
     index: u32,
     dst: &mut [u8],
 ) -> Result<(), KvTransferError> {
-    stream.read_exact(dst).await.map_err(|e| KvTransferError::Protocol {
-        peer: peer_of(stream),
-        message: format!(
-            "hand-off {} ended after {index} of {} blocks: {e}",
-            header.handoff, header.blocks
-        ),
-    })?;
+    stream
+        .read_exact(dst)
+        .await
+        .map_err(|e| KvTransferError::Protocol {
+            peer: peer_of(stream),
+            message: format!(
+                "hand-off {} ended after {index} of {} blocks: {e}",
+                header.handoff, header.blocks
+            ),
+        })?;
     Ok(())
 }
 
@@ -146,7 +149,10 @@ pub async fn read_header(stream: &mut TcpStream) -> Result<BlockStreamHeader, Kv
     stream.read_exact(&mut raw).await.map_err(io(&peer))?;
     let word = |i: usize| u32::from_le_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]);
     if word(0) != MAGIC {
-        return Err(bad(format!("not a KV block stream (magic {:#010x})", word(0))));
+        return Err(bad(format!(
+            "not a KV block stream (magic {:#010x})",
+            word(0)
+        )));
     }
     let mut id = [0u8; 8];
     id.copy_from_slice(&raw[4..12]);

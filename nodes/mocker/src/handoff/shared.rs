@@ -42,9 +42,8 @@ impl SharedHandoff {
             CancellationToken::new(),
         );
         let span = tracing::Span::current();
-        let task = tokio::spawn(
-            async move { self.send(hashes, pins, ctx, stop).await }.instrument(span),
-        );
+        let task =
+            tokio::spawn(async move { self.send(hashes, pins, ctx, stop).await }.instrument(span));
         task.await
             .map_err(|e| ServeError::internal(format!("the KV hand-off task failed: {e}")))?
     }
@@ -61,7 +60,9 @@ impl SharedHandoff {
         let chunks = hashes.len().div_ceil(self.chunk_blocks);
         tracing::Span::current().record("chunks", chunks);
         let mut bytes = 0;
-        let pairs = hashes.chunks(self.chunk_blocks).zip(pins.ids().chunks(self.chunk_blocks));
+        let pairs = hashes
+            .chunks(self.chunk_blocks)
+            .zip(pins.ids().chunks(self.chunk_blocks));
         for (i, (chunk, ids)) in pairs.enumerate() {
             if stop.is_cancelled() {
                 return Err(ServeError::cancelled());
@@ -84,7 +85,10 @@ impl SharedHandoff {
                 Some(Err(err)) => {
                     return Err(ServeError::new(
                         err.kind,
-                        format!("handing shared KV blocks to decode instance {decode}: {}", err.message),
+                        format!(
+                            "handing shared KV blocks to decode instance {decode}: {}",
+                            err.message
+                        ),
                     ))
                 }
                 None => {
