@@ -7,6 +7,7 @@ pub mod edge;
 pub mod edge_metrics;
 pub mod error;
 pub mod instances;
+pub mod kv_transfer;
 pub mod supervisor;
 pub mod telemetry;
 pub mod transport;

@@ -1,8 +1,10 @@
 //! The native engine end to end: `graphs/agg.toml` and `graphs/disagg.toml` as shipped
 //! (SmolLM2 computed in Rust), asked through the official `openai` client; in the
 //! disaggregated graph the prompt's KV blocks cross from the prefill process to the decode
-//! process and the greedy answer is the aggregated one; a repeated long prefix is served
-//! from the prefix cache.
+//! process (through shared memory: the plan picks `shm` for the kv edge) and the greedy
+//! answer is the aggregated one, also after a request cancelled in the middle of its
+//! prefill and hand-off; no shared-memory file is left behind; a repeated long prefix is
+//! served from the prefix cache.
 
 use std::process::Command;
 use std::time::Instant;
@@ -58,9 +60,68 @@ async fn metrics(client: &reqwest::Client, url: &str) -> String {
         .expect("metrics text")
 }
 
+/// The transports the plan of `graphs/disagg.toml` gives the `prefill.kv -> decode.kv` links.
+fn kv_transports() -> Vec<&'static str> {
+    let path = workspace().join("graphs/disagg.toml");
+    let text = std::fs::read_to_string(&path).expect("graphs/disagg.toml");
+    let checked = dynamo_graph::check(
+        dynamo_graph::SourceFile::new("disagg.toml", text),
+        &dynamo_graph::Environment::default(),
+    );
+    let plan = checked.plan.expect("disagg.toml is valid");
+    plan.edges
+        .iter()
+        .filter(|e| e.from.port == "kv")
+        .flat_map(|e| e.links.iter().map(|l| l.transport.as_str()))
+        .collect()
+}
+
+fn dev_shm() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Starts a streamed completion with a long prompt and drops it after `after`: the
+/// request is cancelled while its prompt is prefilled or its KV handed over.
+async fn cancel_midway(url: &str, after: std::time::Duration) {
+    let prompt = "Tell me everything about the history of Paris. ".repeat(60);
+    let body = serde_json::json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 64,
+        "stream": true,
+    });
+    let call = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send();
+    // Dropping the future (or the response) closes the connection: the frontend cancels.
+    let _ = tokio::time::timeout(after, async {
+        if let Ok(resp) = call.await {
+            let mut chunks = resp.bytes_stream();
+            while futures::StreamExt::next(&mut chunks).await.is_some() {}
+        }
+    })
+    .await;
+}
+
 #[test]
 fn aggregated_and_disaggregated_native_graphs_answer_paris_alike() {
     need_model();
+    assert_eq!(
+        kv_transports(),
+        ["shm"],
+        "the plan does not hand KV over shared memory"
+    );
+    let shm_before = dev_shm();
     let agg = Graph::up(&workspace().join("graphs/agg.toml"), &[]);
     let aggregated = ask(&agg);
     drop(agg);
@@ -72,6 +133,19 @@ fn aggregated_and_disaggregated_native_graphs_answer_paris_alike() {
         "greedy answers differ between the aggregated and the disaggregated graph"
     );
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    // Cancelled at several points of its prefill and hand-off, a request must leave the
+    // workers answering exactly as before.
+    for ms in [150, 400, 900] {
+        runtime.block_on(cancel_midway(
+            &disagg.url,
+            std::time::Duration::from_millis(ms),
+        ));
+    }
+    assert_eq!(
+        aggregated,
+        ask(&disagg),
+        "the disaggregated answer changed after cancelled requests"
+    );
     let m = runtime.block_on(metrics(&reqwest::Client::new(), &disagg.url));
     let sent = sum(
         &m,
@@ -91,6 +165,8 @@ fn aggregated_and_disaggregated_native_graphs_answer_paris_alike() {
         0,
         "not whole blocks: {sent}"
     );
+    drop(disagg);
+    assert_eq!(dev_shm(), shm_before, "the graph left files in /dev/shm");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

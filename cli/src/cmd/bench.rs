@@ -17,6 +17,9 @@ pub enum BenchCommand {
     /// The native engine on a GGUF model: prefill, decode, batched decode, cached TTFT and
     /// KV hand-off; with `--llamacpp`, llama.cpp on the same file in the same run.
     Engine(crate::cmd::bench_engine::Args),
+    /// The KV data plane: shared-memory hand-off against memcpy, TCP block streaming
+    /// against raw loopback TCP, on the KV of a 1,000-token SmolLM2 sequence.
+    KvTransfer(crate::cmd::bench_kv::Args),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -25,5 +28,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Serve(a) => crate::cmd::bench_serve::run(*a),
         BenchCommand::Replay(a) => crate::cmd::replay::run(*a),
         BenchCommand::Engine(a) => crate::cmd::bench_engine::run(a),
+        BenchCommand::KvTransfer(a) => crate::cmd::bench_kv::run(a),
     }
 }

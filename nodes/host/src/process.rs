@@ -3,7 +3,7 @@
 //! the process's Unix socket (and on NATS where a link reaches it over NATS), and say
 //! when it is ready.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -108,7 +108,10 @@ impl Ctx<'_> {
                     .ok_or(ProcessError::MissingLocal { edge, endpoint: ep })?;
                 Ok(InProcessClient::new(svc).into_service())
             }
-            Transport::Socket => {
+            // A shared-memory link's messages go over the local socket and carry only block
+            // ids; the bytes are read from the sender's mapped pool (the prefill service is
+            // told which instances these are: `shm_instances`).
+            Transport::Socket | Transport::Shm => {
                 let process = self
                     .plan
                     .replica(target)
@@ -123,7 +126,7 @@ impl Ctx<'_> {
             other => Err(ProcessError::Transport {
                 edge,
                 transport: other.as_str(),
-                issue: "the KV data plane is issue #8",
+                issue: "only the shared-memory KV data plane runs in `graph up` so far (issue #8)",
             }),
         }
     }
@@ -260,6 +263,25 @@ impl<Req: Message, Resp: Message> Service<Req, Resp> for UntilShutdown<Req, Resp
 /// A producer on a feedback edge: its instance id and the client that subscribes to it.
 type Source<Req, Resp> = (u64, Arc<dyn Service<Req, Resp>>);
 
+/// The instances behind `replica`'s output `port` that the plan reaches by shared memory.
+fn shm_targets(plan: &Plan, replica: &PlannedReplica, port: &str) -> BTreeSet<u64> {
+    plan.edges
+        .iter()
+        .filter(|e| e.from.node == replica.id.node && e.from.port == port)
+        .flat_map(|e| {
+            e.links
+                .iter()
+                .filter(|l| l.from == replica.id.index && l.transport == Transport::Shm)
+                .map(|l| {
+                    instance_id(&ReplicaId {
+                        node: e.to.node.clone(),
+                        index: l.to,
+                    })
+                })
+        })
+        .collect()
+}
+
 /// A router whose requests go through `prefill` and `decode` outputs.
 fn routes_disaggregated(plan: &Plan, router: &str) -> bool {
     plan.edges
@@ -382,8 +404,10 @@ pub async fn run(
                 if node.kind == "prefill" {
                     // Its `kv` output reaches the decode workers, built before it.
                     let kv_out = ctx.outputs(replica, "kv", &kv_in)?;
-                    let prefill: Arc<dyn Service<PrefillRequest, PrefillResult>> =
-                        Arc::new(PrefillService::new(built.engine_for(node)?, kv_out));
+                    let prefill: Arc<dyn Service<PrefillRequest, PrefillResult>> = Arc::new(
+                        PrefillService::new(built.engine_for(node)?, kv_out)
+                            .with_shm_instances(shm_targets(&plan, replica, "kv")),
+                    );
                     server
                         .register(&ep, prefill.clone())
                         .map_err(register_err)?;

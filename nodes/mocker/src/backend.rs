@@ -57,6 +57,14 @@ pub trait StepBackend: Send + 'static {
     /// Appends the bytes of `blocks`, in order, to `out`.
     fn export_blocks(&self, blocks: &[BlockId], out: &mut Vec<u8>);
 
-    /// Overwrites `blocks` with `bytes` (`blocks.len() * block_bytes()` of them).
-    fn import_blocks(&mut self, blocks: &[BlockId], bytes: &[u8]) -> Result<(), BackendError>;
+    /// Overwrites each of `blocks` with the matching slice of `src` (`block_bytes()` each;
+    /// slices of a message's payload, or of a peer's shared pool mapped in place).
+    fn import_blocks(&mut self, blocks: &[BlockId], src: &[&[u8]]) -> Result<(), BackendError>;
+
+    /// The export name of this backend's pool when it lives in shared memory another
+    /// process on this machine can map (block `id` at `id * block_bytes()`), so a hand-off
+    /// sends block ids instead of bytes.
+    fn shared_pool(&self) -> Option<String> {
+        None
+    }
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dynamo_protocol::{BlockHash, KvEvent, KvLayout, TokenDelta, TokenRequest};
+use dynamo_runtime::kv_transfer::ShmPeer;
 use dynamo_runtime::{telemetry, ErrorKind, RequestContext, ResponseStream, ServeError, Service};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -19,7 +20,7 @@ use crate::scheduler::{RequestLimits, Scheduler};
 use crate::sequence::NewSequence;
 use crate::stats::{MockerStats, StatsCell};
 use crate::step_loop::StepLoop;
-use crate::stream::{Control, DeltaStream};
+use crate::stream::{Control, DeltaStream, ImportBytes};
 
 /// Why the engine could not start.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -52,6 +53,30 @@ pub struct MockerEngine {
     task: Mutex<Option<Task>>,
     /// A real model computes the steps and holds real KV bytes.
     real_kv: bool,
+    /// The export name of the backend's pool when it is in shared memory.
+    shared_pool: Option<String>,
+}
+
+/// Blocks held for a hand-off from the shared pool; released when dropped.
+pub struct PinnedBlocks {
+    ids: Vec<crate::block_manager::BlockId>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+impl PinnedBlocks {
+    /// The pool ids, in the order of the hashes pinned.
+    pub fn ids(&self) -> &[crate::block_manager::BlockId] {
+        &self.ids
+    }
+}
+
+impl Drop for PinnedBlocks {
+    fn drop(&mut self) {
+        // A stopped engine has nothing left to release.
+        let _ = self
+            .control
+            .send(Control::Unpin(std::mem::take(&mut self.ids)));
+    }
 }
 
 /// Where the step loop runs: a tokio task for the mocker, its own thread for a model
@@ -83,6 +108,7 @@ impl MockerEngine {
         backend: Option<Box<dyn StepBackend>>,
     ) -> Result<MockerEngine, EngineError> {
         let real_kv = backend.is_some();
+        let shared_pool = backend.as_ref().and_then(|b| b.shared_pool());
         let scheduler = Scheduler::new(&config).map_err(EngineError::Config)?;
         let layout = config.layout();
         let block_bytes = usize::try_from(layout.bytes_per_block()).map_err(|_| {
@@ -133,6 +159,7 @@ impl MockerEngine {
             stop,
             task: Mutex::new(Some(task)),
             real_kv,
+            shared_pool,
         })
     }
 
@@ -143,6 +170,11 @@ impl MockerEngine {
     /// The shape of this worker's KV blocks (`config.layout()`).
     pub fn kv_layout(&self) -> KvLayout {
         self.layout
+    }
+
+    /// The export name of this worker's KV pool when a peer on this machine can map it.
+    pub fn shared_pool(&self) -> Option<&str> {
+        self.shared_pool.as_deref()
     }
 
     /// Bytes of one KV block of [`MockerEngine::kv_layout`].
@@ -185,6 +217,52 @@ impl MockerEngine {
             verify_transfer(&self.layout, self.block_bytes, layout, hashes, payload)
                 .map_err(|e| ServeError::invalid(e.to_string()))?;
         }
+        let bytes = if self.real_kv {
+            ImportBytes::Inline(payload.to_vec())
+        } else {
+            ImportBytes::None
+        };
+        self.import(parent, hashes, bytes, payload.len()).await
+    }
+
+    /// Caches blocks a prefill worker on this machine left in its shared pool: `blocks`
+    /// (one per hash) are read from `peer`'s mapping straight into this worker's pool.
+    /// Errors as [`MockerEngine::import_blocks`]; a worker without a real pool, or with
+    /// another layout, refuses with `InvalidRequest`.
+    pub async fn import_shared(
+        &self,
+        parent: Option<BlockHash>,
+        hashes: &[BlockHash],
+        peer: Arc<ShmPeer>,
+        blocks: Vec<u32>,
+        layout: &KvLayout,
+    ) -> Result<u32, ServeError> {
+        if !self.real_kv || *layout != self.layout {
+            return Err(ServeError::invalid(format!(
+                "shared KV blocks of {layout:?} cannot be imported by this worker ({:?}, {})",
+                self.layout,
+                if self.real_kv { "real KV" } else { "mocker" }
+            )));
+        }
+        if blocks.len() != hashes.len() {
+            return Err(ServeError::invalid(format!(
+                "{} shared block ids for {} hashes",
+                blocks.len(),
+                hashes.len()
+            )));
+        }
+        let bytes = hashes.len() * self.block_bytes;
+        self.import(parent, hashes, ImportBytes::Shared { peer, blocks }, bytes)
+            .await
+    }
+
+    async fn import(
+        &self,
+        parent: Option<BlockHash>,
+        hashes: &[BlockHash],
+        payload: ImportBytes,
+        payload_len: usize,
+    ) -> Result<u32, ServeError> {
         let count = u32::try_from(hashes.len())
             .map_err(|_| ServeError::invalid("too many blocks in one transfer"))?;
         let (reply, rx) = oneshot::channel();
@@ -192,18 +270,14 @@ impl MockerEngine {
         let import = Control::Import {
             parent,
             hashes: hashes.to_vec(),
-            payload: if self.real_kv {
-                payload.to_vec()
-            } else {
-                Vec::new()
-            },
+            payload,
             reply,
         };
         self.control.send(import).map_err(|_| stopped())?;
         match rx.await.map_err(|_| stopped())? {
             Ok(_) => {
                 self.stats
-                    .add_received(hashes.len() as u64, payload.len() as u64);
+                    .add_received(hashes.len() as u64, payload_len as u64);
                 Ok(count)
             }
             Err(err @ ImportError::OutOfBlocks(_)) => {
@@ -229,6 +303,26 @@ impl MockerEngine {
         rx.await
             .map_err(|_| stopped())?
             .map_err(|e| ServeError::new(ErrorKind::Overloaded, e))
+    }
+
+    /// Pins the cached blocks `hashes` (none is evicted or rewritten) until the answer is
+    /// dropped; their pool ids are what a peer mapping the shared pool reads.
+    pub async fn pin_blocks(&self, hashes: &[BlockHash]) -> Result<PinnedBlocks, ServeError> {
+        let (reply, rx) = oneshot::channel();
+        let stopped = || ServeError::unavailable("the engine is shut down");
+        let pin = Control::Pin {
+            hashes: hashes.to_vec(),
+            reply,
+        };
+        self.control.send(pin).map_err(|_| stopped())?;
+        let ids = rx
+            .await
+            .map_err(|_| stopped())?
+            .map_err(|e| ServeError::new(ErrorKind::Overloaded, e))?;
+        Ok(PinnedBlocks {
+            ids,
+            control: self.control.clone(),
+        })
     }
 
     /// Counts blocks this worker handed to a decode worker.

@@ -6,9 +6,14 @@
 //! [`KV_CHUNK_BLOCKS`], with bytes fabricated from each block's hash
 //! ([`crate::payload`]). The decode worker verifies every byte and caches the blocks
 //! under their hashes, so the router's ordinary `TokenRequest` finds them as a prefix hit.
+//!
+//! When the prefill engine's pool is in shared memory and the decode instance is on this
+//! machine (the plan chose `shm` for the link), chunks carry block ids instead of bytes
+//! and the decode worker copies the blocks out of the mapped pool ([`shared`]).
 
 mod kv_import;
 mod prefill;
+mod shared;
 
 pub use kv_import::KvImportService;
 pub use prefill::PrefillService;

@@ -382,6 +382,27 @@ impl Scheduler {
         }
     }
 
+    /// Takes one reference to each cached block of `hashes` (so none is evicted or
+    /// rewritten until [`Scheduler::unpin_blocks`]) and returns their ids; all or none:
+    /// `Err(i)` when block `i` is not cached.
+    pub fn pin_blocks(
+        &mut self,
+        hashes: &[dynamo_protocol::BlockHash],
+    ) -> Result<Vec<BlockId>, usize> {
+        let mut ids = Vec::with_capacity(hashes.len());
+        let taken = self.blocks.acquire_prefix(hashes, &mut ids);
+        if taken < hashes.len() {
+            self.blocks.release(&ids);
+            return Err(taken);
+        }
+        Ok(ids)
+    }
+
+    /// Drops the references [`Scheduler::pin_blocks`] took.
+    pub fn unpin_blocks(&mut self, ids: &[BlockId]) {
+        self.blocks.release(ids);
+    }
+
     /// The pool block caching `hash`, if any.
     pub fn block_of(&self, hash: dynamo_protocol::BlockHash) -> Option<BlockId> {
         self.blocks.block_of(hash)

@@ -413,7 +413,7 @@ impl StepBackend for Recorder {
         1
     }
     fn export_blocks(&self, _: &[BlockId], _: &mut Vec<u8>) {}
-    fn import_blocks(&mut self, _: &[BlockId], _: &[u8]) -> Result<(), BackendError> {
+    fn import_blocks(&mut self, _: &[BlockId], _: &[&[u8]]) -> Result<(), BackendError> {
         Ok(())
     }
 }
@@ -488,4 +488,29 @@ fn a_request_past_the_models_context_is_refused_before_it_is_queued() {
         "{err:?}"
     );
     assert!(err.to_string().contains("context of 64 tokens"), "{err}");
+}
+
+#[test]
+fn pinned_blocks_are_not_evicted_until_unpinned() {
+    // A prefill worker pins a hand-off's blocks while a decode worker copies them out of
+    // its shared pool: no import (or prefill) may take them meanwhile.
+    let cfg = config(4, 4);
+    let mut s = Scheduler::new(&cfg).unwrap();
+    let hashes = |first: u32, blocks: u32| {
+        let tokens: Vec<u32> = (first..first + 4 * blocks).collect();
+        dynamo_protocol::block_hashes(&tokens, 4, cfg.hash_seed)
+    };
+    let a = hashes(0, 2);
+    let b = hashes(100, 4);
+    s.import_blocks(None, &a).unwrap();
+    let pinned = s.pin_blocks(&a).unwrap();
+    assert_eq!(pinned.len(), 2);
+    assert!(
+        s.import_blocks(None, &b).is_err(),
+        "an import evicted pinned blocks"
+    );
+    assert_eq!(s.pin_blocks(&b), Err(0), "uncached blocks were pinned");
+    s.unpin_blocks(&pinned);
+    s.import_blocks(None, &b).unwrap();
+    assert_eq!(s.pin_blocks(&a), Err(0), "evicted blocks were pinned");
 }

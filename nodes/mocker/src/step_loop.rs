@@ -14,11 +14,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::StepBackend;
-use crate::block_manager::ImportError;
+use crate::block_manager::{BlockId, ImportError};
 use crate::scheduler::{Scheduler, SeqOutput};
 use crate::sequence::SeqId;
 use crate::stats::StatsCell;
-use crate::stream::{Control, DeltaResult};
+use crate::stream::{Control, DeltaResult, ImportBytes};
 use crate::timing::step_duration;
 
 /// Where a request's deltas go, and its cancellation, which the loop checks itself so a
@@ -204,6 +204,16 @@ impl StepLoop {
             Control::Export { hashes, reply } => {
                 let _ = reply.send(self.export(&hashes));
             }
+            Control::Pin { hashes, reply } => {
+                let pinned = self.core.pin_blocks(&hashes).map_err(|i| {
+                    format!(
+                        "block {i} of {} left the cache before its hand-off",
+                        hashes.len()
+                    )
+                });
+                let _ = reply.send(pinned);
+            }
+            Control::Unpin(ids) => self.core.unpin_blocks(&ids),
             Control::ClearCache => self.core.clear_cache(),
             Control::Snapshot(reply) => {
                 // Publish first, so the snapshot's last event id is one subscribers saw.
@@ -218,9 +228,9 @@ impl StepLoop {
             } => {
                 let mut result = self.core.import_blocks(parent, &hashes);
                 if let (Ok(imported), Some(backend)) = (&result, self.backend.as_mut()) {
-                    if let Err(err) = backend.import_blocks(&imported.chain, &payload) {
+                    if let Err(err) = write_imported(backend.as_mut(), &imported.chain, &payload) {
                         tracing::error!(%err, "writing imported KV blocks failed");
-                        result = Err(ImportError::Backend(err.0));
+                        result = Err(ImportError::Backend(err));
                     }
                 }
                 // Publish at once: the router may send the decode request right after the ack.
@@ -315,4 +325,39 @@ impl StepLoop {
         }
         self.publish();
     }
+}
+
+/// Writes the bytes of an import into the backend's pool blocks `chain`: one copy, from
+/// the message's payload or straight from the peer's mapped pool.
+fn write_imported(
+    backend: &mut dyn StepBackend,
+    chain: &[BlockId],
+    payload: &ImportBytes,
+) -> Result<(), String> {
+    let block_bytes = backend.block_bytes();
+    let src: Vec<&[u8]> = match payload {
+        ImportBytes::None => return Ok(()),
+        ImportBytes::Inline(bytes) => {
+            if bytes.len() != chain.len() * block_bytes {
+                return Err(format!(
+                    "{} bytes do not fill {} blocks of {block_bytes} bytes",
+                    bytes.len(),
+                    chain.len()
+                ));
+            }
+            bytes.chunks_exact(block_bytes.max(1)).collect()
+        }
+        ImportBytes::Shared { peer, blocks } => {
+            if blocks.len() != chain.len() {
+                return Err(format!(
+                    "{} shared block ids for {} blocks",
+                    blocks.len(),
+                    chain.len()
+                ));
+            }
+            peer.blocks(blocks, block_bytes)
+                .map_err(|e| e.to_string())?
+        }
+    };
+    backend.import_blocks(chain, &src).map_err(|e| e.0)
 }

@@ -31,15 +31,37 @@ pub(crate) enum Control {
         hashes: Vec<dynamo_protocol::BlockHash>,
         reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>,
     },
+    /// Take a reference to each cached block of `hashes` (all or none), so none is
+    /// evicted or rewritten while a peer reads it from the shared pool; answers their ids.
+    Pin {
+        hashes: Vec<dynamo_protocol::BlockHash>,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<crate::block_manager::BlockId>, String>>,
+    },
+    /// Drop the references a `Pin` took.
+    Unpin(Vec<crate::block_manager::BlockId>),
     /// Cache a chain of blocks handed over by a prefill worker (bytes already verified).
     Import {
         parent: Option<dynamo_protocol::BlockHash>,
         hashes: Vec<dynamo_protocol::BlockHash>,
-        /// The blocks' bytes, written into the pool by a real backend (empty for the mocker).
-        payload: Vec<u8>,
+        /// The blocks' bytes, written into the pool by a real backend (none for the mocker).
+        payload: ImportBytes,
         reply: tokio::sync::oneshot::Sender<
             Result<crate::block_manager::Imported, crate::block_manager::ImportError>,
         >,
+    },
+}
+
+/// Where the bytes of imported blocks are.
+#[derive(Debug)]
+pub(crate) enum ImportBytes {
+    /// The mocker keeps no bytes.
+    None,
+    /// In a message: `block_bytes` per block, back to back.
+    Inline(Vec<u8>),
+    /// In a peer's shared pool, mapped here.
+    Shared {
+        peer: std::sync::Arc<dynamo_runtime::kv_transfer::ShmPeer>,
+        blocks: Vec<u32>,
     },
 }
 

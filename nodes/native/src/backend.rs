@@ -4,6 +4,8 @@
 use dynamo_mocker::{BackendError, BlockId, StepBackend, StepSeq};
 use dynamo_protocol::TokenLogprob;
 
+use dynamo_runtime::kv_transfer::ShmExport;
+
 use crate::kv_pool::KvPool;
 use crate::model::{BatchSeq, Model};
 use crate::sampling::{logprobs, Sampler};
@@ -11,6 +13,8 @@ use crate::sampling::{logprobs, Sampler};
 pub struct NativeBackend {
     model: Model,
     kv: KvPool,
+    /// Serves `kv` to decode workers on this machine while the backend lives.
+    export: Option<ShmExport>,
     sampler: Sampler,
     logits: Vec<f32>,
     /// The last step's log-probabilities, when a request asked for them.
@@ -18,10 +22,17 @@ pub struct NativeBackend {
 }
 
 impl NativeBackend {
+    /// A backend over `kv`; its pool is offered to peers on this machine when it can
+    /// be exported (otherwise hand-offs carry the bytes, and the failure is logged).
     pub fn new(model: Model, kv: KvPool) -> NativeBackend {
+        let export = kv
+            .share()
+            .map_err(|e| tracing::warn!(error = %e, "native engine: KV pool not shared"))
+            .ok();
         NativeBackend {
             model,
             kv,
+            export,
             sampler: Sampler::default(),
             logits: Vec::new(),
             logprobs: Vec::new(),
@@ -79,16 +90,20 @@ impl StepBackend for NativeBackend {
         self.kv.export(blocks, out);
     }
 
-    fn import_blocks(&mut self, blocks: &[BlockId], bytes: &[u8]) -> Result<(), BackendError> {
-        if self.kv.import(blocks, bytes) {
+    fn import_blocks(&mut self, blocks: &[BlockId], src: &[&[u8]]) -> Result<(), BackendError> {
+        if self.kv.import(blocks, src) {
             Ok(())
         } else {
             Err(BackendError(format!(
-                "{} bytes do not fill {} blocks of {} bytes",
-                bytes.len(),
+                "{} slices do not fill {} blocks of {} bytes",
+                src.len(),
                 blocks.len(),
                 self.kv.block_bytes()
             )))
         }
+    }
+
+    fn shared_pool(&self) -> Option<String> {
+        self.export.as_ref().map(|e| e.name().to_string())
     }
 }

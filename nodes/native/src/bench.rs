@@ -120,7 +120,8 @@ pub fn kv_handoff(m: &Model, tokens: usize, reps: usize) -> Result<(f64, usize),
         bytes.clear();
         let started = Instant::now();
         from.export(blocks, &mut bytes);
-        let ok = to.import(blocks, &bytes);
+        let src: Vec<&[u8]> = bytes.chunks(from.block_bytes()).collect();
+        let ok = to.import(blocks, &src);
         times.push(started.elapsed().as_secs_f64());
         debug_assert!(ok);
     }

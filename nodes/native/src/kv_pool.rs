@@ -5,11 +5,13 @@
 //!
 //! A block is one contiguous run: `[layer][key|value][position][kv_head·head_dim]`, so
 //! handing a block to another worker is one copy, and within a layer the keys of a
-//! block's positions are adjacent rows. The pool is an anonymous mapping: pages cost
-//! memory only once a block is written, so a large pool is cheap until it fills.
+//! block's positions are adjacent rows. The pool is a shared-memory segment (a memfd,
+//! [`ShmSegment`]): pages cost memory only once a block is written, so a large pool is
+//! cheap until it fills, and a decode worker on this machine can map it
+//! ([`KvPool::share`]) and copy a prefill's blocks straight out of it.
 
 use dynamo_mocker::BlockId;
-use memmap2::MmapMut;
+use dynamo_runtime::kv_transfer::{ShmExport, ShmSegment};
 
 pub struct KvPool {
     layers: usize,
@@ -17,7 +19,7 @@ pub struct KvPool {
     kv_dim: usize,
     num_blocks: usize,
     /// `num_blocks` blocks of `block_elems()` f16 values (as bits).
-    map: MmapMut,
+    map: ShmSegment,
 }
 
 /// Bytes of one pool element.
@@ -32,8 +34,9 @@ impl KvPool {
         num_blocks: usize,
     ) -> std::io::Result<KvPool> {
         let elems = layers * 2 * block_size * kv_dim * num_blocks;
-        // A zero-length mapping is an error; keep one page for an empty pool.
-        let map = MmapMut::map_anon((elems * ELEM_BYTES).max(4096))?;
+        // A zero-length mapping is an error; the segment keeps one page for an empty pool.
+        let map = ShmSegment::create("dynamo-kv-pool", elems * ELEM_BYTES)
+            .map_err(std::io::Error::other)?;
         Ok(KvPool {
             layers,
             block_size,
@@ -41,6 +44,11 @@ impl KvPool {
             num_blocks,
             map,
         })
+    }
+
+    /// Serves the pool to peers on this machine (see [`ShmExport`]).
+    pub fn share(&self) -> std::io::Result<ShmExport> {
+        self.map.export().map_err(std::io::Error::other)
     }
 
     pub fn block_size(&self) -> usize {
@@ -62,11 +70,11 @@ impl KvPool {
 
     fn elems(&self) -> &[u16] {
         // Page-aligned and a multiple of 2 bytes long: the cast cannot fail.
-        bytemuck::cast_slice(&self.map[..])
+        bytemuck::cast_slice(self.map.as_slice())
     }
 
     fn elems_mut(&mut self) -> &mut [u16] {
-        bytemuck::cast_slice_mut(&mut self.map[..])
+        bytemuck::cast_slice_mut(self.map.as_mut_slice())
     }
 
     /// Index of the first element of `(block, layer, key|value)`.
@@ -104,20 +112,24 @@ impl KvPool {
         out.reserve(blocks.len() * n);
         for &b in blocks {
             let start = b as usize * n;
-            out.extend_from_slice(&self.map[start..start + n]);
+            out.extend_from_slice(&self.map.as_slice()[start..start + n]);
         }
     }
 
-    /// Overwrites `blocks` with `bytes`; false when the length or a block id is wrong.
-    pub fn import(&mut self, blocks: &[BlockId], bytes: &[u8]) -> bool {
+    /// Overwrites each of `blocks` with its slice of `src`; false when a slice's length
+    /// or a block id is wrong.
+    pub fn import(&mut self, blocks: &[BlockId], src: &[&[u8]]) -> bool {
         let n = self.block_bytes();
-        if bytes.len() != blocks.len() * n || blocks.iter().any(|&b| b as usize >= self.num_blocks)
+        if src.len() != blocks.len()
+            || src.iter().any(|s| s.len() != n)
+            || blocks.iter().any(|&b| b as usize >= self.num_blocks)
         {
             return false;
         }
-        for (&b, chunk) in blocks.iter().zip(bytes.chunks_exact(n)) {
+        let map = self.map.as_mut_slice();
+        for (&b, chunk) in blocks.iter().zip(src) {
             let start = b as usize * n;
-            self.map[start..start + n].copy_from_slice(chunk);
+            map[start..start + n].copy_from_slice(chunk);
         }
         true
     }
@@ -147,12 +159,14 @@ mod tests {
         pool.export(&table, &mut bytes);
         assert_eq!(bytes.len(), 2 * pool.block_bytes());
         let mut other = KvPool::new(2, 3, 4, 8).unwrap();
-        assert!(other.import(&[0, 7], &bytes));
+        let halves: Vec<&[u8]> = bytes.chunks(pool.block_bytes()).collect();
+        assert!(other.import(&[0, 7], &halves));
         assert_eq!(other.rows(7, 1, false), pool.rows(2, 1, false));
         assert_eq!(other.rows(0, 1, true), pool.rows(5, 1, true));
-        assert!(!other.import(&[0], &bytes), "length mismatch accepted");
+        assert!(!other.import(&[0], &halves), "count mismatch accepted");
+        assert!(!other.import(&[0], &[&bytes]), "length mismatch accepted");
         assert!(
-            !other.import(&[0, 8], &bytes),
+            !other.import(&[0, 8], &halves),
             "block out of range accepted"
         );
     }

@@ -70,6 +70,21 @@ pub struct KvTransfer {
     pub layout: KvLayout,
     /// The last chunk of this hand-off.
     pub last: bool,
+    /// Set when the bytes are not in `payload` (then empty) but in the sender's shared KV
+    /// pool on this machine: the decode worker reads them there, one copy into its own
+    /// pool. The pool is registered once per peer; a chunk carries only its name and ids.
+    #[serde(default)]
+    pub shared: Option<SharedBlocks>,
+}
+
+/// Blocks of a KV pool the receiver can map (a shared-memory segment on its machine).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedBlocks {
+    /// The pool's export name (the runtime's `ShmExport::name`).
+    pub pool: String,
+    /// Pool block ids, one per hash of the chunk, in chain order. The sender keeps them
+    /// unchanged until the receiver answered this chunk.
+    pub blocks: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,7 +15,9 @@ pub mod kv;
 pub mod tokens;
 
 pub use chat::{ChatMessage, ChatRequest, FinishReason, Prompt, TextDelta, TextLogprob, Usage};
-pub use disagg::{KvLayout, KvTransfer, KvTransferAck, PrefillRequest, PrefillResult};
+pub use disagg::{
+    KvLayout, KvTransfer, KvTransferAck, PrefillRequest, PrefillResult, SharedBlocks,
+};
 pub use kv::{
     block_hash, block_hashes, BlockHash, KvEvent, KvEventData, KvStreamItem, KvSubscribe,
     StoredBlock, DEFAULT_BLOCK_HASH_SEED,

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dynamo_protocol::{BlockHash, KvTransfer, KvTransferAck};
+use dynamo_runtime::kv_transfer::ShmPeers;
 use dynamo_runtime::{telemetry, RequestContext, ResponseStream, ServeError, Service};
 use tracing::Instrument;
 
@@ -57,6 +58,8 @@ impl OpenHandoffs {
 pub struct KvImportService {
     engine: Arc<MockerEngine>,
     handoffs: Arc<Mutex<OpenHandoffs>>,
+    /// The shared pools of prefill workers on this machine, each mapped once.
+    peers: Arc<ShmPeers>,
 }
 
 impl KvImportService {
@@ -64,6 +67,7 @@ impl KvImportService {
         KvImportService {
             engine,
             handoffs: Arc::new(Mutex::new(OpenHandoffs::default())),
+            peers: Arc::new(ShmPeers::new()),
         }
     }
 }
@@ -78,6 +82,7 @@ fn lock(handoffs: &Mutex<OpenHandoffs>) -> MutexGuard<'_, OpenHandoffs> {
 async fn import(
     engine: Arc<MockerEngine>,
     handoffs: Arc<Mutex<OpenHandoffs>>,
+    peers: Arc<ShmPeers>,
     transfer: KvTransfer,
     ctx: RequestContext,
 ) -> Result<KvTransferAck, ServeError> {
@@ -90,6 +95,7 @@ async fn import(
         payload,
         layout,
         last,
+        shared,
     } = transfer;
     let previous = {
         let mut open = lock(&handoffs);
@@ -97,9 +103,21 @@ async fn import(
         open.open.get(&handoff_id).copied()
     };
     let parent = previous.map(|p| p.last);
-    let result = engine
-        .import_blocks(parent, &hashes, &payload, &layout)
-        .await;
+    let result = match shared {
+        None => {
+            engine
+                .import_blocks(parent, &hashes, &payload, &layout)
+                .await
+        }
+        Some(shared) => match peers.get(&shared.pool) {
+            Ok(peer) => {
+                engine
+                    .import_shared(parent, &hashes, peer, shared.blocks, &layout)
+                    .await
+            }
+            Err(e) => Err(ServeError::unavailable(e.to_string())),
+        },
+    };
     let mut open = lock(&handoffs);
     match result {
         Ok(count) => {
@@ -150,7 +168,13 @@ impl Service<KvTransfer, KvTransferAck> for KvImportService {
             last = req.last,
         );
         telemetry::follow(&span, &ctx);
-        let fut = import(self.engine.clone(), self.handoffs.clone(), req, ctx);
+        let fut = import(
+            self.engine.clone(),
+            self.handoffs.clone(),
+            self.peers.clone(),
+            req,
+            ctx,
+        );
         Box::pin(futures::stream::once(fut.instrument(span)))
     }
 }

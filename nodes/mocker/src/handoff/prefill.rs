@@ -1,5 +1,6 @@
 //! The prefill worker's `in` port: prefill a prompt, hand its blocks to a decode worker.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use dynamo_protocol::{
@@ -10,6 +11,7 @@ use dynamo_runtime::{telemetry, InstanceSet, RequestContext, ResponseStream, Ser
 use futures::StreamExt;
 use tracing::Instrument;
 
+use super::shared::SharedHandoff;
 use super::KV_CHUNK_BLOCKS;
 use crate::engine::MockerEngine;
 
@@ -21,6 +23,7 @@ pub struct PrefillService {
     engine: Arc<MockerEngine>,
     kv: Arc<InstanceSet<KvTransfer, KvTransferAck>>,
     chunk_blocks: usize,
+    shm_instances: Arc<BTreeSet<u64>>,
 }
 
 impl PrefillService {
@@ -29,7 +32,15 @@ impl PrefillService {
             engine,
             kv,
             chunk_blocks: KV_CHUNK_BLOCKS,
+            shm_instances: Arc::default(),
         }
+    }
+
+    /// The decode instances reached through shared memory (same machine): when this
+    /// worker's pool is shared, they get block ids and copy the bytes themselves.
+    pub fn with_shm_instances(mut self, instances: BTreeSet<u64>) -> Self {
+        self.shm_instances = Arc::new(instances);
+        self
     }
 
     /// Blocks per `KvTransfer` (at least 1).
@@ -45,6 +56,7 @@ impl Service<PrefillRequest, PrefillResult> for PrefillService {
             engine: self.engine.clone(),
             kv: self.kv.clone(),
             chunk_blocks: self.chunk_blocks,
+            shm_instances: self.shm_instances.clone(),
         };
         // The prefill worker's hop: the engine's spans and the KV hand-off under it.
         let span = tracing::info_span!(
@@ -74,6 +86,7 @@ struct Prefill {
     engine: Arc<MockerEngine>,
     kv: Arc<InstanceSet<KvTransfer, KvTransferAck>>,
     chunk_blocks: usize,
+    shm_instances: Arc<BTreeSet<u64>>,
 }
 
 impl Prefill {
@@ -133,6 +146,21 @@ impl Prefill {
         hashes: &[dynamo_protocol::BlockHash],
         ctx: &RequestContext,
     ) -> Result<u64, ServeError> {
+        if let Some(pool) = self
+            .engine
+            .shared_pool()
+            .filter(|_| self.shm_instances.contains(&decode_instance))
+        {
+            let shared = SharedHandoff {
+                engine: self.engine.clone(),
+                kv: self.kv.clone(),
+                pool: pool.to_string(),
+                chunk_blocks: self.chunk_blocks,
+                handoff_id: handoff_id.to_string(),
+                decode_instance,
+            };
+            return shared.run(hashes, ctx).await;
+        }
         let block_bytes = self.engine.block_bytes();
         let layout = self.engine.kv_layout();
         let chunks = hashes.len().div_ceil(self.chunk_blocks);
@@ -153,6 +181,7 @@ impl Prefill {
                 payload,
                 layout,
                 last: i + 1 == chunks,
+                shared: None,
             };
             let mut answer = self
                 .kv

@@ -119,6 +119,7 @@ async fn a_corrupted_or_misshapen_transfer_is_refused() {
         payload: fabricate(&hashes, decode.block_bytes()),
         layout: decode.kv_layout(),
         last: true,
+        shared: None,
     };
     let call = |t: KvTransfer| {
         let stream = import.call(t, RequestContext::new("kv"));

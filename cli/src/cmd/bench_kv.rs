@@ -1,0 +1,249 @@
+//! `dynamo bench kv-transfer`: the KV data plane against the hardware's own figures,
+//! measured side by side in one run: a plain memcpy of the hand-off's bytes against the
+//! shared-memory hand-off (map the peer's pool once, copy the listed blocks into the own
+//! pool), and raw loopback TCP throughput against the TCP block stream.
+//!
+//! The payload is the KV of a SmolLM2-135M sequence (30 layers, 3 KV heads, head dim 64,
+//! f16, 16-token blocks): 1,000 tokens are 63 blocks, 23.2 MB.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use dynamo_runtime::kv_transfer::tcp::{acknowledge, read_block, read_header, send_blocks};
+use dynamo_runtime::kv_transfer::{ShmPeers, ShmSegment};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Tokens of the sequence handed off.
+    #[arg(long, default_value_t = 1000)]
+    tokens: usize,
+    /// Repetitions per figure; medians are reported.
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+/// SmolLM2-135M's KV per token: 2 (k, v) × 30 layers × 3 heads × 64 dims × 2 bytes.
+const TOKEN_BYTES: usize = 2 * 30 * 3 * 64 * 2;
+const BLOCK_TOKENS: usize = 16;
+const BLOCK_BYTES: usize = TOKEN_BYTES * BLOCK_TOKENS;
+/// Blocks in each pool: the hand-off's blocks are scattered over it, as in a busy pool.
+const POOL_BLOCKS: usize = 256;
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Seconds of `a` and of `b`, alternated `reps` times after one warm-up each, so both
+/// see the same load (the development machine is shared): medians.
+fn alternate(
+    reps: usize,
+    mut a: impl FnMut() -> anyhow::Result<()>,
+    mut b: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, f64)> {
+    a()?;
+    b()?;
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        a()?;
+        ta.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        b()?;
+        tb.push(t.elapsed().as_secs_f64());
+    }
+    Ok((median(ta), median(tb)))
+}
+
+/// The hand-off's block ids: spread over the pool, not contiguous.
+fn block_ids(blocks: usize) -> Vec<u32> {
+    (0..blocks)
+        .map(|i| ((i * 37) % POOL_BLOCKS) as u32)
+        .collect()
+}
+
+/// Bytes per second of a memcpy of the hand-off's bytes and of the shared-memory
+/// hand-off's copy out of the peer's mapped pool into the own pool.
+fn shm_figures(blocks: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
+    let bytes = blocks * BLOCK_BYTES;
+    let src = vec![0x5au8; bytes];
+    let mut dst = vec![0x11u8; bytes];
+    let mut pool = ShmSegment::create("bench-kv", POOL_BLOCKS * BLOCK_BYTES)?;
+    for (i, b) in pool.as_mut_slice().iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let export = pool.export()?;
+    let peers = ShmPeers::new();
+    let mut own = vec![0x22u8; POOL_BLOCKS * BLOCK_BYTES];
+    let ids = block_ids(blocks);
+    let dest = block_ids(blocks).into_iter().rev().collect::<Vec<_>>();
+    let (memcpy, shm) = alternate(
+        reps,
+        || {
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            Ok(())
+        },
+        || {
+            // What the decode worker does per hand-off: find the (once-mapped) pool, copy
+            // the listed blocks into its own pool's blocks.
+            let peer = peers.get(export.name())?;
+            for (&from, &to) in ids.iter().zip(&dest) {
+                let block = peer.block(from, BLOCK_BYTES)?;
+                let at = to as usize * BLOCK_BYTES;
+                own[at..at + BLOCK_BYTES].copy_from_slice(block);
+            }
+            std::hint::black_box(&own);
+            Ok(())
+        },
+    )?;
+    Ok((bytes as f64 / memcpy, bytes as f64 / shm))
+}
+
+/// A raw loopback connection: the server reads `bytes` (1 MiB reads, discarded) and
+/// answers one byte.
+async fn raw_pair(bytes: usize) -> anyhow::Result<tokio::net::TcpStream> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let mut left = bytes;
+            while left > 0 {
+                let n = s.read(&mut buf[..left.min(1 << 20)]).await?;
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(());
+                }
+                left -= n;
+            }
+            s.write_all(&[1]).await?;
+        }
+    });
+    let c = tokio::net::TcpStream::connect(addr).await?;
+    c.set_nodelay(true)?;
+    Ok(c)
+}
+
+/// A block-stream connection: the server reads each hand-off's blocks straight into its
+/// own pool's blocks, as a decode worker does.
+async fn stream_pair(blocks: usize) -> anyhow::Result<tokio::net::TcpStream> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        s.set_nodelay(true)?;
+        let mut own = vec![0u8; POOL_BLOCKS * BLOCK_BYTES];
+        let dest: Vec<u32> = block_ids(blocks).into_iter().rev().collect();
+        while let Ok(header) = read_header(&mut s).await {
+            for i in 0..header.blocks {
+                let at = dest[i as usize % dest.len()] as usize * BLOCK_BYTES;
+                read_block(&mut s, &header, i, &mut own[at..at + BLOCK_BYTES]).await?;
+            }
+            acknowledge(&mut s, &header).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    let c = tokio::net::TcpStream::connect(addr).await?;
+    c.set_nodelay(true)?;
+    Ok(c)
+}
+
+/// Bytes per second of raw loopback TCP and of the TCP block stream, alternated.
+async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
+    let bytes = blocks * BLOCK_BYTES;
+    let mut raw = raw_pair(bytes).await?;
+    let mut stream = stream_pair(blocks).await?;
+    let payload = vec![0x33u8; bytes];
+    let pool: Vec<u8> = (0..POOL_BLOCKS * BLOCK_BYTES).map(|i| i as u8).collect();
+    let ids = block_ids(blocks);
+    let never = CancellationToken::new();
+    let (mut traw, mut tstream) = (Vec::new(), Vec::new());
+    for rep in 0..=reps {
+        let t = Instant::now();
+        for chunk in payload.chunks(1 << 20) {
+            raw.write_all(chunk).await?;
+        }
+        let mut ack = [0u8; 1];
+        raw.read_exact(&mut ack).await?;
+        traw.push(t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        let refs: Vec<&[u8]> = ids
+            .iter()
+            .map(|&i| &pool[i as usize * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES])
+            .collect();
+        send_blocks(&mut stream, rep as u64, &refs, &never).await?;
+        tstream.push(t.elapsed().as_secs_f64());
+    }
+    // The first of each is the warm-up.
+    traw.remove(0);
+    tstream.remove(0);
+    Ok((bytes as f64 / median(traw), bytes as f64 / median(tstream)))
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let blocks = args.tokens.div_ceil(BLOCK_TOKENS);
+    anyhow::ensure!(
+        blocks <= POOL_BLOCKS,
+        "at most {} tokens",
+        POOL_BLOCKS * BLOCK_TOKENS
+    );
+    let bytes = blocks * BLOCK_BYTES;
+    let (memcpy, shm) = shm_figures(blocks, args.reps).context("the shared-memory figures")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (raw, tcp) = rt
+        .block_on(tcp_figures(blocks, args.reps))
+        .context("the TCP figures")?;
+    let gb = |bps: f64| bps / 1e9;
+    let ms = |bps: f64| bytes as f64 / bps * 1e3;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "tokens": args.tokens, "blocks": blocks, "bytes": bytes,
+                "memcpy_gbps": gb(memcpy), "shm_gbps": gb(shm), "shm_ratio": shm / memcpy,
+                "tcp_raw_gbps": gb(raw), "tcp_gbps": gb(tcp), "tcp_ratio": tcp / raw,
+            })
+        );
+    } else {
+        println!(
+            "KV of {} tokens: {blocks} blocks, {:.1} MB (medians of {})",
+            args.tokens,
+            bytes as f64 / 1e6,
+            args.reps
+        );
+        println!(
+            "  memcpy             {:6.2} GB/s  {:6.2} ms",
+            gb(memcpy),
+            ms(memcpy)
+        );
+        println!(
+            "  shm hand-off       {:6.2} GB/s  {:6.2} ms  {:4.0}% of memcpy",
+            gb(shm),
+            ms(shm),
+            100.0 * shm / memcpy
+        );
+        println!(
+            "  raw loopback TCP   {:6.2} GB/s  {:6.2} ms",
+            gb(raw),
+            ms(raw)
+        );
+        println!(
+            "  TCP hand-off       {:6.2} GB/s  {:6.2} ms  {:4.0}% of raw TCP",
+            gb(tcp),
+            ms(tcp),
+            100.0 * tcp / raw
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
