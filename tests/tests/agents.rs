@@ -87,6 +87,18 @@ to = "w2.in"
     path
 }
 
+/// Agents for `edge`, `m1`, `m2` (127.0.0.1, .2, .3), in that order.
+fn three_agents(etcd: &EtcdServer) -> Vec<Agent> {
+    [
+        ("edge", "127.0.0.1"),
+        ("m1", "127.0.0.2"),
+        ("m2", "127.0.0.3"),
+    ]
+    .iter()
+    .map(|(m, a)| Agent::start(m, a, &etcd.url()))
+    .collect()
+}
+
 fn graph_name() -> String {
     format!("three-{}", std::process::id())
 }
@@ -126,14 +138,7 @@ async fn a_graph_runs_across_three_agents_and_comes_down() {
     let etcd = EtcdServer::start();
     let nats = NatsServer::start();
     let file = three_machines(&nats.url(), "up");
-    let agents: Vec<Agent> = [
-        ("edge", "127.0.0.1"),
-        ("m1", "127.0.0.2"),
-        ("m2", "127.0.0.3"),
-    ]
-    .iter()
-    .map(|(m, a)| Agent::start(m, a, &etcd.url()))
-    .collect();
+    let agents = three_agents(&etcd);
     let g = Graph::up_with(&file, &[], &["--etcd", &etcd.url()]);
 
     // Each machine's agent started its own processes.
@@ -447,14 +452,7 @@ async fn etcd_and_nats_outages_restart_nothing() {
     let mut etcd = EtcdServer::start();
     let mut nats = NatsServer::start();
     let file = three_machines(&nats.url(), "outage");
-    let agents: Vec<Agent> = [
-        ("edge", "127.0.0.1"),
-        ("m1", "127.0.0.2"),
-        ("m2", "127.0.0.3"),
-    ]
-    .iter()
-    .map(|(m, a)| Agent::start(m, a, &etcd.url()))
-    .collect();
+    let agents = three_agents(&etcd);
     let mut g = Graph::up_with(&file, &[], &["--etcd", &etcd.url()]);
     let client = reqwest::Client::new();
     let before = graph_pids(&agents);
@@ -528,14 +526,7 @@ async fn a_worker_killed_on_another_machine_has_its_stream_migrated() {
     let etcd = EtcdServer::start();
     let nats = NatsServer::start();
     let file = three_machines(&nats.url(), "migrate");
-    let agents: Vec<Agent> = [
-        ("edge", "127.0.0.1"),
-        ("m1", "127.0.0.2"),
-        ("m2", "127.0.0.3"),
-    ]
-    .iter()
-    .map(|(m, a)| Agent::start(m, a, &etcd.url()))
-    .collect();
+    let agents = three_agents(&etcd);
     // Real-time workers, so an answer streams for seconds.
     let mut g = Graph::up_with(
         &file,
