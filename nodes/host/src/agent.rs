@@ -77,6 +77,8 @@ pub async fn run(
     let opts = Arc::new(opts);
     let mut hosted: BTreeMap<String, Hosted> = BTreeMap::new();
     let mut publish = tokio::time::interval(Duration::from_millis(500));
+    let mut plans: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut published = Published::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -85,12 +87,18 @@ pub async fn run(
                     break;
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
-                reconcile(&snapshot, &opts, &log, &statuses, &mut hosted);
+                // The prefix also holds every agent's reports, which change far more
+                // often than plans: only a change of plans is reconciled.
+                let current = plans_of(&snapshot);
+                if current != plans {
+                    plans = current;
+                    reconcile(&snapshot, &opts, &log, &statuses, &mut hosted);
+                }
             }
             _ = publish.tick() => {
                 let lease = lease.borrow().lease;
                 if let Some(lease) = lease {
-                    publish_statuses(&etcd, &statuses, lease).await;
+                    publish_statuses(&etcd, &statuses, lease, &mut published).await;
                 }
             }
         }
@@ -322,8 +330,29 @@ fn forget(statuses: &Statuses, plan: &Plan) {
     }
 }
 
-/// Writes every state under the agent's lease, and deletes those of stopped processes.
-async fn publish_statuses(etcd: &EtcdClient, statuses: &Statuses, lease: i64) {
+/// The plans in a snapshot of the graphs' prefix, by key.
+fn plans_of(snapshot: &Snapshot) -> BTreeMap<String, Vec<u8>> {
+    (snapshot.iter())
+        .filter(|(k, _)| k.ends_with("/plan"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// What this agent last wrote, and under which lease.
+#[derive(Default)]
+struct Published {
+    lease: i64,
+    values: BTreeMap<String, Vec<u8>>,
+}
+
+/// Writes the states that changed since the last call (all of them under a new lease),
+/// and deletes those of stopped processes.
+async fn publish_statuses(
+    etcd: &EtcdClient,
+    statuses: &Statuses,
+    lease: i64,
+    published: &mut Published,
+) {
     let (gone, current): (Vec<String>, Vec<(String, Vec<u8>)>) = statuses
         .lock()
         .map(|mut s| {
@@ -333,10 +362,21 @@ async fn publish_statuses(etcd: &EtcdClient, statuses: &Statuses, lease: i64) {
             (std::mem::take(&mut s.gone), current)
         })
         .unwrap_or_default();
+    if published.lease != lease {
+        published.lease = lease;
+        published.values.clear();
+    }
     for key in gone {
-        let _ = etcd.delete_prefix(&key).await;
+        if etcd.delete_prefix(&key).await.is_ok() {
+            published.values.remove(&key);
+        }
     }
     for (key, value) in current {
-        let _ = etcd.put(&key, &value, lease).await;
+        if published.values.get(&key) == Some(&value) {
+            continue;
+        }
+        if etcd.put(&key, &value, lease).await.is_ok() {
+            published.values.insert(key, value);
+        }
     }
 }
