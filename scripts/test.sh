@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-tests.sh
-cargo build --locked --bin dynamo
+# One build of every test target and binary: the same feature set as `cargo test`
+# below, so `cargo test` reuses it instead of compiling the workspace a second time.
+cargo build --locked --workspace --tests --bins
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
