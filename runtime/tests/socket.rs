@@ -587,3 +587,100 @@ async fn an_instance_set_of_socket_clients_round_robins_across_servers() {
         "{kinds:?}"
     );
 }
+
+/// Serves `count` and `echo` on TCP (loopback, a free port); the token stops it.
+fn serve_tcp() -> (
+    CancellationToken,
+    mpsc::UnboundedReceiver<String>,
+    std::net::SocketAddr,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut server = SocketServer::bind_tcp("127.0.0.1:0").expect("bind tcp");
+    server
+        .register::<Count, u32>("count", Arc::new(Counter { cancelled: tx }))
+        .expect("register count");
+    server
+        .register::<String, String>("echo", Arc::new(Echo))
+        .expect("register echo");
+    let addr = server.local_addr().expect("a TCP address");
+    assert_eq!(server.path(), Path::new(""));
+    let stop = CancellationToken::new();
+    tokio::spawn(server.serve(stop.clone()));
+    (stop, rx, addr)
+}
+
+#[tokio::test]
+async fn streams_and_cancellation_work_over_tcp_too() {
+    let (_stop, mut cancelled, addr) = serve_tcp();
+    let client = SocketClient::tcp(&addr.to_string(), SocketClientConfig::default());
+    let echo = client.endpoint::<String, String>("echo");
+    let got = collect(echo.call("over tcp".into(), RequestContext::new("t-1"))).await;
+    assert_eq!(
+        got[..2],
+        [Ok("over tcp".to_string()), Ok("t-1".to_string())]
+    );
+
+    // Dropping a stream mid-way cancels the server's side of it.
+    let count = client.endpoint::<Count, u32>("count");
+    let mut s = count.call(
+        Count {
+            from: 0,
+            n: 1_000,
+            delay_ms: 5,
+        },
+        RequestContext::new("dropped"),
+    );
+    assert_eq!(
+        tokio::time::timeout(LIMIT, s.next()).await.expect("first"),
+        Some(Ok(0))
+    );
+    drop(s);
+    let id = tokio::time::timeout(LIMIT, cancelled.recv())
+        .await
+        .expect("the server saw the cancellation");
+    assert_eq!(id.as_deref(), Some("dropped"));
+}
+
+#[tokio::test]
+async fn a_tcp_client_finds_a_server_that_moved() {
+    let (stop, _c, first) = serve_tcp();
+    let current = Arc::new(std::sync::Mutex::new(first.to_string()));
+    let lookups = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let resolve: dynamo_runtime::transport::socket_client::Resolve = {
+        let (current, lookups) = (current.clone(), lookups.clone());
+        Arc::new(move || {
+            lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let addr = current.lock().map(|a| a.clone()).unwrap_or_default();
+            Box::pin(async move { Ok(addr) })
+        })
+    };
+    let client = SocketClient::tcp_resolved("the peer", resolve, SocketClientConfig::default());
+    let echo = client.endpoint::<String, String>("echo");
+    let got = collect(echo.call("one".into(), RequestContext::new("a"))).await;
+    assert_eq!(got[0], Ok("one".to_string()));
+
+    // The server goes away: a call fails with a clear, retryable error naming the peer.
+    stop.cancel();
+    let deadline = Instant::now() + LIMIT;
+    let err = loop {
+        let got = collect(echo.call("two".into(), RequestContext::new("b"))).await;
+        match got.first() {
+            Some(Err(e)) => break e.clone(),
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => panic!("the stopped server still answers: {other:?}"),
+        }
+    };
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{err}");
+    assert!(err.message.contains("the peer"), "{err}");
+
+    // It comes back elsewhere; the next connect looks the address up again.
+    let (_stop2, _c2, second) = serve_tcp();
+    assert_ne!(first, second);
+    if let Ok(mut a) = current.lock() {
+        *a = second.to_string();
+    }
+    let before = lookups.load(std::sync::atomic::Ordering::SeqCst);
+    let got = collect(echo.call("three".into(), RequestContext::new("c"))).await;
+    assert_eq!(got[0], Ok("three".to_string()));
+    assert!(lookups.load(std::sync::atomic::Ordering::SeqCst) > before);
+}

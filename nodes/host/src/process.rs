@@ -1,7 +1,7 @@
 //! One planned process (`dynamo node run`): build its replicas callee-first, connect each
 //! output port with the transport of each link in the plan, serve every input port on
-//! the process's Unix socket (and on NATS where a link reaches it over NATS), and say
-//! when it is ready.
+//! the process's Unix socket (and on NATS where a link reaches it over NATS, and on a TCP
+//! listener where a `tcp` KV link does: [`crate::kv_tcp`]), and say when it is ready.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::Write;
@@ -24,6 +24,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoints::{endpoint, instance_id, socket_path, METRICS_ENDPOINT};
+use crate::kv_tcp::{self, KvTcpError, KvTcpSide};
 use crate::metrics::{MetricsHub, MetricsService};
 use crate::nats::{NatsSetupError, NatsSide};
 use crate::nodes::{self, BuildError};
@@ -43,6 +44,8 @@ pub enum ProcessError {
     },
     #[error(transparent)]
     Nats(#[from] NatsSetupError),
+    #[error(transparent)]
+    KvTcp(#[from] KvTcpError),
     #[error("edge {edge}: no local service at `{endpoint}` (the plan and the process disagree)")]
     MissingLocal { edge: String, endpoint: String },
     #[error("socket {path}: {message}")]
@@ -71,6 +74,8 @@ impl<Req, Resp> Default for Local<Req, Resp> {
 struct Ctx<'p> {
     plan: &'p Plan,
     run_dir: &'p Path,
+    /// The machine this process runs on.
+    machine: &'p str,
     clients: BTreeMap<String, SocketClient>,
     /// Present when a link of this process is on NATS.
     nats: Option<NatsSide>,
@@ -123,10 +128,18 @@ impl Ctx<'_> {
                 Some(nats) => Ok(nats.client::<Req, Resp>(target, port)),
                 None => Err(NatsSetupError::NoUrl { edge }.into()),
             },
+            Transport::Tcp => Ok(kv_tcp::client(
+                self.plan,
+                self.run_dir,
+                self.machine,
+                target,
+                port,
+                edge,
+            )?),
             other => Err(ProcessError::Transport {
                 edge,
                 transport: other.as_str(),
-                issue: "only the shared-memory KV data plane runs in `graph up` so far (issue #8)",
+                issue: "CUDA IPC needs a CUDA engine (issue #8)",
             }),
         }
     }
@@ -356,9 +369,11 @@ pub async fn run(
         message: e.to_string(),
     })?;
     let hub = MetricsHub::new(&plan, process, run_dir);
+    let mut kv_tcp = KvTcpSide::open(&plan, &me, run_dir)?;
     let mut ctx = Ctx {
         plan: &plan,
         run_dir,
+        machine: &me.machine,
         clients: BTreeMap::new(),
         nats: NatsSide::open(&plan, &me.replicas).await?,
         edges: hub.edges(),
@@ -420,6 +435,9 @@ pub async fn run(
                         let kv_ep = endpoint(&replica.id, "kv");
                         server
                             .register(&kv_ep, import.clone())
+                            .map_err(register_err)?;
+                        kv_tcp
+                            .serve(&replica.id, "kv", &import)
                             .map_err(register_err)?;
                         kv_in.services.insert(kv_ep, import);
                     }
@@ -519,6 +537,7 @@ pub async fn run(
         tasks.extend(nats.start(&shutdown).await.map_err(NatsSetupError::from)?);
     }
     tasks.push(tokio::spawn(server.serve(shutdown.clone())));
+    tasks.extend(kv_tcp.start(&shutdown).await);
     if !frontends.is_empty() {
         tasks.push(tokio::spawn(hub.clone().poll_peers(shutdown.clone())));
     }
@@ -542,6 +561,7 @@ pub async fn run(
     if let Some(nats) = ctx.nats.as_mut() {
         nats.close().await;
     }
+    kv_tcp.close().await;
     let _ = std::fs::remove_file(&sock);
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! The calling side of the local socket transport. One client holds one connection to a
-//! server and multiplexes every call over it; each endpoint handle is an
+//! The calling side of the socket transport (a Unix socket on one machine, TCP across
+//! machines). One client holds one connection to a server and multiplexes every call
+//! over it; each endpoint handle is an
 //! `Arc<dyn Service<Req, Resp>>`, so the node that holds it never sees the transport.
 //!
 //! If the connection dies, every stream in flight ends with `Unavailable` and the next
@@ -14,9 +15,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use tokio::net::unix::OwnedReadHalf;
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -65,9 +67,24 @@ pub struct SocketClient {
     inner: Arc<ClientInner>,
 }
 
+/// Finds a TCP server's `HOST:PORT` anew at every (re)connect: a peer that restarted
+/// elsewhere, or on another port, is found again.
+pub type Resolve = Arc<dyn Fn() -> BoxFuture<'static, Result<String, ServeError>> + Send + Sync>;
+
+enum Target {
+    Unix(PathBuf),
+    Tcp(Resolve),
+}
+
+/// A connection just made, before it is split.
+enum Dialed {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
 struct ClientInner {
-    path: PathBuf,
-    /// The path as text, for error messages.
+    target: Target,
+    /// The path (or the TCP peer's name) as text, for error messages.
     display: Arc<str>,
     config: SocketClientConfig,
     current: ArcSwapOption<Connection>,
@@ -101,10 +118,31 @@ impl SocketClient {
 
     /// A client that connects on its first call.
     pub fn lazy(path: impl AsRef<Path>, config: SocketClientConfig) -> Self {
+        Self::with_target(
+            Target::Unix(path.as_ref().to_path_buf()),
+            path.as_ref().display().to_string(),
+            config,
+        )
+    }
+
+    /// A client of the TCP server at `addr` (`HOST:PORT`), connecting on its first call.
+    pub fn tcp(addr: &str, config: SocketClientConfig) -> Self {
+        let fixed = addr.to_string();
+        let resolve: Resolve = Arc::new(move || futures::future::ready(Ok(fixed.clone())).boxed());
+        Self::with_target(Target::Tcp(resolve), addr.to_string(), config)
+    }
+
+    /// A client of a TCP server whose address `resolve` looks up at every (re)connect;
+    /// `name` says which peer it is in error messages.
+    pub fn tcp_resolved(name: &str, resolve: Resolve, config: SocketClientConfig) -> Self {
+        Self::with_target(Target::Tcp(resolve), name.to_string(), config)
+    }
+
+    fn with_target(target: Target, display: String, config: SocketClientConfig) -> Self {
         SocketClient {
             inner: Arc::new(ClientInner {
-                path: path.as_ref().to_path_buf(),
-                display: path.as_ref().display().to_string().into(),
+                target,
+                display: display.into(),
                 config,
                 current: ArcSwapOption::empty(),
                 reconnect: tokio::sync::Mutex::new(None),
@@ -113,8 +151,12 @@ impl SocketClient {
         }
     }
 
+    /// The socket file; empty for a TCP client.
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        match &self.inner.target {
+            Target::Unix(path) => path,
+            Target::Tcp(_) => Path::new(""),
+        }
     }
 
     /// A handle on one endpoint of the server, usable as any other output port.
@@ -146,8 +188,17 @@ impl ClientInner {
             }
         }
         match self.dial().await {
-            Ok(stream) => {
-                let conn = Connection::start(stream, &self.config);
+            Ok(dialed) => {
+                let conn = match dialed {
+                    Dialed::Unix(stream) => {
+                        let (rd, wr) = stream.into_split();
+                        Connection::start(rd, wr, &self.config)
+                    }
+                    Dialed::Tcp(stream) => {
+                        let (rd, wr) = stream.into_split();
+                        Connection::start(rd, wr, &self.config)
+                    }
+                };
                 self.current.store(Some(conn.clone()));
                 *last_failure = None;
                 Ok(conn)
@@ -159,14 +210,27 @@ impl ClientInner {
         }
     }
 
-    async fn dial(&self) -> Result<UnixStream, ServeError> {
+    async fn dial(&self) -> Result<Dialed, ServeError> {
         let timeout = self.config.connect_timeout;
-        match tokio::time::timeout(timeout, UnixStream::connect(&self.path)).await {
+        let connect = async {
+            match &self.target {
+                Target::Unix(path) => UnixStream::connect(path)
+                    .await
+                    .map(Dialed::Unix)
+                    .map_err(|e| format!("cannot connect to {}: {e}", self.display)),
+                Target::Tcp(resolve) => {
+                    let addr = resolve().await.map_err(|e| e.message)?;
+                    let stream = TcpStream::connect(&addr).await.map_err(|e| {
+                        format!("cannot connect to {} at {addr}: {e}", self.display)
+                    })?;
+                    let _ = stream.set_nodelay(true);
+                    Ok(Dialed::Tcp(stream))
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(e)) => Err(ServeError::unavailable(format!(
-                "cannot connect to {}: {e}",
-                self.display
-            ))),
+            Ok(Err(message)) => Err(ServeError::unavailable(message)),
             Err(_) => Err(ServeError::unavailable(format!(
                 "connecting to {} timed out after {timeout:?}",
                 self.display
@@ -195,8 +259,11 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    fn start(stream: UnixStream, config: &SocketClientConfig) -> Arc<Self> {
-        let (rd, wr) = stream.into_split();
+    fn start<R, W>(rd: R, wr: W, config: &SocketClientConfig) -> Arc<Self>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (out, queue) = mpsc::channel(config.write_queue.max(1));
         let conn = Arc::new(Connection {
             out,
@@ -237,7 +304,7 @@ impl Connection {
 
 /// Routes incoming frames to their streams until the connection ends, then drops every
 /// stream's sender so each one ends with `Unavailable`.
-async fn read_frames(rd: OwnedReadHalf, conn: Arc<Connection>) {
+async fn read_frames<R: AsyncRead + Unpin>(rd: R, conn: Arc<Connection>) {
     let mut frames = FramedRead::new(rd, frame::codec());
     loop {
         let next = tokio::select! {

@@ -1,5 +1,6 @@
-//! The serving side of the local socket transport: one Unix socket, any number of named
-//! endpoints, any number of concurrent request streams per connection.
+//! The serving side of the socket transport: one Unix socket (same machine) or one TCP
+//! listener (across machines: the KV data plane), any number of named endpoints, any
+//! number of concurrent request streams per connection.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +34,11 @@ pub enum ServerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr}: {source}")]
+    BindTcp {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("socket {path} is already served by a live process")]
     InUse { path: PathBuf },
     #[error("endpoint `{0}` is registered twice")]
@@ -50,7 +57,8 @@ pub enum ServerError {
 /// # Ok(()) }
 /// ```
 pub struct SocketServer {
-    listener: UnixListener,
+    listener: Listener,
+    /// The socket file (empty for TCP).
     path: PathBuf,
     endpoints: HashMap<String, Arc<dyn Endpoint>>,
     drain: Drain,
@@ -72,17 +80,43 @@ impl SocketServer {
             path: path.clone(),
             source,
         })?;
-        Ok(SocketServer {
+        Ok(Self::on(Listener::Unix(listener), path))
+    }
+
+    /// Listens on TCP `addr` (`HOST:PORT`; port 0 picks a free one: see
+    /// [`SocketServer::local_addr`]). Must be called inside a tokio runtime.
+    pub fn bind_tcp(addr: &str) -> Result<Self, ServerError> {
+        let bind_err = |source| ServerError::BindTcp {
+            addr: addr.to_string(),
+            source,
+        };
+        let std = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+        std.set_nonblocking(true).map_err(bind_err)?;
+        let listener = TcpListener::from_std(std).map_err(bind_err)?;
+        Ok(Self::on(Listener::Tcp(listener), PathBuf::new()))
+    }
+
+    fn on(listener: Listener, path: PathBuf) -> Self {
+        SocketServer {
             listener,
             path,
             endpoints: HashMap::new(),
             drain: Drain::new(),
             drain_timeout: Duration::from_secs(10),
-        })
+        }
     }
 
+    /// The socket file; empty for a TCP server.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The TCP address this server listens on (`None` for a Unix socket).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.listener {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(_) => None,
+        }
     }
 
     /// How long `serve` waits for in-flight requests after shutdown before cancelling them.
@@ -120,20 +154,17 @@ impl SocketServer {
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                a = self.listener.accept() => a,
+                a = self.listener.accept(shared.clone()) => a,
             };
-            match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, shared.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(path = %self.path.display(), error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            if let Err(e) = accepted {
+                tracing::warn!(path = %self.path.display(), error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        if matches!(self.listener, Listener::Unix(_)) {
+            let _ = std::fs::remove_file(&self.path);
+        }
         drop(self.listener);
-        let _ = std::fs::remove_file(&self.path);
         self.drain.start_draining();
         if !self.drain.wait_idle(self.drain_timeout).await {
             tracing::warn!(
@@ -142,6 +173,32 @@ impl SocketServer {
             );
         }
         shared.hard_stop.cancel();
+    }
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Accepts one connection and serves it on a task of its own.
+    async fn accept(&self, shared: Arc<Shared>) -> std::io::Result<()> {
+        match self {
+            Listener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                let (rd, wr) = stream.into_split();
+                tokio::spawn(serve_connection(rd, wr, shared));
+            }
+            Listener::Tcp(l) => {
+                let (stream, _) = l.accept().await?;
+                // Frames are whole messages, written in batches: Nagle only delays them.
+                let _ = stream.set_nodelay(true);
+                let (rd, wr) = stream.into_split();
+                tokio::spawn(serve_connection(rd, wr, shared));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -165,8 +222,11 @@ struct StreamEntry {
     window: u32,
 }
 
-async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
-    let (rd, wr) = stream.into_split();
+async fn serve_connection<R, W>(rd: R, wr: W, shared: Arc<Shared>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (out, queue) = mpsc::channel(WRITE_QUEUE);
     let conn = Arc::new(Conn {
         out,
