@@ -586,6 +586,62 @@ fn ctrl_c_stops_every_process() {
     assert!(!alive, "the worker process outlived graph up");
 }
 
+#[test]
+fn ctrl_c_while_starting_stops_what_was_started() {
+    need_model();
+    let mut up = Command::new(dynamo_tests::dynamo_bin())
+        .args(["graph", "up", "--offline", "--admin", "off"])
+        .arg(agg())
+        .args(["--set", "frontend.port=0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("graph up starts");
+    // SIGINT as soon as the first process exists, before the graph serves.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let started = loop {
+        let children = dynamo_tests::children_of(up.id());
+        if !children.is_empty() {
+            break children;
+        }
+        assert!(Instant::now() < deadline, "graph up started no process");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let pid = nix::unistd::Pid::from_raw(up.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Ok(Some(status)) = up.try_wait() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "graph up ignored SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = up.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+    }
+    // Interrupted while starting (130), or it had just finished starting and stopped the
+    // graph in order (0): either way nothing it started may outlive it.
+    assert!(
+        matches!(status.code(), Some(130) | Some(0)),
+        "{status:?}: {stderr}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for child in started {
+        while std::path::Path::new(&format!("/proc/{child}")).exists()
+            && std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "process {child} outlived graph up: {stderr}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mocker_reports_the_log_probabilities_of_its_uniform_draw() {
     need_model();

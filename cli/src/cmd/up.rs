@@ -10,6 +10,7 @@ use anyhow::Context;
 use dynamo_host::controller::{self, Progress, UpOptions};
 use dynamo_runtime::supervisor::{EventKind, OutputStream};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cmd::graph::{load, local_environment, INVALID};
 use crate::cmd::model;
@@ -110,6 +111,11 @@ async fn serve(
     interactive: bool,
     admin: String,
 ) -> anyhow::Result<ExitCode> {
+    // Listen before anything starts: a Ctrl-C or SIGTERM that arrives while the graph
+    // starts (or just after it says it serves) is then held for the loop below, instead of
+    // killing this process with its default action and orphaning what it started.
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let multi = MultiProgress::new();
     let bars: Arc<std::sync::Mutex<std::collections::BTreeMap<String, ProgressBar>>> =
         Arc::default();
@@ -145,7 +151,20 @@ async fn serve(
             }
         })
     };
-    let mut running = match controller::up(&plan, &opts, log, progress).await {
+    let started = tokio::select! {
+        r = controller::up(&plan, &opts, log, progress) => r,
+        // Dropping the start kills what it started (the runtime drops the supervisor's
+        // tasks, and each child is killed with its task).
+        _ = int.recv() => {
+            eprintln!("interrupted while starting graph `{}`; stopping", plan.graph);
+            return Ok(ExitCode::from(130));
+        }
+        _ = term.recv() => {
+            eprintln!("terminated while starting graph `{}`; stopping", plan.graph);
+            return Ok(ExitCode::from(143));
+        }
+    };
+    let mut running = match started {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -196,11 +215,9 @@ async fn serve(
             done.cancel();
         });
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     let failed = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break false,
+            _ = int.recv() => break false,
             _ = term.recv() => break false,
             _ = chat_done.cancelled() => break false,
             ev = running.events.recv() => {
