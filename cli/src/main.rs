@@ -34,7 +34,7 @@ enum Command {
     #[command(subcommand)]
     Model(cmd::model::ModelCommand),
     /// Run the processes graphs place on this machine (see `graph up --etcd`).
-    Agent(cmd::cluster::AgentArgs),
+    Agent(cmd::agent::AgentArgs),
     /// Run one process of a plan (`graph up` starts these).
     #[command(subcommand)]
     Node(cmd::node::NodeCommand),
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Graph(c) => cmd::graph::run(c, dyn_log),
         Command::Bench(c) => cmd::bench::run(c),
-        Command::Agent(a) => cmd::cluster::agent(a, dyn_log),
+        Command::Agent(a) => cmd::agent::run(a, dyn_log),
         Command::Model(c) => cmd::model::run(c),
         Command::Node(c) => cmd::node::run(c),
     };

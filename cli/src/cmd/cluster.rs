@@ -1,51 +1,20 @@
-//! A graph across machines: `dynamo agent`, `graph up --etcd`, `graph status`, `graph down`.
+//! A graph across machines: `graph up --etcd`, `graph status`, `graph down` (and the
+//! helpers `dynamo agent` shares).
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use dynamo_graph::Plan;
-use dynamo_host::agent::{self, AgentOptions};
-use dynamo_host::cluster::{self, AgentInfo, ProcessState};
+use dynamo_host::cluster::{self, ProcessState};
 use dynamo_runtime::discovery::EtcdClient;
-use dynamo_runtime::supervisor::OutputStream;
-use tokio_util::sync::CancellationToken;
 
 const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `graph up --etcd` waits for the agents of the plan's machines to register.
 const AGENT_WAIT: Duration = Duration::from_secs(10);
 
-#[derive(clap::Args)]
-pub struct AgentArgs {
-    /// This machine's name, as the graph files' `[cluster.machines.NAME]` say.
-    #[arg(long)]
-    machine: String,
-    /// The etcd the graphs are written to, `http://HOST:PORT`.
-    #[arg(long, value_name = "URL")]
-    etcd: String,
-    /// The address other machines reach this one at.
-    #[arg(long, default_value = "127.0.0.1")]
-    address: String,
-    /// GPUs this machine offers (default: those the NVIDIA driver lists).
-    #[arg(long)]
-    gpus: Option<u32>,
-    /// A label of this machine, `key=value` (repeatable).
-    #[arg(long = "label", value_name = "KEY=VALUE")]
-    labels: Vec<String>,
-    /// Seconds the machine (and its processes' states) outlive a silent agent.
-    #[arg(long, default_value_t = 10)]
-    ttl: u64,
-    /// Seconds in-flight requests get when a graph is taken down.
-    #[arg(long, default_value_t = 30)]
-    grace: u64,
-    /// Never download a missing model; fail the graph's processes here instead.
-    #[arg(long)]
-    offline: bool,
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -53,70 +22,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn client(url: &str) -> anyhow::Result<EtcdClient> {
+pub(crate) fn client(url: &str) -> anyhow::Result<EtcdClient> {
     EtcdClient::new(url, ETCD_TIMEOUT).with_context(|| format!("etcd at {url}"))
-}
-
-pub fn agent(args: AgentArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
-    let mut labels = BTreeMap::new();
-    for l in &args.labels {
-        let (k, v) = l
-            .split_once('=')
-            .with_context(|| format!("--label {l}: expected key=value"))?;
-        labels.insert(k.to_string(), v.to_string());
-    }
-    let gpus = args
-        .gpus
-        .unwrap_or_else(|| crate::cmd::graph::local_environment().gpus);
-    let info = AgentInfo {
-        machine: args.machine.clone(),
-        address: args.address.clone(),
-        gpus,
-        labels,
-        pid: std::process::id(),
-    };
-    let offline = args.offline;
-    let opts = AgentOptions {
-        info,
-        ttl: Duration::from_secs(args.ttl.max(1)),
-        exe: std::env::current_exe().context("finding the dynamo binary")?,
-        run_base: std::env::temp_dir(),
-        ready_timeout: Duration::from_secs(120),
-        env: dyn_log
-            .map(|v| vec![("DYN_LOG".to_string(), v)])
-            .unwrap_or_default(),
-        grace: Duration::from_secs(args.grace),
-        prepare: Arc::new(move |plan: &mut Plan| {
-            crate::cmd::model::resolve_plan(plan, offline).map_err(|e| format!("{e:#}"))
-        }),
-    };
-    let etcd = client(&args.etcd)?;
-    let machine = args.machine;
-    runtime()?.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let log = {
-            let machine = machine.clone();
-            Arc::new(move |process: &str, _s: OutputStream, line: &str| {
-                eprintln!("{machine}/{process} | {line}");
-            })
-        };
-        eprintln!("agent for machine `{machine}` following {}", etcd.endpoint());
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-            stop.cancel();
-        });
-        agent::run(etcd, opts, log, shutdown)
-            .await
-            .context("encoding the machine's record")?;
-        eprintln!("agent for `{machine}` stopped");
-        Ok(ExitCode::SUCCESS)
-    })
 }
 
 /// `graph up --etcd`: check every machine has an agent, write the plan, follow the agents'

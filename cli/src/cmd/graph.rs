@@ -80,9 +80,7 @@ pub enum VizFormat {
 
 /// The machine this command runs on, as the planner sees it without a `[cluster]`.
 pub fn local_environment() -> Environment {
-    let gpus = std::fs::read_dir("/proc/driver/nvidia/gpus")
-        .map(|d| d.count() as u32)
-        .unwrap_or(0);
+    let gpus = dynamo_host::gpus::proc_gpus();
     let machine_name = std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|s| s.trim().to_string())

@@ -1,3 +1,4 @@
+pub mod agent;
 pub mod bench;
 pub mod bench_engine;
 pub mod bench_graph;

@@ -11,6 +11,8 @@ use dynamo_graph::plan::Plan;
 use dynamo_runtime::discovery::{DiscoveryError, EtcdClient};
 use serde::{Deserialize, Serialize};
 
+use crate::gpus::{GpuDevice, GpuSource};
+
 pub const AGENTS_PREFIX: &str = "dynamo/agents/";
 pub const GRAPHS_PREFIX: &str = "dynamo/graphs/";
 
@@ -41,6 +43,12 @@ pub struct AgentInfo {
     pub machine: String,
     pub address: String,
     pub gpus: u32,
+    /// How `gpus` was counted (absent in records of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_source: Option<GpuSource>,
+    /// Each GPU's name and memory, when NVML counted them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_devices: Vec<GpuDevice>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub pid: u32,
@@ -305,6 +313,28 @@ mod tests {
         assert_eq!(back, s);
     }
 
+    #[test]
+    fn an_agent_record_reads_with_or_without_gpu_details() {
+        let old = r#"{"machine":"m1","address":"10.0.0.2","gpus":2,"pid":7}"#;
+        let info: AgentInfo = serde_json::from_str(old).expect("an older agent's record");
+        assert_eq!((info.gpus, info.gpu_source), (2, None));
+        assert!(info.gpu_devices.is_empty());
+        let new = AgentInfo {
+            gpu_source: Some(GpuSource::Nvml),
+            gpu_devices: vec![GpuDevice {
+                index: 0,
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_mib: 81559,
+            }],
+            gpus: 1,
+            ..info
+        };
+        let json = serde_json::to_string(&new).unwrap_or_default();
+        assert!(json.contains(r#""gpu_source":"nvml""#), "{json}");
+        let back: AgentInfo = serde_json::from_str(&json).expect("round trip");
+        assert_eq!(back, new);
+    }
+
     const FOUR: &str = r#"
 [graph]
 name = "g"
@@ -375,6 +405,8 @@ to = "worker"
                     machine: n.to_string(),
                     address: String::new(),
                     gpus: 0,
+                    gpu_source: None,
+                    gpu_devices: Vec::new(),
                     labels: BTreeMap::new(),
                     pid: 0,
                 };

@@ -14,6 +14,7 @@ pub mod controller;
 pub mod endpoints;
 pub mod events;
 pub mod external;
+pub mod gpus;
 pub mod kv_tcp;
 pub mod metrics;
 pub mod model;

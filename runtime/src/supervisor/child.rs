@@ -1,5 +1,6 @@
-//! One running process: spawned in its own process group, its output captured line by
-//! line, its readiness checked, and stopped with SIGTERM then SIGKILL.
+//! One running process: spawned in its own process group (set to get SIGTERM should this
+//! process die, see `spawner`), its output captured line by line, its readiness checked,
+//! and stopped with SIGTERM then SIGKILL.
 
 use std::collections::VecDeque;
 use std::process::Stdio;
@@ -42,7 +43,10 @@ pub(crate) enum NotReady {
 }
 
 impl Running {
-    pub(crate) fn spawn(spec: &ProcessSpec, sink: Arc<dyn LogSink>) -> Result<Self, FailureCause> {
+    pub(crate) async fn spawn(
+        spec: &ProcessSpec,
+        sink: Arc<dyn LogSink>,
+    ) -> Result<Self, FailureCause> {
         let mut cmd = Command::new(&spec.program);
         cmd.args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -54,10 +58,12 @@ impl Running {
         if let Some(dir) = &spec.cwd {
             cmd.current_dir(dir);
         }
-        let mut child = cmd.spawn().map_err(|source| FailureCause::Spawn {
-            program: spec.program.display().to_string(),
-            source,
-        })?;
+        let mut child = super::spawner::spawn(cmd)
+            .await
+            .map_err(|source| FailureCause::Spawn {
+                program: spec.program.display().to_string(),
+                source,
+            })?;
         let pgid = child
             .id()
             .and_then(|id| i32::try_from(id).ok())

@@ -1,6 +1,8 @@
 //! Runs the processes a plan asks for: captures their output, waits for readiness,
 //! restarts them with backoff per their policy, reports events, and shuts them all down
-//! (SIGTERM to each process group, SIGKILL after a grace period).
+//! (SIGTERM to each process group, SIGKILL after a grace period). On Linux a supervisor
+//! that dies abruptly (SIGKILL, a crash) takes its processes with it: each gets SIGTERM
+//! from the kernel and drains, rather than serving on as an orphan.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), dynamo_runtime::supervisor::StartError> {
@@ -19,6 +21,7 @@
 
 mod child;
 mod events;
+mod spawner;
 mod spec;
 
 pub use events::{
@@ -282,7 +285,7 @@ async fn run_once(
     signal: &StopSignal,
     ready: &mut Option<ReadySender>,
 ) -> RunEnd {
-    let mut running = match Running::spawn(spec, shared.sink.clone()) {
+    let mut running = match Running::spawn(spec, shared.sink.clone()).await {
         Ok(r) => r,
         Err(cause) => {
             return RunEnd::Failed {
