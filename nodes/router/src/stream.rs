@@ -225,10 +225,9 @@ impl Stream for RoutedStream {
             let Some(attempt) = this.attempt.as_mut() else {
                 return Poll::Ready(None);
             };
-            let polled = {
-                let _entered = this.span.enter();
-                ready!(attempt.stream.poll_next_unpin(cx))
-            };
+            // Not entered per poll (per token): see the preprocessor's stream. Retries and
+            // migrations, which log, enter the span themselves.
+            let polled = ready!(attempt.stream.poll_next_unpin(cx));
             match polled {
                 Some(Ok(mut delta)) => {
                     this.record(&mut delta);
