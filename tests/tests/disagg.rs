@@ -304,3 +304,68 @@ async fn a_dead_prefill_worker_means_fallback_or_a_clear_error_when_enforced() {
         );
     }
 }
+
+/// The same graph with `transport = "tcp"` asked for on the KV edge: on one machine
+/// without etcd the decode worker's listener address goes through the run directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_blocks_go_over_tcp_when_the_file_asks_for_it() {
+    assert!(
+        model_cached(),
+        "the model is not cached: run scripts/setup-tests.sh"
+    );
+    let text = std::fs::read_to_string(graph()).expect("graph file");
+    let edge = "from = \"prefill.kv\"\nto = \"decode.kv\"\n";
+    assert!(
+        text.contains(edge),
+        "graphs/disagg.toml changed its KV edge"
+    );
+    let text = text.replace(edge, &format!("{edge}transport = \"tcp\"\n"));
+    let file = std::env::temp_dir().join(format!("dynamo-disagg-tcp-{}.toml", std::process::id()));
+    std::fs::write(&file, text).expect("write graph");
+    let g = Graph::up(&file, &MOCKER_INSTANT);
+    let client = reqwest::Client::new();
+    for max_tokens in [5, 9] {
+        let (status, v) = chat(&client, &g.url, max_tokens).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], max_tokens, "{v}");
+    }
+    let m = wait_metrics(&client, &g.url, |m| {
+        sum(
+            m,
+            "dynamo_engine_kv_transfer_bytes_total",
+            &["node=\"decode\"", "direction=\"received\""],
+        ) > 0.0
+    })
+    .await;
+    let sent = sum(
+        &m,
+        "dynamo_engine_kv_transfer_bytes_total",
+        &["node=\"prefill\"", "direction=\"sent\""],
+    );
+    let received = sum(
+        &m,
+        "dynamo_engine_kv_transfer_bytes_total",
+        &["node=\"decode\"", "direction=\"received\""],
+    );
+    assert!(received > 0.0, "no KV bytes reached decode");
+    assert_eq!(sent, received);
+    // The hand-off's messages went over the tcp link, not the socket.
+    assert!(
+        sum(
+            &m,
+            "dynamo_edge_messages_total",
+            &[
+                "from=\"prefill.kv\"",
+                "transport=\"tcp\"",
+                "direction=\"request\""
+            ],
+        ) >= 2.0,
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("prefill.kv"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop(g);
+    let _ = std::fs::remove_file(file);
+}
