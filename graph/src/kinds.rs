@@ -370,6 +370,12 @@ const ENGINE_SETTINGS: &[Field] = &[
         "vllm, sglang: the ZeroMQ endpoint the engine publishes KV events on (`tcp://127.0.0.1:5557`)",
     ),
     Field::opt(
+        "kv_events_replay_endpoint",
+        Ty::Str,
+        None,
+        "vllm, sglang: the ZeroMQ endpoint the engine replays missed KV events from (`tcp://127.0.0.1:5558`); without it a lost event clears the worker's blocks in the router",
+    ),
+    Field::opt(
         "seed",
         NON_NEGATIVE,
         Some("0"),

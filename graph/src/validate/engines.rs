@@ -26,6 +26,7 @@ const EXTERNAL_ONLY: &[&str] = &[
     "port",
     "ready_timeout",
     "kv_events_endpoint",
+    "kv_events_replay_endpoint",
 ];
 
 /// The settings that launch an engine (and so exclude `url`).
@@ -183,7 +184,10 @@ fn external(node: &NodeSpec, kind: &str, diags: &mut Vec<Diagnostic>) {
             .help("set `gpus = 1` (or more; the plan's GPU ids reach the engine as CUDA_VISIBLE_DEVICES), or connect to a running server with `url`"),
         );
     }
-    if let Some(span) = node.setting_span("kv_events_endpoint") {
+    for key in ["kv_events_endpoint", "kv_events_replay_endpoint"] {
+        let Some(span) = node.setting_span(key) else {
+            continue;
+        };
         if !ZMQ_EVENT_ENGINES.contains(&engine) {
             diags.push(
                 Diagnostic::at(
@@ -193,6 +197,22 @@ fn external(node: &NodeSpec, kind: &str, diags: &mut Vec<Diagnostic>) {
                 )
                 .label("nothing will be published here")
                 .help("remove it; only `vllm` and `sglang` publish KV events over ZeroMQ"),
+            );
+        }
+    }
+    if let (Some(span), None) = (
+        node.setting_span("kv_events_replay_endpoint"),
+        node.setting_str("kv_events_endpoint"),
+    ) {
+        if ZMQ_EVENT_ENGINES.contains(&engine) {
+            diags.push(
+                Diagnostic::at(
+                    Code::E0305,
+                    span,
+                    "a replay endpoint without `kv_events_endpoint`: there are no events to replay",
+                )
+                .label("replays of what?")
+                .help("set `kv_events_endpoint` too, or remove this"),
             );
         }
     }

@@ -94,6 +94,9 @@ pub struct ExternalConfig {
     pub block_hash_seed: u64,
     /// Where the engine publishes KV events (`tcp://host:port`); `None`: no events.
     pub kv_events: Option<String>,
+    /// Where it replays missed ones (vLLM's `replay_endpoint`); `None`: a gap clears the
+    /// worker's blocks instead.
+    pub kv_events_replay: Option<String>,
     /// How long a launched engine may take to answer its health check.
     pub ready_timeout: Duration,
 }

@@ -18,20 +18,29 @@ pub struct CommandLine {
 pub enum LaunchError {
     #[error("the openai engine has no default launch line: set `command` (and `extra_args` with {{port}} and {{model}})")]
     NoCommand,
-    #[error("kv_events_endpoint `{0}` is not tcp://host:port")]
+    #[error("KV events endpoint `{0}` is not tcp://host:port")]
     BadEndpoint(String),
 }
 
-/// vLLM's `--kv-events-config`: publish over ZeroMQ, binding the endpoint's port on all
-/// interfaces (vLLM binds when the address holds `*`, and connects otherwise).
-fn kv_events_config(endpoint: &str) -> Result<String, LaunchError> {
-    let port = endpoint
+fn port_of(endpoint: &str) -> Result<u16, LaunchError> {
+    endpoint
         .strip_prefix("tcp://")
         .and_then(|rest| rest.rsplit_once(':'))
         .and_then(|(_, p)| p.parse::<u16>().ok())
-        .ok_or_else(|| LaunchError::BadEndpoint(endpoint.to_string()))?;
+        .ok_or_else(|| LaunchError::BadEndpoint(endpoint.to_string()))
+}
+
+/// vLLM's `--kv-events-config`: publish over ZeroMQ (and serve replays, when asked),
+/// binding the endpoints' ports on all interfaces (vLLM binds when the address holds `*`,
+/// and connects otherwise).
+fn kv_events_config(endpoint: &str, replay: Option<&str>) -> Result<String, LaunchError> {
+    let port = port_of(endpoint)?;
+    let replay = match replay {
+        Some(r) => format!(r#","replay_endpoint":"tcp://*:{}""#, port_of(r)?),
+        None => String::new(),
+    };
     Ok(format!(
-        r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{port}"}}"#
+        r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{port}"{replay}}}"#
     ))
 }
 
@@ -43,6 +52,7 @@ pub fn command_line(
     port: u16,
     block_size: usize,
     kv_events: Option<&str>,
+    kv_events_replay: Option<&str>,
 ) -> Result<CommandLine, LaunchError> {
     let model_s = model.display().to_string();
     let port_s = port.to_string();
@@ -107,7 +117,7 @@ pub fn command_line(
     };
     if let (Some(ep), true) = (kv_events, kind.publishes_zmq_events()) {
         args.push(s("--kv-events-config"));
-        args.push(kv_events_config(ep)?);
+        args.push(kv_events_config(ep, kv_events_replay)?);
     }
     if let Some(extra) = &launch.extra_args {
         args.extend(
@@ -155,6 +165,7 @@ mod tests {
             8101,
             16,
             Some("tcp://127.0.0.1:5557"),
+            None,
         )
         .expect("builds");
         assert_eq!(c.program, "vllm");
@@ -171,6 +182,37 @@ mod tests {
     }
 
     #[test]
+    fn vllm_is_told_where_to_serve_replays() {
+        let c = command_line(
+            EngineKind::Vllm,
+            &launch(vec![0], None),
+            Path::new("/m/x"),
+            1,
+            16,
+            Some("tcp://127.0.0.1:5557"),
+            Some("tcp://127.0.0.1:5558"),
+        )
+        .expect("builds");
+        assert!(
+            c.args.join(" ").contains(
+                r#"{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558"}"#
+            ),
+            "{:?}",
+            c.args
+        );
+        let bad = command_line(
+            EngineKind::Vllm,
+            &launch(vec![0], None),
+            Path::new("/m/x"),
+            1,
+            16,
+            Some("tcp://127.0.0.1:5557"),
+            Some("ipc:///tmp/replay"),
+        );
+        assert!(matches!(bad, Err(LaunchError::BadEndpoint(e)) if e == "ipc:///tmp/replay"));
+    }
+
+    #[test]
     fn sglang_uses_page_size_and_model_path() {
         let c = command_line(
             EngineKind::Sglang,
@@ -178,6 +220,7 @@ mod tests {
             Path::new("/m/x"),
             9000,
             32,
+            None,
             None,
         )
         .expect("builds");
@@ -197,6 +240,7 @@ mod tests {
             1,
             16,
             Some("tcp://127.0.0.1:5557"),
+            None,
         )
         .expect("builds");
         assert_eq!(
@@ -213,6 +257,7 @@ mod tests {
             7,
             16,
             None,
+            None,
         )
         .expect("builds");
         assert_eq!(c.program, "/venv/bin/python");
@@ -228,12 +273,13 @@ mod tests {
     fn openai_needs_a_command_and_fills_placeholders() {
         let l = launch(vec![], Some("serve --port={port} {model}"));
         assert_eq!(
-            command_line(EngineKind::OpenAi, &l, Path::new("/m"), 5, 16, None),
+            command_line(EngineKind::OpenAi, &l, Path::new("/m"), 5, 16, None, None),
             Err(LaunchError::NoCommand)
         );
         let mut l = l;
         l.command = Some("my-server".to_string());
-        let c = command_line(EngineKind::OpenAi, &l, Path::new("/m"), 5, 16, None).expect("builds");
+        let c = command_line(EngineKind::OpenAi, &l, Path::new("/m"), 5, 16, None, None)
+            .expect("builds");
         assert_eq!(c.args, vec!["serve", "--port=5", "/m"]);
     }
 
@@ -246,6 +292,7 @@ mod tests {
             5,
             16,
             Some("ipc:///tmp/x"),
+            None,
         );
         assert!(matches!(r, Err(LaunchError::BadEndpoint(_))));
     }

@@ -110,6 +110,7 @@ impl ExternalEngine {
                     port,
                     cfg.block_size,
                     cfg.kv_events.as_deref(),
+                    cfg.kv_events_replay.as_deref(),
                 )?;
                 tracing::info!(engine = cfg.kind.name(), program = %line.program, args = ?line.args, "launching engine");
                 let mut spec = ProcessSpec::new(format!("{}-engine", cfg.name), &line.program)
@@ -146,6 +147,7 @@ impl ExternalEngine {
         if let Some(ep) = cfg.kv_events.clone() {
             tokio::spawn(crate::kv_events::subscriber::follow(
                 ep,
+                cfg.kv_events_replay.clone(),
                 hub.clone(),
                 stop.clone(),
             ));

@@ -54,6 +54,17 @@ async fn overlap_becomes(kv: &KvRouterHandle, tokens: &[u32], want: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vllm_wire_events_move_the_routers_overlap() {
+    scenario(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_is_filled_from_vllms_replay_socket() {
+    scenario(true).await;
+}
+
+/// The publisher's three steps (see tests/python/vllm_kv_publisher.py), with or without
+/// its replay socket.
+async fn scenario(with_replay: bool) {
     let py = python();
     assert!(
         py.exists(),
@@ -63,10 +74,12 @@ async fn vllm_wire_events_move_the_routers_overlap() {
     let tokens: Vec<u32> = (0..48).map(|i| 1000 + i * 7).collect();
     let csv: Vec<String> = tokens.iter().map(u32::to_string).collect();
     let port = free_port();
+    let replay_port = with_replay.then(free_port);
     let mut publisher = Command::new(&py)
         .arg(workspace().join("tests/python/vllm_kv_publisher.py"))
         .arg(port.to_string())
         .arg(csv.join(","))
+        .args(replay_port.map(|p| p.to_string()))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -80,6 +93,7 @@ async fn vllm_wire_events_move_the_routers_overlap() {
     let hub = KvEventHub::new(WORKER, 16, DEFAULT_BLOCK_HASH_SEED);
     tokio::spawn(subscriber::follow(
         format!("tcp://127.0.0.1:{port}"),
+        replay_port.map(|p| format!("tcp://127.0.0.1:{p}")),
         hub.clone(),
         stop.clone(),
     ));
@@ -124,13 +138,24 @@ async fn vllm_wire_events_move_the_routers_overlap() {
     overlap_becomes(&kv, &tokens, 2).await;
 
     step(3);
-    // Batches 3 and 4 were lost: the worker's blocks are cleared, then batch 5 stores
-    // block 0 again.
-    overlap_becomes(&kv, &tokens, 1).await;
-    assert_eq!(hub.skipped().gaps, 1);
-    assert_eq!(hub.blocks(), 1);
+    if with_replay {
+        // Batches 3 (block 2 again) and 4 (block 0 removed) were lost on the PUB socket
+        // and come from the replay socket, before batch 5 stores block 0 again: all
+        // three blocks are known, nothing was cleared.
+        overlap_becomes(&kv, &tokens, 3).await;
+        assert_eq!(hub.skipped().gaps, 0);
+        assert_eq!(hub.blocks(), 3);
+        assert_eq!(hub.last_seq(), Some(5));
+    } else {
+        // Without a replay socket the gap clears the worker's blocks, then batch 5
+        // stores block 0 again.
+        overlap_becomes(&kv, &tokens, 1).await;
+        assert_eq!(hub.skipped().gaps, 1);
+        assert_eq!(hub.blocks(), 1);
+    }
 
     stop.cancel();
     feed.abort();
+    drop(stdin);
     let _ = publisher.wait();
 }

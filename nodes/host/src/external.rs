@@ -47,6 +47,10 @@ pub async fn start(
         .str("kv_events_endpoint")
         .filter(|_| node.bool("kv_events").unwrap_or(true) && kind.publishes_zmq_events())
         .map(str::to_string);
+    let kv_events_replay = node
+        .str("kv_events_replay_endpoint")
+        .filter(|_| kv_events.is_some())
+        .map(str::to_string);
     let config = ExternalConfig {
         name: replica.id.to_string(),
         kind,
@@ -59,6 +63,7 @@ pub async fn start(
             .unwrap_or(16),
         block_hash_seed: DEFAULT_BLOCK_HASH_SEED,
         kv_events,
+        kv_events_replay,
         ready_timeout: node
             .str("ready_timeout")
             .and_then(|s| humantime::parse_duration(s).ok())

@@ -53,6 +53,15 @@ impl KvEventHub {
         n
     }
 
+    /// The sequence number of the last batch applied.
+    pub fn last_seq(&self) -> Option<i64> {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .translator
+            .last_seq()
+    }
+
     pub fn skipped(&self) -> Skipped {
         self.state
             .lock()

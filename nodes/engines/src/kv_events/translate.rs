@@ -60,6 +60,11 @@ impl Translator {
         }
     }
 
+    /// The sequence number of the last batch taken.
+    pub fn last_seq(&self) -> Option<i64> {
+        self.last_seq
+    }
+
     /// Our events for one batch with sequence number `seq`. A batch already seen (a
     /// replayed or duplicated one) yields nothing; a gap yields `Cleared` first.
     pub fn batch(&mut self, seq: i64, batch: &WireBatch) -> Vec<KvEventData> {
