@@ -152,9 +152,10 @@ fn sets(endpoint: &str) -> Vec<String> {
 
 /// The spans expected from each process, by service: the request is complete in the
 /// trace once all of them arrived (each process exports on its own schedule).
-const EXPECTED: [(&str, &str); 8] = [
+const EXPECTED: [(&str, &str); 9] = [
     ("frontend", "http.request"),
     ("preprocessor", "preprocess"),
+    ("preprocessor", "template_tokenize"),
     ("preprocessor", "detokenize"),
     ("router", "disagg_router"),
     ("prefill", "prefill"),

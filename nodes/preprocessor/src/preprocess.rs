@@ -185,12 +185,23 @@ impl Preprocessor {
     pub fn preprocess(&self, req: &ChatRequest) -> Result<TokenRequest, ServeError> {
         let token_ids = match &req.prompt {
             Prompt::Chat(messages) => {
-                let text = tracing::info_span!("template", messages = messages.len())
-                    .in_scope(|| self.render(messages))?;
+                // One span for both steps: a span costs CPU per request when traces are
+                // exported, and the two always run back to back.
+                let span = tracing::info_span!(
+                    "template_tokenize",
+                    messages = messages.len(),
+                    bytes = tracing::field::Empty,
+                );
+                let _entered = span.enter();
+                let text = self.render(messages)?;
+                span.record("bytes", text.len());
                 // The rendered template already holds BOS and every special token.
                 self.encode(&text, false)?
             }
-            Prompt::Text(text) => self.encode(text, true)?,
+            Prompt::Text(text) => {
+                let _entered = tracing::info_span!("tokenize", bytes = text.len()).entered();
+                self.encode(text, true)?
+            }
             Prompt::Tokens(ids) => {
                 let vocab = self.tokenizer.vocab_size();
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
@@ -215,7 +226,6 @@ impl Preprocessor {
     }
 
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ServeError> {
-        let _span = tracing::info_span!("tokenize", bytes = text.len()).entered();
         self.tokenizer
             .encode(text, add_special_tokens)
             .map_err(|e| ServeError::internal(e.to_string()))
