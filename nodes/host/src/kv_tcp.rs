@@ -89,17 +89,7 @@ impl KvTcpSide {
             })
             .filter(|(r, _)| mine.contains(r))
             .collect();
-        let etcd = match plan.etcd.as_deref() {
-            Some(url) => {
-                Some(
-                    EtcdClient::new(url, CONNECT_TIMEOUT).map_err(|e| KvTcpError::Etcd {
-                        url: url.to_string(),
-                        message: e.to_string(),
-                    })?,
-                )
-            }
-            None => None,
-        };
+        let etcd = plan.etcd.as_deref().map(etcd_client).transpose()?;
         let server = if served.is_empty() {
             None
         } else {
@@ -200,6 +190,13 @@ impl KvTcpSide {
     }
 }
 
+fn etcd_client(url: &str) -> Result<EtcdClient, KvTcpError> {
+    EtcdClient::new(url, CONNECT_TIMEOUT).map_err(|e| KvTcpError::Etcd {
+        url: url.to_string(),
+        message: e.to_string(),
+    })
+}
+
 /// Where a served port's address is published without etcd.
 fn address_file(run_dir: &Path, replica: &ReplicaId, port: &str) -> PathBuf {
     run_dir.join(format!("{:x}-{port}.tcp", instance_id(replica)))
@@ -218,10 +215,7 @@ pub fn client<Req: Message, Resp: Message>(
     let name = format!("{target}.{port} (tcp)");
     let resolve: Resolve = match plan.etcd.as_deref() {
         Some(url) => {
-            let etcd = EtcdClient::new(url, CONNECT_TIMEOUT).map_err(|e| KvTcpError::Etcd {
-                url: url.to_string(),
-                message: e.to_string(),
-            })?;
+            let etcd = etcd_client(url)?;
             let address = EndpointAddress::new(namespace(plan), &plan.graph, &target.node, port);
             let key = instance_key(&address, instance_id(target));
             let who = name.clone();

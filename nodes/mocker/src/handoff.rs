@@ -18,6 +18,35 @@ mod shared;
 pub use kv_import::KvImportService;
 pub use prefill::PrefillService;
 
+use dynamo_protocol::{KvTransfer, KvTransferAck};
+use dynamo_runtime::{InstanceSet, RequestContext, ServeError};
+use futures::StreamExt;
+
+/// Hands one chunk to decode instance `decode` and waits for its answer; `what` names the
+/// blocks in the error ("KV blocks", "shared KV blocks").
+async fn send_chunk(
+    kv: &InstanceSet<KvTransfer, KvTransferAck>,
+    decode: u64,
+    transfer: KvTransfer,
+    ctx: &RequestContext,
+    what: &str,
+) -> Result<KvTransferAck, ServeError> {
+    let mut answer = kv.call_instance(decode, transfer, ctx.child());
+    match answer.next().await {
+        Some(Ok(ack)) => Ok(ack),
+        Some(Err(err)) => Err(ServeError::new(
+            err.kind,
+            format!(
+                "handing {what} to decode instance {decode}: {}",
+                err.message
+            ),
+        )),
+        None => Err(ServeError::unavailable(format!(
+            "decode instance {decode} ended a KV transfer without an answer"
+        ))),
+    }
+}
+
 /// Blocks per `KvTransfer` unless [`PrefillService::with_chunk_blocks`] says otherwise:
 /// about 3 MiB per call for SmolLM2-135M.
 pub const KV_CHUNK_BLOCKS: usize = 8;

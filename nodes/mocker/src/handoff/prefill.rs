@@ -183,26 +183,7 @@ impl Prefill {
                 last: i + 1 == chunks,
                 shared: None,
             };
-            let mut answer = self
-                .kv
-                .call_instance(decode_instance, transfer, ctx.child());
-            match answer.next().await {
-                Some(Ok(_ack)) => {}
-                Some(Err(err)) => {
-                    return Err(ServeError::new(
-                        err.kind,
-                        format!(
-                            "handing KV blocks to decode instance {decode_instance}: {}",
-                            err.message
-                        ),
-                    ))
-                }
-                None => {
-                    return Err(ServeError::unavailable(format!(
-                        "decode instance {decode_instance} ended a KV transfer without an answer"
-                    )))
-                }
-            }
+            super::send_chunk(&self.kv, decode_instance, transfer, ctx, "KV blocks").await?;
             self.engine.record_sent(chunk.len() as u64, size);
             bytes += size;
         }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use dynamo_protocol::{BlockHash, KvTransfer, KvTransferAck, SharedBlocks};
 use dynamo_runtime::{InstanceSet, RequestContext, ServeError};
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -78,25 +77,14 @@ impl SharedHandoff {
                     blocks: ids.to_vec(),
                 }),
             };
-            let decode = self.decode_instance;
-            let mut answer = self.kv.call_instance(decode, transfer, ctx.child());
-            match answer.next().await {
-                Some(Ok(_ack)) => {}
-                Some(Err(err)) => {
-                    return Err(ServeError::new(
-                        err.kind,
-                        format!(
-                            "handing shared KV blocks to decode instance {decode}: {}",
-                            err.message
-                        ),
-                    ))
-                }
-                None => {
-                    return Err(ServeError::unavailable(format!(
-                        "decode instance {decode} ended a KV transfer without an answer"
-                    )))
-                }
-            }
+            super::send_chunk(
+                &self.kv,
+                self.decode_instance,
+                transfer,
+                &ctx,
+                "shared KV blocks",
+            )
+            .await?;
             let size = chunk.len() as u64 * block_bytes;
             self.engine.record_sent(chunk.len() as u64, size);
             bytes += size;
