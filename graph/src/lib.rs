@@ -26,6 +26,7 @@ pub use place::Environment;
 pub use plan::Plan;
 pub use source::{SourceFile, Span};
 pub use spec::GraphSpec;
+pub use validate::engines::LLAMACPP_MISSING;
 
 /// Everything known about one graph file after checking it.
 #[derive(Debug)]
@@ -51,6 +52,7 @@ pub fn check(file: SourceFile, env: &Environment) -> Checked {
     for (_, pass) in validate::PASSES {
         pass(&resolved, &mut diags);
     }
+    validate::engines::compiled_in(&spec, &env.missing_engines, &mut diags);
     let errors_before = diags.iter().any(Diagnostic::is_error);
     let plan = if errors_before {
         None

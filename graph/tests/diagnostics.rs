@@ -33,3 +33,44 @@ fn rendered_diagnostics_match_their_snapshots() {
         insta::assert_snapshot!(name, render::render_text(&c.file, &c.diagnostics));
     }
 }
+
+/// E0306 depends on how the binary was built, so the corpus (checked by a binary built
+/// with every engine) cannot show it: an environment without llama.cpp does.
+#[test]
+fn an_engine_the_binary_lacks_is_e0306_at_its_value() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../graphs/llamacpp.toml");
+    let text = std::fs::read_to_string(&path).expect("graphs/llamacpp.toml");
+    let without = Environment {
+        missing_engines: vec!["llamacpp".into()],
+        ..Environment::default()
+    };
+    let c = check(
+        SourceFile::new("graphs/llamacpp.toml", text.clone()),
+        &without,
+    );
+    assert!(c.plan.is_none(), "a graph the binary cannot run got a plan");
+    let d = c
+        .diagnostics
+        .items
+        .iter()
+        .find(|d| d.code == dynamo_graph::Code::E0306)
+        .expect("E0306");
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("engine = \"llamacpp\""))
+        .expect("the engine line")
+        + 1;
+    let rendered = render::render_text(&c.file, &c.diagnostics);
+    assert!(
+        rendered.contains(&format!("graphs/llamacpp.toml:{line}:10"))
+            && rendered.contains("--features llamacpp"),
+        "{rendered}"
+    );
+    assert!(d.message.contains("`worker`"), "{}", d.message);
+    // With llama.cpp in the binary the same file is fine.
+    let c = check(
+        SourceFile::new("graphs/llamacpp.toml", text),
+        &Environment::default(),
+    );
+    assert!(c.plan.is_some(), "{:?}", c.diagnostics.items);
+}

@@ -90,6 +90,7 @@ pub fn local_environment() -> Environment {
         machine_name,
         gpus,
         nats: None,
+        missing_engines: dynamo_host::nodes::missing_engines(),
     }
 }
 

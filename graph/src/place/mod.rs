@@ -23,6 +23,9 @@ pub struct Environment {
     /// A NATS URL given on the command line (`graph up --nats`): it overrides the file's
     /// `[cluster] nats` and counts as configured when transports are checked.
     pub nats: Option<String>,
+    /// Engines the running binary was built without (cargo features): a node that asks
+    /// for one is E0306 before anything starts.
+    pub missing_engines: Vec<String>,
 }
 
 impl Default for Environment {
@@ -31,6 +34,7 @@ impl Default for Environment {
             machine_name: "local".into(),
             gpus: 0,
             nats: None,
+            missing_engines: Vec::new(),
         }
     }
 }

@@ -253,7 +253,7 @@ fn engine_settings(r: &Resolved<'_>, diags: &mut Vec<Diagnostic>) {
             let engine = node.setting_str("engine").unwrap_or(ENGINES[0]);
             let useless: &[&str] = match engine {
                 "mocker" => &["threads"],
-                "native" => &["speedup"],
+                "native" | "llamacpp" => &["speedup"],
                 _ => crate::validate::engines::IN_PROCESS_ONLY,
             };
             for key in useless {

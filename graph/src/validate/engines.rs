@@ -8,7 +8,7 @@ use crate::source::Span;
 use crate::spec::NodeSpec;
 use crate::validate::resolve::Resolved;
 
-/// Settings only the in-process engines (mocker, native) read.
+/// Settings only the in-process engines (mocker, native, llamacpp) read.
 pub const IN_PROCESS_ONLY: &[&str] = &[
     "speedup",
     "threads",
@@ -17,6 +17,38 @@ pub const IN_PROCESS_ONLY: &[&str] = &[
     "max_batched_tokens",
     "enable_prefix_caching",
 ];
+
+/// What a binary built without llama.cpp says about `engine = "llamacpp"`.
+pub const LLAMACPP_MISSING: &str = "this dynamo was built without llama.cpp: rebuild it with `cargo build --release --features llamacpp` (needs cmake and libclang), or use `engine = \"native\"`";
+
+/// E0306 for every engine node asking for an engine the binary lacks.
+pub fn compiled_in(spec: &crate::spec::GraphSpec, missing: &[String], diags: &mut Vec<Diagnostic>) {
+    for node in &spec.nodes {
+        let Some(engine) = node.setting_str("engine") else {
+            continue;
+        };
+        if !missing.iter().any(|m| m == engine) {
+            continue;
+        }
+        let help = if engine == "llamacpp" {
+            LLAMACPP_MISSING.to_string()
+        } else {
+            format!("this dynamo was built without the {engine} engine")
+        };
+        diags.push(
+            Diagnostic::at(
+                Code::E0306,
+                node.setting_span("engine").unwrap_or(node.name.span),
+                format!(
+                    "`{}` asks for the {engine} engine, which this dynamo binary does not contain",
+                    node.name.value
+                ),
+            )
+            .label("not compiled in")
+            .help(help),
+        );
+    }
+}
 
 /// Settings only external engines read.
 const EXTERNAL_ONLY: &[&str] = &[

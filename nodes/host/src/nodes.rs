@@ -139,6 +139,55 @@ pub fn native(
     dynamo_native::start(&config).map_err(|e| invalid(node, e))
 }
 
+/// The engines of the graph format this binary was built without (cargo features).
+pub fn missing_engines() -> Vec<String> {
+    if cfg!(feature = "llamacpp") {
+        Vec::new()
+    } else {
+        vec!["llamacpp".to_string()]
+    }
+}
+
+/// A llama.cpp worker: the model computed in this process by llama.cpp, scheduled by the
+/// same engine shell as the mocker and the native engine.
+#[cfg(feature = "llamacpp")]
+pub fn llamacpp(
+    node: &PlannedNode,
+    replica: &PlannedReplica,
+    model_file: &Path,
+) -> Result<MockerEngine, BuildError> {
+    let mut config = dynamo_llamacpp::LlamaCppConfig::new(model_file);
+    let usize_of = |key: &str| node.u64(key).and_then(|v| usize::try_from(v).ok());
+    config.worker_id = instance_id(&replica.id);
+    config.threads = usize_of("threads").unwrap_or(1);
+    if let Some(v) = usize_of("block_size") {
+        config.block_size = v;
+    }
+    if let Some(v) = usize_of("num_blocks") {
+        config.num_blocks = v;
+    }
+    if let Some(v) = usize_of("max_num_seqs") {
+        config.max_num_seqs = v;
+    }
+    if let Some(v) = usize_of("max_batched_tokens") {
+        config.max_batched_tokens = v;
+    }
+    config.enable_prefix_caching = node.bool("enable_prefix_caching").unwrap_or(true);
+    config.seed = node.u64("seed").unwrap_or(0);
+    dynamo_llamacpp::start(&config).map_err(|e| invalid(node, e))
+}
+
+/// Without the `llamacpp` feature there is no llama.cpp in this binary (validation says
+/// so before anything starts; this is the check at build time).
+#[cfg(not(feature = "llamacpp"))]
+pub fn llamacpp(
+    node: &PlannedNode,
+    _replica: &PlannedReplica,
+    _model_file: &Path,
+) -> Result<MockerEngine, BuildError> {
+    Err(invalid(node, dynamo_graph::LLAMACPP_MISSING))
+}
+
 /// The KV layout of a llama-family GGUF (f16 KV), for the size of handed-over blocks.
 fn kv_layout(gguf: &GgufFile) -> dynamo_protocol::KvLayout {
     let arch = gguf
@@ -211,6 +260,9 @@ pub async fn engine(
             node, replica, model_file,
         )?))),
         Some("native") => Ok(BuiltEngine::in_process(Arc::new(native(
+            node, replica, model_file,
+        )?))),
+        Some("llamacpp") => Ok(BuiltEngine::in_process(Arc::new(llamacpp(
             node, replica, model_file,
         )?))),
         Some(name) if name.parse::<EngineKind>().is_ok() => {

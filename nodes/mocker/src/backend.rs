@@ -50,6 +50,11 @@ pub trait StepBackend: Send + 'static {
         Vec::new()
     }
 
+    /// Sequence `id` finished or was aborted: it will not be in a batch again. Called at
+    /// the end of the step it finished in, or before the next step after an abort; its
+    /// cached blocks must stay readable (a prefill's blocks are exported after it ends).
+    fn release(&mut self, _id: SeqId) {}
+
     /// Bytes of one pool block (every layer's keys and values, as the engine's
     /// `KvLayout` describes them).
     fn block_bytes(&self) -> usize;

@@ -145,6 +145,8 @@ pub struct Scheduler {
     preemptions: u64,
     prefix_hit_tokens: u64,
     prompt_tokens: u64,
+    /// Sequences finished or aborted since the backend last heard of it.
+    released: Vec<SeqId>,
 }
 
 impl Scheduler {
@@ -173,6 +175,7 @@ impl Scheduler {
             preemptions: 0,
             prefix_hit_tokens: 0,
             prompt_tokens: 0,
+            released: Vec::new(),
         })
     }
 
@@ -195,12 +198,14 @@ impl Scheduler {
         if let Some(i) = self.running.iter().position(|s| s.id == id) {
             let mut seq = self.running.remove(i);
             seq.release_blocks(&mut self.blocks);
+            self.released.push(id);
             return true;
         }
         if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
             if let Some(mut seq) = self.waiting.remove(i) {
                 seq.release_blocks(&mut self.blocks);
             }
+            self.released.push(id);
             return true;
         }
         false
@@ -270,8 +275,9 @@ impl Scheduler {
     fn run_step(
         &mut self,
         out: &mut Vec<SeqOutput>,
-        backend: Option<&mut dyn StepBackend>,
+        mut backend: Option<&mut dyn StepBackend>,
     ) -> Result<StepWork, StepFailed> {
+        self.tell_released(backend.as_deref_mut());
         let mut budget = self.max_batched_tokens;
         self.plan.clear();
         let preempted = self.schedule_running(&mut budget);
@@ -285,7 +291,7 @@ impl Scheduler {
         };
 
         let mut logprobs = Vec::new().into_iter();
-        let mut sampled = match backend {
+        let mut sampled = match backend.as_deref_mut() {
             None => None,
             Some(backend) => match self.forward(backend) {
                 Ok(tokens) => {
@@ -336,13 +342,29 @@ impl Scheduler {
         }
 
         let blocks = &mut self.blocks;
+        let released = &mut self.released;
         self.running.retain_mut(|seq| {
             if seq.finished {
                 seq.release_blocks(blocks);
+                released.push(seq.id);
             }
             !seq.finished
         });
+        self.tell_released(backend);
         Ok(work)
+    }
+
+    /// Tells the backend which sequences it will not see again (finished or aborted), so
+    /// it can free what it keeps per sequence; without a backend, forgets them.
+    fn tell_released(&mut self, backend: Option<&mut dyn StepBackend>) {
+        match backend {
+            Some(backend) => {
+                for id in self.released.drain(..) {
+                    backend.release(id);
+                }
+            }
+            None => self.released.clear(),
+        }
     }
 
     /// Hands the planned batch to `backend`; checks it sampled one token per sampling

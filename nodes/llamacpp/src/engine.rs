@@ -1,0 +1,158 @@
+//! Starting a llama.cpp worker: load the model into a context sized for the pool, learn
+//! how the context serialises its KV, and hand the backend to the engine shell.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use dynamo_mocker::{MockerConfig, MockerEngine};
+use dynamo_protocol::KvLayout;
+use llama_cpp_2::llama_batch::LlamaBatch;
+
+use crate::backend::LlamaStep;
+use crate::model::{ContextShape, Loaded};
+use crate::state::{SeqState, StateFormat};
+
+/// llama.cpp serves at most this many sequences in one context (`LLAMA_MAX_SEQ`).
+pub const MAX_SEQS: usize = 256;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaCppConfig {
+    pub model: PathBuf,
+    pub worker_id: u64,
+    /// llama.cpp's compute threads.
+    pub threads: usize,
+    pub block_size: usize,
+    /// Pool blocks; llama.cpp's cache holds as many positions.
+    pub num_blocks: usize,
+    pub max_num_seqs: usize,
+    pub max_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+    pub seed: u64,
+}
+
+impl LlamaCppConfig {
+    pub fn new(model: impl Into<PathBuf>) -> LlamaCppConfig {
+        LlamaCppConfig {
+            model: model.into(),
+            worker_id: 0,
+            threads: 1,
+            block_size: 16,
+            num_blocks: 512,
+            max_num_seqs: 64,
+            max_batched_tokens: 512,
+            enable_prefix_caching: true,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaCppError {
+    #[error("initialising llama.cpp: {0}")]
+    Init(String),
+    #[error("llama.cpp cannot load {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("creating the llama.cpp context: {0}")]
+    Context(String),
+    #[error("max_num_seqs = {0}: llama.cpp serves at most {MAX_SEQS} sequences at once")]
+    TooManySeqs(usize),
+    #[error("reading llama.cpp's KV layout: {0}")]
+    Probe(String),
+    #[error("starting the engine: {0}")]
+    Engine(#[from] dynamo_mocker::EngineError),
+}
+
+/// Computes one token in llama.cpp sequence 0 and reads how its KV is serialised.
+fn probe(loaded: &mut Loaded) -> Result<StateFormat, LlamaCppError> {
+    let probe = |e: &dyn std::fmt::Display| LlamaCppError::Probe(e.to_string());
+    let mut batch = LlamaBatch::new(1, 1);
+    let bos = loaded.model().vocab().bos();
+    batch.add(bos, 0, &[0], false).map_err(|e| probe(&e))?;
+    loaded.decode(&mut batch).map_err(|e| probe(&e))?;
+    let bytes = loaded.state(0).map_err(|e| probe(&e))?;
+    loaded.clear(0);
+    let state = SeqState::parse(&bytes).map_err(|e| probe(&e))?;
+    if state.positions() != 1 || state.format.layers == 0 {
+        return Err(probe(&"the probe's state does not hold its one position"));
+    }
+    Ok(state.format)
+}
+
+/// The pool's layout as the hand-off describes it.
+fn layout(loaded: &Loaded, f: &StateFormat, block_size: usize) -> Result<KvLayout, LlamaCppError> {
+    let m = loaded.model();
+    let heads = m.n_head().max(1);
+    let kv_heads = m.n_head_kv().max(1);
+    let head_dim = u32::try_from(m.n_embd()).unwrap_or(0) / heads;
+    let dims = (kv_heads * head_dim) as usize;
+    if dims == 0 || f.k_row != f.v_row || f.k_row % dims != 0 {
+        return Err(LlamaCppError::Probe(format!(
+            "KV rows of {} and {} bytes for {kv_heads} heads of {head_dim} dims",
+            f.k_row, f.v_row
+        )));
+    }
+    Ok(KvLayout {
+        layers: f.layers as u32,
+        kv_heads,
+        head_dim,
+        dtype_bytes: (f.k_row / dims) as u32,
+        block_size: block_size as u32,
+    })
+}
+
+/// Loads the model into llama.cpp and starts a worker serving it.
+pub fn start(config: &LlamaCppConfig) -> Result<MockerEngine, LlamaCppError> {
+    if config.max_num_seqs > MAX_SEQS {
+        return Err(LlamaCppError::TooManySeqs(config.max_num_seqs));
+    }
+    let started = Instant::now();
+    // llama.cpp reserves at least one output row per sequence in every batch.
+    let n_batch = (config.max_batched_tokens)
+        .max(config.max_num_seqs)
+        .max(config.block_size);
+    let shape = ContextShape {
+        threads: config.threads,
+        cells: (config.num_blocks * config.block_size).max(n_batch),
+        seqs: config.max_num_seqs,
+        n_batch,
+    };
+    let mut loaded = Loaded::load(&config.model, &shape)?;
+    let format = probe(&mut loaded)?;
+    let layout = layout(&loaded, &format, config.block_size)?;
+    let model = loaded.model();
+    let max_model_len = usize::try_from(model.n_ctx_train())
+        .unwrap_or(usize::MAX)
+        .min(shape.cells);
+    tracing::info!(
+        model = %config.model.display(),
+        load_ms = started.elapsed().as_secs_f64() * 1e3,
+        threads = config.threads,
+        cells = shape.cells,
+        block_bytes = format.block_bytes(config.block_size),
+        "llamacpp engine: model loaded"
+    );
+    let shell = MockerConfig {
+        worker_id: config.worker_id,
+        block_size: config.block_size,
+        num_blocks: config.num_blocks,
+        max_num_seqs: config.max_num_seqs,
+        max_batched_tokens: config.max_batched_tokens,
+        enable_prefix_caching: config.enable_prefix_caching,
+        vocab_size: u32::try_from(model.n_vocab()).unwrap_or(u32::MAX),
+        special_token_ids: Vec::new(),
+        seed: config.seed,
+        kv_layout: layout,
+        max_model_len: Some(max_model_len),
+        ..MockerConfig::default()
+    };
+    let backend = LlamaStep::new(
+        loaded,
+        format,
+        config.block_size,
+        config.num_blocks,
+        config.max_num_seqs,
+        n_batch,
+        config.enable_prefix_caching,
+    );
+    Ok(MockerEngine::start_with_backend(shell, Box::new(backend))?)
+}

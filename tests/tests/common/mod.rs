@@ -1,0 +1,80 @@
+//! Helpers of the tests that serve the real model through a graph (native.rs,
+//! llamacpp.rs): ask it through the `openai` client, read its metrics, cancel midway.
+
+use std::process::Command;
+
+use dynamo_tests::{model_cached, python, workspace, Graph};
+
+pub fn need_model() {
+    assert!(
+        model_cached(),
+        "the SmolLM2 model is not cached: run scripts/setup-tests.sh (scripts/test.sh does)"
+    );
+}
+
+/// Runs tests/python/native_answers.py against `g`; returns its `ANSWER:` line.
+pub fn ask(g: &Graph) -> String {
+    let out = Command::new(python())
+        .arg(workspace().join("tests/python/native_answers.py"))
+        .arg(&g.url)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("4 passed, 0 failed"),
+        "openai client checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ANSWER: "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Sum of a family's samples whose labels contain every one of `with`.
+pub fn sum(metrics: &str, family: &str, with: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(family) && with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub async fn metrics(client: &reqwest::Client, url: &str) -> String {
+    // Engine figures reach the frontend's /metrics within one poll (500 ms).
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// Starts a streamed completion with a long prompt and drops it after `after`: the
+/// request is cancelled while its prompt is prefilled or its KV handed over.
+pub async fn cancel_midway(url: &str, after: std::time::Duration) {
+    let prompt = "Tell me everything about the history of Paris. ".repeat(60);
+    let body = serde_json::json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 64,
+        "stream": true,
+    });
+    let call = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send();
+    // Dropping the future (or the response) closes the connection: the frontend cancels.
+    let _ = tokio::time::timeout(after, async {
+        if let Ok(resp) = call.await {
+            let mut chunks = resp.bytes_stream();
+            while futures::StreamExt::next(&mut chunks).await.is_some() {}
+        }
+    })
+    .await;
+}
