@@ -2,19 +2,21 @@
 //! (aggregated, KV-routed) and `graphs/llamacpp_disagg.toml` (prefill and decode in
 //! separate processes) as shipped, asked through the official `openai` client. In the
 //! disaggregated graph the prompt's KV leaves the prefill worker's llama.cpp cache as pool
-//! blocks, crosses to the decode process and is loaded into its llama.cpp cache; the
+//! blocks of its shared pool, which the decode process copies from (the plan picks `shm`
+//! for the kv edge) and loads into its llama.cpp cache; no /dev/shm file remains; the
 //! greedy answer is the aggregated one, also after requests cancelled in the middle of
 //! their prefill and hand-off. The test binary is built with the `llamacpp` feature
 //! (scripts/test.sh).
 
 mod common;
 
-use common::{ask, cancel_midway, metrics, need_model, sum};
+use common::{ask, cancel_midway, dev_shm, metrics, need_model, sum};
 use dynamo_tests::{workspace, Graph};
 
 #[test]
 fn aggregated_and_disaggregated_llamacpp_graphs_answer_alike() {
     need_model();
+    let shm_before = dev_shm();
     let agg = Graph::up(&workspace().join("graphs/llamacpp.toml"), &[]);
     let aggregated = ask(&agg);
     drop(agg);
@@ -24,6 +26,20 @@ fn aggregated_and_disaggregated_llamacpp_graphs_answer_alike() {
     assert_eq!(
         aggregated, disaggregated,
         "greedy answers differ between the aggregated and the disaggregated llama.cpp graph"
+    );
+    // The hand-off went through shared memory: the decode process maps the prefill
+    // worker's pool besides its own (two memfd segments, told apart by inode).
+    let decode = disagg.process_pid("decode-0").expect("the decode process");
+    let maps = std::fs::read_to_string(format!("/proc/{decode}/maps")).unwrap_or_default();
+    let pools: std::collections::BTreeSet<&str> = maps
+        .lines()
+        .filter(|l| l.contains("memfd:dynamo-kv-pool"))
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    assert!(
+        pools.len() >= 2,
+        "the decode process maps {} KV pool(s), not the prefill worker's:\n{maps}",
+        pools.len()
     );
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     for ms in [150, 400, 900] {
@@ -56,4 +72,6 @@ fn aggregated_and_disaggregated_llamacpp_graphs_answer_alike() {
         0,
         "not whole blocks: {sent}"
     );
+    drop(disagg);
+    assert_eq!(dev_shm(), shm_before, "the graph left files in /dev/shm");
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 mod common;
 
-use common::{ask, cancel_midway, metrics, need_model, sum};
+use common::{ask, cancel_midway, dev_shm, metrics, need_model, sum};
 use dynamo_tests::{workspace, Graph};
 
 /// The transports the plan of `graphs/disagg.toml` gives the `prefill.kv -> decode.kv` links.
@@ -27,18 +27,6 @@ fn kv_transports() -> Vec<&'static str> {
         .filter(|e| e.from.port == "kv")
         .flat_map(|e| e.links.iter().map(|l| l.transport.as_str()))
         .collect()
-}
-
-fn dev_shm() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/dev/shm")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 #[test]

@@ -20,6 +20,8 @@ use dynamo_protocol::TokenLogprob;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 
+use dynamo_runtime::kv_transfer::{ShmExport, ShmSegment};
+
 use crate::model::Loaded;
 use crate::state::{build, SeqState, StateFormat};
 
@@ -51,7 +53,10 @@ pub struct LlamaStep {
     block_bytes: usize,
     /// Copy finished sequences' blocks into the pool (prefix caching can reuse them).
     keep_blocks: bool,
-    pool: Vec<u8>,
+    /// The pool, in shared memory so decode workers on this machine copy blocks straight
+    /// out of it.
+    pool: ShmSegment,
+    export: Option<ShmExport>,
     owners: Vec<Owner>,
     slots: Vec<Option<Slot>>,
     by_seq: HashMap<SeqId, usize>,
@@ -84,15 +89,23 @@ impl LlamaStep {
         slots: usize,
         n_batch: usize,
         keep_blocks: bool,
-    ) -> LlamaStep {
+    ) -> Result<LlamaStep, crate::LlamaCppError> {
         let block_bytes = format.block_bytes(block_size);
-        LlamaStep {
+        // Pages cost memory only once a block is written.
+        let pool = ShmSegment::create("dynamo-kv-pool", block_bytes * num_blocks)
+            .map_err(|e| crate::LlamaCppError::Pool(e.to_string()))?;
+        let export = pool
+            .export()
+            .map_err(|e| tracing::warn!(error = %e, "llamacpp engine: KV pool not shared"))
+            .ok();
+        Ok(LlamaStep {
             loaded,
             format,
             block_size,
             block_bytes,
             keep_blocks,
-            pool: vec![0; block_bytes * num_blocks],
+            pool,
+            export,
             owners: vec![Owner::Empty; num_blocks],
             slots: (0..slots).map(|_| None).collect(),
             by_seq: HashMap::new(),
@@ -100,11 +113,11 @@ impl LlamaStep {
             n_batch,
             sampler: Sampler::default(),
             logprobs: Vec::new(),
-        }
+        })
     }
 
     fn block(&self, id: BlockId) -> &[u8] {
-        &self.pool[id as usize * self.block_bytes..][..self.block_bytes]
+        &self.pool.as_slice()[id as usize * self.block_bytes..][..self.block_bytes]
     }
 
     /// Copies slot `s`'s full blocks that only llama.cpp holds into the pool.
@@ -125,7 +138,7 @@ impl LlamaStep {
         let bs = self.block_size;
         for (i, b) in pending {
             let at = b as usize * self.block_bytes;
-            let dst = &mut self.pool[at..at + self.block_bytes];
+            let dst = &mut self.pool.as_mut_slice()[at..at + self.block_bytes];
             state.copy_block(i * bs, bs, dst).map_err(err)?;
             self.owners[b as usize] = Owner::Pool;
         }
@@ -390,6 +403,32 @@ impl StepBackend for LlamaStep {
         }
     }
 
+    fn sync_blocks(&mut self, blocks: &[BlockId]) -> Result<(), BackendError> {
+        let mut slots: Vec<usize> = blocks
+            .iter()
+            .filter_map(|&b| match self.owners[b as usize] {
+                Owner::Slot { slot, .. } => Some(slot),
+                _ => None,
+            })
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        for s in slots {
+            self.materialize(s)?;
+        }
+        match blocks
+            .iter()
+            .find(|&&b| self.owners[b as usize] != Owner::Pool)
+        {
+            Some(b) => Err(err(format!("block {b} holds no KV to share"))),
+            None => Ok(()),
+        }
+    }
+
+    fn shared_pool(&self) -> Option<String> {
+        self.export.as_ref().map(|e| e.name().to_string())
+    }
+
     fn import_blocks(&mut self, blocks: &[BlockId], src: &[&[u8]]) -> Result<(), BackendError> {
         if blocks.len() != src.len() || src.iter().any(|s| s.len() != self.block_bytes) {
             return Err(err(format!(
@@ -401,7 +440,7 @@ impl StepBackend for LlamaStep {
         }
         for (&b, bytes) in blocks.iter().zip(src) {
             let at = b as usize * self.block_bytes;
-            self.pool[at..at + self.block_bytes].copy_from_slice(bytes);
+            self.pool.as_mut_slice()[at..at + self.block_bytes].copy_from_slice(bytes);
             self.owners[b as usize] = Owner::Pool;
         }
         Ok(())

@@ -56,6 +56,8 @@ pub enum LlamaCppError {
     Context(String),
     #[error("max_num_seqs = {0}: llama.cpp serves at most {MAX_SEQS} sequences at once")]
     TooManySeqs(usize),
+    #[error("reserving the KV pool: {0}")]
+    Pool(String),
     #[error("reading llama.cpp's KV layout: {0}")]
     Probe(String),
     #[error("starting the engine: {0}")]
@@ -153,6 +155,6 @@ pub fn start(config: &LlamaCppConfig) -> Result<MockerEngine, LlamaCppError> {
         config.max_num_seqs,
         n_batch,
         config.enable_prefix_caching,
-    );
+    )?;
     Ok(MockerEngine::start_with_backend(shell, Box::new(backend))?)
 }

@@ -66,6 +66,13 @@ pub trait StepBackend: Send + 'static {
     /// slices of a message's payload, or of a peer's shared pool mapped in place).
     fn import_blocks(&mut self, blocks: &[BlockId], src: &[&[u8]]) -> Result<(), BackendError>;
 
+    /// Makes the pool's bytes of `blocks` current, for peers that read them from the
+    /// shared pool ([`StepBackend::shared_pool`]); a backend whose pool always is does
+    /// nothing.
+    fn sync_blocks(&mut self, _blocks: &[BlockId]) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// The export name of this backend's pool when it lives in shared memory another
     /// process on this machine can map (block `id` at `id * block_bytes()`), so a hand-off
     /// sends block ids instead of bytes.

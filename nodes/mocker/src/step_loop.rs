@@ -205,12 +205,19 @@ impl StepLoop {
                 let _ = reply.send(self.export(&hashes));
             }
             Control::Pin { hashes, reply } => {
-                let pinned = self.core.pin_blocks(&hashes).map_err(|i| {
+                let mut pinned = self.core.pin_blocks(&hashes).map_err(|i| {
                     format!(
                         "block {i} of {} left the cache before its hand-off",
                         hashes.len()
                     )
                 });
+                // Peers read pinned blocks straight from the shared pool: bring it up to date.
+                if let (Ok(ids), Some(backend)) = (&pinned, self.backend.as_mut()) {
+                    if let Err(e) = backend.sync_blocks(ids) {
+                        self.core.unpin_blocks(ids);
+                        pinned = Err(format!("the KV blocks cannot be shared: {}", e.0));
+                    }
+                }
                 let _ = reply.send(pinned);
             }
             Control::Unpin(ids) => self.core.unpin_blocks(&ids),

@@ -78,3 +78,16 @@ pub async fn cancel_midway(url: &str, after: std::time::Duration) {
     })
     .await;
 }
+
+/// The names in /dev/shm, sorted (a graph must leave none of its own behind).
+pub fn dev_shm() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
