@@ -120,6 +120,18 @@ impl LlamaStep {
         &self.pool.as_slice()[id as usize * self.block_bytes..][..self.block_bytes]
     }
 
+    /// Whether block `b`'s KV is where its owner says: in the pool, or in the slot that
+    /// wrote it (the slot still holds that block at that index, with all its positions).
+    fn owner_valid(&self, b: BlockId) -> bool {
+        match self.owners[b as usize] {
+            Owner::Pool => true,
+            Owner::Empty => false,
+            Owner::Slot { slot, index } => self.slots[slot].as_ref().is_some_and(|sl| {
+                sl.table.get(index) == Some(&b) && sl.pos >= (index + 1) * self.block_size
+            }),
+        }
+    }
+
     /// Copies slot `s`'s full blocks that only llama.cpp holds into the pool.
     fn materialize(&mut self, s: usize) -> Result<(), BackendError> {
         let Some(slot) = &self.slots[s] else {
@@ -152,39 +164,24 @@ impl LlamaStep {
                 tracing::warn!(error = %e.0, "llamacpp: a finished sequence's KV could not be kept");
             }
         }
+        self.set_slot(s, 0, &[]);
         if let Some(slot) = self.slots[s].take() {
-            for (i, &b) in slot.table.iter().enumerate() {
-                if self.owners[b as usize] == (Owner::Slot { slot: s, index: i }) {
-                    self.owners[b as usize] = Owner::Empty;
-                }
-            }
             self.by_seq.remove(&slot.seq);
         }
         self.loaded.clear(s);
     }
 
-    /// The slot of `seq`, taking a free one (or one whose sequence is not in `batch`).
-    fn slot_for(&mut self, seq: SeqId, batch: &[StepSeq<'_>]) -> Result<usize, BackendError> {
+    /// The slot of `seq`, taking a free one.
+    fn slot_for(&mut self, seq: SeqId) -> Result<usize, BackendError> {
         if let Some(&s) = self.by_seq.get(&seq) {
             return Ok(s);
         }
-        let s = match self.slots.iter().position(Option::is_none) {
-            Some(s) => s,
-            None => {
-                let idle = self.slots.iter().position(|slot| {
-                    slot.as_ref()
-                        .is_some_and(|slot| batch.iter().all(|b| b.id != slot.seq))
-                });
-                let s = idle.ok_or_else(|| {
-                    err(format!(
-                        "more sequences in one step than the {} llama.cpp sequences of the context",
-                        self.slots.len()
-                    ))
-                })?;
-                self.free_slot(s, self.keep_blocks);
-                s
-            }
-        };
+        let s = self.slots.iter().position(Option::is_none).ok_or_else(|| {
+            err(format!(
+                "more sequences in one step than the {} llama.cpp sequences of the context",
+                self.slots.len()
+            ))
+        })?;
         self.slots[s] = Some(Slot {
             seq,
             pos: 0,
@@ -194,9 +191,24 @@ impl LlamaStep {
         Ok(s)
     }
 
+    /// The longest run of leading blocks of `table` (at most `max`) another slot holds
+    /// as the same blocks in llama.cpp: `(slot, blocks)`.
+    fn shared_prefix(&self, s: usize, table: &[BlockId], max: usize) -> Option<(usize, usize)> {
+        let bs = self.block_size;
+        (self.slots.iter().enumerate())
+            .filter(|&(t, _)| t != s)
+            .filter_map(|(t, slot)| {
+                let slot = slot.as_ref()?;
+                let held = (slot.pos / bs).min(slot.table.len()).min(max);
+                let n = (0..held).take_while(|&i| slot.table[i] == table[i]).count();
+                (n > 0).then_some((t, n))
+            })
+            .max_by_key(|&(_, n)| n)
+    }
+
     /// Brings slot `s` to hold exactly positions `0..have` of `seq` for some `have <=
-    /// seq.start`, loading cached blocks from the pool; returns `have` (the positions
-    /// from `have` to `seq.start` must be recomputed).
+    /// seq.start`, from what another slot shares or the pool holds; returns `have` (the
+    /// positions from `have` to `seq.start` are recomputed).
     fn prepare(&mut self, s: usize, seq: &StepSeq<'_>) -> Result<usize, BackendError> {
         let bs = self.block_size;
         let pos = self.slots[s].as_ref().map_or(0, |slot| slot.pos);
@@ -209,18 +221,26 @@ impl LlamaStep {
             self.set_slot(s, seq.start, &seq.table[..seq.start.div_ceil(bs)]);
             return Ok(seq.start);
         }
-        // Cached blocks this slot lacks: whole blocks the pool (or another slot) holds.
+        let cached = (seq.start / bs).min(seq.table.len());
+        // A live slot holding the same leading blocks shares its cells: no copy at all.
+        if let Some((t, n)) = self.shared_prefix(s, seq.table, cached) {
+            if n * bs > pos {
+                self.set_slot(s, 0, &[]);
+                self.loaded.clear(s);
+                self.loaded.share(t, s, n * bs)?;
+                self.set_slot(s, n * bs, &seq.table[..n]);
+                return Ok(n * bs);
+            }
+        }
+        // Otherwise whole blocks from the pool; blocks only a slot holds are copied there.
         let mut usable = 0;
-        for (i, &b) in seq.table.iter().enumerate().take(seq.start / bs) {
-            let owner = self.owners[b as usize];
-            if let Owner::Slot { slot, index } = owner {
-                if slot != s && index == i {
+        for (i, &b) in seq.table.iter().enumerate().take(cached) {
+            if let Owner::Slot { slot, index } = self.owners[b as usize] {
+                if index == i && self.owner_valid(b) {
                     self.materialize(slot)?;
                 }
             }
-            if self.owners[b as usize] != Owner::Pool
-                && !(owner == Owner::Slot { slot: s, index: i } && i * bs + bs <= pos)
-            {
+            if self.owners[b as usize] != Owner::Pool {
                 break;
             }
             usable = i + 1;
@@ -230,32 +250,49 @@ impl LlamaStep {
             // Nothing better than what the slot holds.
             return Ok(pos);
         }
-        // This slot's own blocks among them must be in the pool before the reload.
-        self.materialize(s)?;
         let blocks: Vec<&[u8]> = seq.table[..usable].iter().map(|&b| self.block(b)).collect();
         let state = build(&self.format, bs, have, &blocks).map_err(err)?;
-        self.loaded.set_state(s, &state)?;
+        if let Err(e) = self.loaded.set_state(s, &state) {
+            // llama.cpp emptied the sequence.
+            self.set_slot(s, 0, &[]);
+            return Err(e);
+        }
         self.set_slot(s, have, &seq.table[..usable]);
         Ok(have)
     }
 
+    /// Slot `s` now holds positions `0..pos` in the blocks `table`. Blocks it no longer
+    /// holds at an index stop being owned by it.
     fn set_slot(&mut self, s: usize, pos: usize, table: &[BlockId]) {
-        if let Some(slot) = self.slots[s].as_mut() {
-            slot.pos = pos;
-            slot.table.clear();
-            slot.table.extend_from_slice(table);
+        let Some(slot) = self.slots[s].as_mut() else {
+            return;
+        };
+        for (i, &b) in slot.table.iter().enumerate() {
+            let kept = table.get(i) == Some(&b) && pos > i * self.block_size;
+            if !kept && self.owners[b as usize] == (Owner::Slot { slot: s, index: i }) {
+                self.owners[b as usize] = Owner::Empty;
+            }
         }
+        slot.pos = pos;
+        slot.table.clear();
+        slot.table.extend_from_slice(table);
     }
 
     /// Records that slot `s` computed positions `from..to` of `seq` into its blocks.
+    /// Blocks that were cached before this step keep their valid owner: their KV is the
+    /// same, and a peer may be reading the pool's copy.
     fn wrote(&mut self, s: usize, seq: &StepSeq<'_>, from: usize, to: usize) {
         let bs = self.block_size;
-        for i in from / bs..to.div_ceil(bs) {
-            if let Some(&b) = seq.table.get(i) {
-                self.owners[b as usize] = Owner::Slot { slot: s, index: i };
+        let end = to.div_ceil(bs).min(seq.table.len());
+        self.set_slot(s, to, &seq.table[..end]);
+        for i in from / bs..end {
+            let b = seq.table[i];
+            let mine = Owner::Slot { slot: s, index: i };
+            if i * bs < seq.start && self.owners[b as usize] != mine && self.owner_valid(b) {
+                continue;
             }
+            self.owners[b as usize] = mine;
         }
-        self.set_slot(s, to, &seq.table[..to.div_ceil(bs).min(seq.table.len())]);
     }
 
     /// Drops what llama.cpp holds for the sequences of a failed batch.
@@ -330,7 +367,7 @@ impl StepBackend for LlamaStep {
     fn forward(&mut self, batch: &[StepSeq<'_>]) -> Result<Vec<u32>, BackendError> {
         let mut plan = Vec::with_capacity(batch.len());
         for seq in batch {
-            let s = self.slot_for(seq.id, batch)?;
+            let s = self.slot_for(seq.id)?;
             let have = match self.prepare(s, seq) {
                 Ok(have) => have,
                 Err(e) => {
@@ -376,31 +413,32 @@ impl StepBackend for LlamaStep {
         self.block_bytes
     }
 
-    fn export_blocks(&self, blocks: &[BlockId], out: &mut Vec<u8>) {
+    fn export_blocks(&self, blocks: &[BlockId], out: &mut Vec<u8>) -> Result<(), BackendError> {
         let bs = self.block_size;
         // States of the slots that still own some of the blocks, read once each.
         let mut states: HashMap<usize, Vec<u8>> = HashMap::new();
         for &b in blocks {
-            let start = out.len();
+            if !self.owner_valid(b) {
+                return Err(err(format!("block {b} holds no KV to export")));
+            }
             match self.owners[b as usize] {
-                Owner::Pool => out.extend_from_slice(self.block(b)),
                 Owner::Slot { slot, index } => {
+                    let bytes = match states.entry(slot) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(self.loaded.state(slot)?)
+                        }
+                    };
+                    let start = out.len();
                     out.resize(start + self.block_bytes, 0);
-                    let bytes = states
-                        .entry(slot)
-                        .or_insert_with(|| self.loaded.state(slot).unwrap_or_default());
-                    let copied = SeqState::parse(bytes)
-                        .and_then(|st| st.copy_block(index * bs, bs, &mut out[start..]));
-                    if let Err(e) = copied {
-                        tracing::error!(block = b, error = %e, "llamacpp: exporting a KV block failed");
-                    }
+                    SeqState::parse(bytes)
+                        .and_then(|st| st.copy_block(index * bs, bs, &mut out[start..]))
+                        .map_err(err)?;
                 }
-                Owner::Empty => {
-                    tracing::error!(block = b, "llamacpp: exporting a KV block nobody wrote");
-                    out.resize(start + self.block_bytes, 0);
-                }
+                _ => out.extend_from_slice(self.block(b)),
             }
         }
+        Ok(())
     }
 
     fn sync_blocks(&mut self, blocks: &[BlockId]) -> Result<(), BackendError> {

@@ -7,6 +7,7 @@ use std::time::Instant;
 use dynamo_mocker::{MockerConfig, MockerEngine};
 use dynamo_protocol::KvLayout;
 use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
 
 use crate::backend::LlamaStep;
 use crate::model::{ContextShape, Loaded};
@@ -68,12 +69,19 @@ pub enum LlamaCppError {
 fn probe(loaded: &mut Loaded) -> Result<StateFormat, LlamaCppError> {
     let probe = |e: &dyn std::fmt::Display| LlamaCppError::Probe(e.to_string());
     let mut batch = LlamaBatch::new(1, 1);
-    let bos = loaded.model().vocab().bos();
+    // Any token will do; BOS when the model has one.
+    let bos = Some(loaded.model().vocab().bos())
+        .filter(|t| t.0 >= 0 && t.0 < loaded.model().n_vocab())
+        .unwrap_or(LlamaToken::new(0));
     batch.add(bos, 0, &[0], false).map_err(|e| probe(&e))?;
     loaded.decode(&mut batch).map_err(|e| probe(&e))?;
     let bytes = loaded.state(0).map_err(|e| probe(&e))?;
     loaded.clear(0);
-    let state = SeqState::parse(&bytes).map_err(|e| probe(&e))?;
+    let state = SeqState::parse(&bytes).map_err(|e| {
+        probe(&format!(
+            "{e} (models whose KV cells carry extra data, such as M-RoPE, are not supported)"
+        ))
+    })?;
     if state.positions() != 1 || state.format.layers == 0 {
         return Err(probe(&"the probe's state does not hold its one position"));
     }
@@ -85,7 +93,13 @@ fn layout(loaded: &Loaded, f: &StateFormat, block_size: usize) -> Result<KvLayou
     let m = loaded.model();
     let heads = m.n_head().max(1);
     let kv_heads = m.n_head_kv().max(1);
-    let head_dim = u32::try_from(m.n_embd()).unwrap_or(0) / heads;
+    // The key length when the file names one (Qwen3, Gemma), else the embedding per head.
+    let arch = m.meta_val_str("general.architecture").unwrap_or_default();
+    let head_dim = m
+        .meta_val_str(&format!("{arch}.attention.key_length"))
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(u32::try_from(m.n_embd()).unwrap_or(0) / heads);
     let dims = (kv_heads * head_dim) as usize;
     if dims == 0 || f.k_row != f.v_row || f.k_row % dims != 0 {
         return Err(LlamaCppError::Probe(format!(
@@ -114,7 +128,9 @@ pub fn start(config: &LlamaCppConfig) -> Result<MockerEngine, LlamaCppError> {
         .max(config.block_size);
     let shape = ContextShape {
         threads: config.threads,
-        cells: (config.num_blocks * config.block_size).max(n_batch),
+        // The pool's positions, and a batch's worth for blocks held by two slots at once
+        // while one is being loaded.
+        cells: config.num_blocks * config.block_size + n_batch,
         seqs: config.max_num_seqs,
         n_batch,
     };
@@ -145,6 +161,7 @@ pub fn start(config: &LlamaCppConfig) -> Result<MockerEngine, LlamaCppError> {
         seed: config.seed,
         kv_layout: layout,
         max_model_len: Some(max_model_len),
+        check_token_ids: true,
         ..MockerConfig::default()
     };
     let backend = LlamaStep::new(

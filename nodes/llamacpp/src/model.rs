@@ -12,7 +12,7 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::LlamaStateSeqFlags;
+use llama_cpp_2::{DecodeError, LlamaStateSeqFlags};
 
 use crate::engine::LlamaCppError;
 
@@ -128,6 +128,26 @@ impl Loaded {
         }
     }
 
+    /// Makes sequence `to` share sequence `from`'s cells of positions `0..positions`
+    /// (no copy: a unified cache's cell can belong to several sequences).
+    pub(crate) fn share(
+        &mut self,
+        from: usize,
+        to: usize,
+        positions: usize,
+    ) -> Result<(), BackendError> {
+        self.0
+            .with_dependent_mut(|_, ctx| {
+                ctx.copy_kv_cache_seq(
+                    from as i32,
+                    to as i32,
+                    Some(0),
+                    u32::try_from(positions).ok(),
+                )
+            })
+            .map_err(|e| backend_err("sharing cached positions", e))
+    }
+
     /// Drops sequence `seq`'s positions from `from` on.
     pub(crate) fn truncate(&mut self, seq: usize, from: usize) {
         self.0.with_dependent_mut(|_, ctx| {
@@ -146,7 +166,12 @@ impl Loaded {
     pub(crate) fn decode(&mut self, batch: &mut LlamaBatch<'_>) -> Result<(), BackendError> {
         self.0
             .with_dependent_mut(|_, ctx| ctx.decode(batch))
-            .map_err(|e| backend_err("decode", e))
+            .map_err(|e| match e {
+                DecodeError::NoKvCacheSlot => BackendError(
+                    "llama.cpp's KV cache has no room for the batch (raise num_blocks)".into(),
+                ),
+                e => backend_err("decode", e),
+            })
     }
 
     /// The logits of the batch's `i`-th token (one that asked for logits).

@@ -277,3 +277,47 @@ async fn cached_and_handed_over_blocks_give_the_same_tokens() {
         e.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_requests_prefix_is_shared_and_unknown_tokens_are_refused() {
+    let Some(c) = config("a_running_requests_prefix_is_shared_and_unknown_tokens_are_refused")
+    else {
+        return;
+    };
+    let prompt = golden().into_iter().nth(4).expect("prompt 4").prompt;
+    let full = (prompt.len() / c.block_size * c.block_size) as u32;
+    let engine = Arc::new(start(&c).expect("engine"));
+    let solo = run(&engine, request(&prompt, 24)).await;
+    engine.clear_cache();
+
+    // The second request arrives while the first decodes: it finds the first one's blocks
+    // cached and takes their KV from the running sequence itself.
+    let mut first = engine.call(request(&prompt, 24), RequestContext::new("first"));
+    let mut tokens = Vec::new();
+    let delta = first.next().await.expect("a first token").expect("delta");
+    assert_eq!(delta.cached_tokens, Some(0));
+    tokens.extend(delta.token_ids);
+    let second = run(&engine, request(&prompt, 24)).await;
+    while let Some(delta) = first.next().await {
+        tokens.extend(delta.expect("delta").token_ids);
+    }
+    assert_eq!(
+        second.cached, full,
+        "the second request found the first's blocks"
+    );
+    agree("the first of two", &solo.steps, &tokens);
+    agree("sharing a running prefix", &solo.steps, &second.tokens());
+
+    // A prompt with an id outside the vocabulary is refused; the engine serves on.
+    let mut bad = prompt.clone();
+    bad[3] = 1_000_000;
+    let mut refused = engine.call(request(&bad, 4), RequestContext::new("bad"));
+    let err = refused
+        .next()
+        .await
+        .expect("an answer")
+        .expect_err("an unknown token id is refused");
+    assert!(err.to_string().contains("1000000"), "{err}");
+    let after = run(&engine, request(&prompt, 24)).await;
+    agree("after a refused request", &solo.steps, &after.tokens());
+}

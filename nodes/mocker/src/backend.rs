@@ -50,17 +50,20 @@ pub trait StepBackend: Send + 'static {
         Vec::new()
     }
 
-    /// Sequence `id` finished or was aborted: it will not be in a batch again. Called at
-    /// the end of the step it finished in, or before the next step after an abort; its
-    /// cached blocks must stay readable (a prefill's blocks are exported after it ends).
+    /// Sequence `id` finished, was aborted or was preempted: its blocks are released.
+    /// Called at the end of the step it finished in, or before the next batch otherwise.
+    /// A preempted sequence comes back later under the same id, starting over from its
+    /// cached prefix. Its cached blocks must stay readable (a prefill's blocks are
+    /// exported after it ends).
     fn release(&mut self, _id: SeqId) {}
 
     /// Bytes of one pool block (every layer's keys and values, as the engine's
     /// `KvLayout` describes them).
     fn block_bytes(&self) -> usize;
 
-    /// Appends the bytes of `blocks`, in order, to `out`.
-    fn export_blocks(&self, blocks: &[BlockId], out: &mut Vec<u8>);
+    /// Appends the bytes of `blocks`, in order, to `out`; fails rather than send bytes
+    /// that are not the blocks' KV.
+    fn export_blocks(&self, blocks: &[BlockId], out: &mut Vec<u8>) -> Result<(), BackendError>;
 
     /// Overwrites each of `blocks` with the matching slice of `src` (`block_bytes()` each;
     /// slices of a message's payload, or of a peer's shared pool mapped in place).

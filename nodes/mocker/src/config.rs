@@ -63,6 +63,9 @@ pub struct MockerConfig {
     /// The model's context (positions); requests that would pass it are refused. `None`
     /// for the mocker, whose model has no such limit.
     pub max_model_len: Option<usize>,
+    /// Refuse prompts with token ids outside `0..vocab_size` (a real model cannot embed
+    /// them); the mocker takes any id.
+    pub check_token_ids: bool,
 }
 
 impl Default for MockerConfig {
@@ -83,6 +86,7 @@ impl Default for MockerConfig {
             event_buffer: 4_096,
             kv_layout: SMOLLM2_135M_KV_LAYOUT,
             max_model_len: None,
+            check_token_ids: false,
         }
     }
 }

@@ -31,6 +31,12 @@ pub enum AdmitError {
         block_size: usize,
         pool_blocks: usize,
     },
+    #[error("prompt token {position} is id {id}, outside the model's vocabulary of {vocab_size}")]
+    UnknownToken {
+        position: usize,
+        id: u32,
+        vocab_size: u32,
+    },
     #[error(
         "{prompt_tokens} prompt tokens + {max_tokens} new tokens exceed the model's context of \
          {context} tokens"
@@ -145,8 +151,10 @@ pub struct Scheduler {
     preemptions: u64,
     prefix_hit_tokens: u64,
     prompt_tokens: u64,
-    /// Sequences finished or aborted since the backend last heard of it.
+    /// Sequences finished, aborted or preempted since the backend last heard of it.
     released: Vec<SeqId>,
+    /// A real model's vocabulary size, when prompts are checked against it.
+    real_vocab: Option<u32>,
 }
 
 impl Scheduler {
@@ -176,6 +184,7 @@ impl Scheduler {
             prefix_hit_tokens: 0,
             prompt_tokens: 0,
             released: Vec::new(),
+            real_vocab: config.check_token_ids.then_some(config.vocab_size),
         })
     }
 
@@ -188,6 +197,20 @@ impl Scheduler {
     /// unique (the engine numbers its requests).
     pub fn add(&mut self, req: NewSequence) -> Result<(), AdmitError> {
         self.limits.check(req.prompt.len(), req.max_tokens)?;
+        if let Some(vocab_size) = self.real_vocab {
+            if let Some((position, &id)) = req
+                .prompt
+                .iter()
+                .enumerate()
+                .find(|(_, &t)| t >= vocab_size)
+            {
+                return Err(AdmitError::UnknownToken {
+                    position,
+                    id,
+                    vocab_size,
+                });
+            }
+        }
         self.waiting.push_back(Sequence::new(req));
         Ok(())
     }
@@ -277,13 +300,14 @@ impl Scheduler {
         out: &mut Vec<SeqOutput>,
         mut backend: Option<&mut dyn StepBackend>,
     ) -> Result<StepWork, StepFailed> {
-        self.tell_released(backend.as_deref_mut());
         let mut budget = self.max_batched_tokens;
         self.plan.clear();
         let preempted = self.schedule_running(&mut budget);
         if !preempted {
             self.admit_waiting(&mut budget);
         }
+        // Preempted sequences, before the batch that no longer has them.
+        self.tell_released(backend.as_deref_mut());
         let total = self.blocks.counts().total.max(1);
         let mut work = StepWork {
             kv_usage: self.blocks.counts().active as f64 / total as f64,
@@ -464,6 +488,9 @@ impl Scheduler {
     fn preempt_last(&mut self) {
         if let Some(mut seq) = self.running.pop() {
             seq.release_blocks(&mut self.blocks);
+            // Its blocks are gone: a backend drops what it keeps for it, and the
+            // sequence starts over from its cached prefix when it runs again.
+            self.released.push(seq.id);
             self.preemptions += 1;
             tracing::debug!(seq = seq.id, "preempted: out of KV blocks");
             self.waiting.push_front(seq);

@@ -412,7 +412,9 @@ impl StepBackend for Recorder {
     fn block_bytes(&self) -> usize {
         1
     }
-    fn export_blocks(&self, _: &[BlockId], _: &mut Vec<u8>) {}
+    fn export_blocks(&self, _: &[BlockId], _: &mut Vec<u8>) -> Result<(), BackendError> {
+        Ok(())
+    }
     fn import_blocks(&mut self, _: &[BlockId], _: &[&[u8]]) -> Result<(), BackendError> {
         Ok(())
     }

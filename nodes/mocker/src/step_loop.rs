@@ -236,7 +236,10 @@ impl StepLoop {
                 let mut result = self.core.import_blocks(parent, &hashes);
                 if let (Ok(imported), Some(backend)) = (&result, self.backend.as_mut()) {
                     if let Err(err) = write_imported(backend.as_mut(), &imported.chain, &payload) {
-                        tracing::error!(%err, "writing imported KV blocks failed");
+                        // The chain's hashes are cached already, over blocks that do not
+                        // hold their KV: drop the cached blocks rather than serve them.
+                        tracing::error!(%err, "writing imported KV blocks failed; the prefix cache is cleared");
+                        self.core.clear_cache();
                         result = Err(ImportError::Backend(err));
                     }
                 }
@@ -265,7 +268,9 @@ impl StepLoop {
             }
         }
         let mut out = Vec::with_capacity(blocks.len() * backend.block_bytes());
-        backend.export_blocks(&blocks, &mut out);
+        backend
+            .export_blocks(&blocks, &mut out)
+            .map_err(|e| format!("reading the KV blocks failed: {}", e.0))?;
         Ok(out)
     }
 

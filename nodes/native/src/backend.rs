@@ -86,8 +86,9 @@ impl StepBackend for NativeBackend {
         self.kv.block_bytes()
     }
 
-    fn export_blocks(&self, blocks: &[BlockId], out: &mut Vec<u8>) {
+    fn export_blocks(&self, blocks: &[BlockId], out: &mut Vec<u8>) -> Result<(), BackendError> {
         self.kv.export(blocks, out);
+        Ok(())
     }
 
     fn import_blocks(&mut self, blocks: &[BlockId], src: &[&[u8]]) -> Result<(), BackendError> {

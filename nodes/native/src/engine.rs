@@ -108,6 +108,7 @@ pub fn start(config: &NativeConfig) -> Result<MockerEngine, NativeError> {
         seed: config.seed,
         kv_layout: loaded.layout,
         max_model_len: Some(c.context_length),
+        check_token_ids: true,
         ..MockerConfig::default()
     };
     let backend = NativeBackend::new(loaded.model, kv);
