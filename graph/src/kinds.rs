@@ -176,6 +176,14 @@ pub const ENGINES: &[&str] = &[
     "sglang",
     "trtllm",
 ];
+/// Defaults that differ by engine: `(engine, setting, default)`. llama.cpp allocates its
+/// whole KV cache (and a logits row per batch token) when it starts, where the other
+/// in-process engines reserve address space and use memory as blocks fill.
+pub const ENGINE_DEFAULTS: &[(&str, &str, &str)] = &[
+    ("llamacpp", "num_blocks", "1024"),
+    ("llamacpp", "max_num_seqs", "64"),
+    ("llamacpp", "max_batched_tokens", "512"),
+];
 /// Engines that run as their own OpenAI-compatible server, launched or connected to.
 pub const EXTERNAL_ENGINES: &[&str] = &["openai", "llamacpp-server", "vllm", "sglang", "trtllm"];
 /// External engines that publish KV events over ZeroMQ (vLLM's `KVEventBatch` format).

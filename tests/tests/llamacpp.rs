@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{ask, cancel_midway, dev_shm, metrics, need_model, sum};
+use common::{ask, check_hand_offs, dev_shm, need_model};
 use dynamo_tests::{workspace, Graph};
 
 #[test]
@@ -41,37 +41,7 @@ fn aggregated_and_disaggregated_llamacpp_graphs_answer_alike() {
         "the decode process maps {} KV pool(s), not the prefill worker's:\n{maps}",
         pools.len()
     );
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    for ms in [150, 400, 900] {
-        runtime.block_on(cancel_midway(
-            &disagg.url,
-            std::time::Duration::from_millis(ms),
-        ));
-    }
-    assert_eq!(
-        aggregated,
-        ask(&disagg),
-        "the disaggregated answer changed after cancelled requests"
-    );
-    let m = runtime.block_on(metrics(&reqwest::Client::new(), &disagg.url));
-    let sent = sum(
-        &m,
-        "dynamo_engine_kv_transfer_bytes_total",
-        &["node=\"prefill\"", "direction=\"sent\""],
-    );
-    let received = sum(
-        &m,
-        "dynamo_engine_kv_transfer_bytes_total",
-        &["node=\"decode\"", "direction=\"received\""],
-    );
-    assert!(sent > 0.0, "the prefill worker sent no KV bytes:\n{m}");
-    assert_eq!(sent, received, "KV bytes sent and received differ:\n{m}");
-    // llama.cpp's f16 keys and values of 30 layers × 3 heads × 64 dims × 16 positions.
-    assert_eq!(
-        sent as u64 % (30 * 2 * 3 * 64 * 2 * 16),
-        0,
-        "not whole blocks: {sent}"
-    );
+    check_hand_offs(&disagg, &aggregated);
     drop(disagg);
     assert_eq!(dev_shm(), shm_before, "the graph left files in /dev/shm");
 }

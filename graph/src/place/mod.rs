@@ -528,11 +528,16 @@ fn planned_nodes(r: &Resolved<'_>) -> Vec<PlannedNode> {
         .enumerate()
         .filter_map(|(i, n)| {
             let kind = r.kind(i)?;
+            let engine = n.setting_str("engine");
             let mut settings = BTreeMap::new();
             for f in kind.settings {
+                let by_engine = crate::kinds::ENGINE_DEFAULTS
+                    .iter()
+                    .find(|(e, key, _)| Some(*e) == engine && *key == f.key)
+                    .map(|(_, _, d)| *d);
                 let v = match n.settings.get(f.key) {
                     Some(v) => Some(v.value.clone()),
-                    None => f.default.and_then(|d| {
+                    None => by_engine.or(f.default).and_then(|d| {
                         defaults
                             .entry(d)
                             .or_insert_with(|| crate::fields::default_json(d))

@@ -19,7 +19,7 @@ pub const IN_PROCESS_ONLY: &[&str] = &[
 ];
 
 /// What a binary built without llama.cpp says about `engine = "llamacpp"`.
-pub const LLAMACPP_MISSING: &str = "this dynamo was built without llama.cpp: rebuild it with `cargo build --release --features llamacpp` (needs cmake and libclang), or use `engine = \"native\"`";
+pub const LLAMACPP_MISSING: &str = "this dynamo was built without llama.cpp: rebuild it with `cargo build --release -p dynamo-cli --features llamacpp` (needs cmake and libclang), or use `engine = \"native\"`";
 
 /// E0306 for every engine node asking for an engine the binary lacks.
 pub fn compiled_in(spec: &crate::spec::GraphSpec, missing: &[String], diags: &mut Vec<Diagnostic>) {

@@ -111,13 +111,12 @@ pub fn mocker(
     MockerEngine::start(config).map_err(|e| invalid(node, e))
 }
 
-/// A native worker: the model computed in this process over a paged KV pool, scheduled by
-/// the same engine shell as the mocker.
-pub fn native(
+/// The settings the in-process engines with a real model share (native, llamacpp).
+fn model_engine_config(
     node: &PlannedNode,
     replica: &PlannedReplica,
     model_file: &Path,
-) -> Result<MockerEngine, BuildError> {
+) -> dynamo_native::NativeConfig {
     let mut config = dynamo_native::NativeConfig::new(model_file);
     let usize_of = |key: &str| node.u64(key).and_then(|v| usize::try_from(v).ok());
     config.worker_id = instance_id(&replica.id);
@@ -136,7 +135,18 @@ pub fn native(
     }
     config.enable_prefix_caching = node.bool("enable_prefix_caching").unwrap_or(true);
     config.seed = node.u64("seed").unwrap_or(0);
-    dynamo_native::start(&config).map_err(|e| invalid(node, e))
+    config
+}
+
+/// A native worker: the model computed in this process over a paged KV pool, scheduled by
+/// the same engine shell as the mocker.
+pub fn native(
+    node: &PlannedNode,
+    replica: &PlannedReplica,
+    model_file: &Path,
+) -> Result<MockerEngine, BuildError> {
+    dynamo_native::start(&model_engine_config(node, replica, model_file))
+        .map_err(|e| invalid(node, e))
 }
 
 /// The engines of the graph format this binary was built without (cargo features).
@@ -156,25 +166,8 @@ pub fn llamacpp(
     replica: &PlannedReplica,
     model_file: &Path,
 ) -> Result<MockerEngine, BuildError> {
-    let mut config = dynamo_llamacpp::LlamaCppConfig::new(model_file);
-    let usize_of = |key: &str| node.u64(key).and_then(|v| usize::try_from(v).ok());
-    config.worker_id = instance_id(&replica.id);
-    config.threads = usize_of("threads").unwrap_or(1);
-    if let Some(v) = usize_of("block_size") {
-        config.block_size = v;
-    }
-    if let Some(v) = usize_of("num_blocks") {
-        config.num_blocks = v;
-    }
-    if let Some(v) = usize_of("max_num_seqs") {
-        config.max_num_seqs = v;
-    }
-    if let Some(v) = usize_of("max_batched_tokens") {
-        config.max_batched_tokens = v;
-    }
-    config.enable_prefix_caching = node.bool("enable_prefix_caching").unwrap_or(true);
-    config.seed = node.u64("seed").unwrap_or(0);
-    dynamo_llamacpp::start(&config).map_err(|e| invalid(node, e))
+    dynamo_llamacpp::start(&model_engine_config(node, replica, model_file))
+        .map_err(|e| invalid(node, e))
 }
 
 /// Without the `llamacpp` feature there is no llama.cpp in this binary (validation says

@@ -1,7 +1,6 @@
 //! Starting a llama.cpp worker: load the model into a context sized for the pool, learn
 //! how the context serialises its KV, and hand the backend to the engine shell.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use dynamo_mocker::{MockerConfig, MockerEngine};
@@ -16,36 +15,9 @@ use crate::state::{SeqState, StateFormat};
 /// llama.cpp serves at most this many sequences in one context (`LLAMA_MAX_SEQ`).
 pub const MAX_SEQS: usize = 256;
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct LlamaCppConfig {
-    pub model: PathBuf,
-    pub worker_id: u64,
-    /// llama.cpp's compute threads.
-    pub threads: usize,
-    pub block_size: usize,
-    /// Pool blocks; llama.cpp's cache holds as many positions.
-    pub num_blocks: usize,
-    pub max_num_seqs: usize,
-    pub max_batched_tokens: usize,
-    pub enable_prefix_caching: bool,
-    pub seed: u64,
-}
-
-impl LlamaCppConfig {
-    pub fn new(model: impl Into<PathBuf>) -> LlamaCppConfig {
-        LlamaCppConfig {
-            model: model.into(),
-            worker_id: 0,
-            threads: 1,
-            block_size: 16,
-            num_blocks: 512,
-            max_num_seqs: 64,
-            max_batched_tokens: 512,
-            enable_prefix_caching: true,
-            seed: 0,
-        }
-    }
-}
+/// The same settings as the native engine's, with the same defaults (a small cache:
+/// llama.cpp allocates all of it at start).
+pub type LlamaCppConfig = dynamo_native::NativeConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LlamaCppError {
@@ -122,8 +94,10 @@ pub fn start(config: &LlamaCppConfig) -> Result<MockerEngine, LlamaCppError> {
         return Err(LlamaCppError::TooManySeqs(config.max_num_seqs));
     }
     let started = Instant::now();
-    // llama.cpp reserves at least one output row per sequence in every batch.
-    let n_batch = (config.max_batched_tokens)
+    // Tokens per llama_decode (a step's tokens go in several when there are more): at
+    // most 1024, since llama.cpp keeps a logits row per batch token; at least one per
+    // sequence, which llama.cpp reserves.
+    let n_batch = (config.max_batched_tokens.min(1024))
         .max(config.max_num_seqs)
         .max(config.block_size);
     let shape = ContextShape {

@@ -91,3 +91,40 @@ pub fn dev_shm() -> Vec<String> {
     names.sort();
     names
 }
+
+/// What a disaggregated graph that answered `aggregated` must still do: answer the same
+/// after requests cancelled at several points of their prefill and hand-off, and have
+/// handed over whole blocks (f16 keys and values of SmolLM2's 30 layers × 3 heads × 64
+/// dims × 16 positions), as many bytes received as sent.
+pub fn check_hand_offs(disagg: &Graph, aggregated: &str) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    for ms in [150, 400, 900] {
+        runtime.block_on(cancel_midway(
+            &disagg.url,
+            std::time::Duration::from_millis(ms),
+        ));
+    }
+    assert_eq!(
+        aggregated,
+        ask(disagg),
+        "the disaggregated answer changed after cancelled requests"
+    );
+    let m = runtime.block_on(metrics(&reqwest::Client::new(), &disagg.url));
+    let sent = sum(
+        &m,
+        "dynamo_engine_kv_transfer_bytes_total",
+        &["node=\"prefill\"", "direction=\"sent\""],
+    );
+    let received = sum(
+        &m,
+        "dynamo_engine_kv_transfer_bytes_total",
+        &["node=\"decode\"", "direction=\"received\""],
+    );
+    assert!(sent > 0.0, "the prefill worker sent no KV bytes:\n{m}");
+    assert_eq!(sent, received, "KV bytes sent and received differ:\n{m}");
+    assert_eq!(
+        sent as u64 % (30 * 2 * 3 * 64 * 2 * 16),
+        0,
+        "not whole blocks: {sent}"
+    );
+}
