@@ -28,7 +28,9 @@ if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; t
 if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ]; then missing+=(etcd-server); fi
 if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then missing+=(chromium); fi
 if ! command -v cmake >/dev/null 2>&1; then missing+=(cmake); fi
-if ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 && ! ls /usr/lib/*/libclang*.so* >/dev/null 2>&1; then
+# bindgen loads libclang itself (libclang.so / libclang-N.so); libclang-cpp, which some
+# images carry, is another library.
+if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so* >/dev/null 2>&1; then
     missing+=(libclang-dev)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
