@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use dynamo_mocker::{MockerConfig, MockerEngine};
+use dynamo_mocker::MockerEngine;
 use dynamo_protocol::KvLayout;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
@@ -123,21 +123,11 @@ pub fn start(config: &LlamaCppConfig) -> Result<MockerEngine, LlamaCppError> {
         block_bytes = format.block_bytes(config.block_size),
         "llamacpp engine: model loaded"
     );
-    let shell = MockerConfig {
-        worker_id: config.worker_id,
-        block_size: config.block_size,
-        num_blocks: config.num_blocks,
-        max_num_seqs: config.max_num_seqs,
-        max_batched_tokens: config.max_batched_tokens,
-        enable_prefix_caching: config.enable_prefix_caching,
-        vocab_size: u32::try_from(model.n_vocab()).unwrap_or(u32::MAX),
-        special_token_ids: Vec::new(),
-        seed: config.seed,
-        kv_layout: layout,
-        max_model_len: Some(max_model_len),
-        check_token_ids: true,
-        ..MockerConfig::default()
-    };
+    let shell = config.shell(
+        u32::try_from(model.n_vocab()).unwrap_or(u32::MAX),
+        layout,
+        max_model_len,
+    );
     let backend = LlamaStep::new(
         loaded,
         format,

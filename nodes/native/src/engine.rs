@@ -43,6 +43,29 @@ impl NativeConfig {
     }
 }
 
+impl NativeConfig {
+    /// The engine shell's configuration for a real model of `vocab_size` tokens and
+    /// `max_model_len` positions whose KV blocks are laid out as `layout` (the native and
+    /// the llama.cpp engine alike): prompt ids outside the vocabulary are refused.
+    pub fn shell(&self, vocab_size: u32, layout: KvLayout, max_model_len: usize) -> MockerConfig {
+        MockerConfig {
+            worker_id: self.worker_id,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            max_num_seqs: self.max_num_seqs,
+            max_batched_tokens: self.max_batched_tokens,
+            enable_prefix_caching: self.enable_prefix_caching,
+            vocab_size,
+            special_token_ids: Vec::new(),
+            seed: self.seed,
+            kv_layout: layout,
+            max_model_len: Some(max_model_len),
+            check_token_ids: true,
+            ..MockerConfig::default()
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NativeError {
     #[error("loading the model: {0}")]
@@ -96,21 +119,11 @@ pub fn start(config: &NativeConfig) -> Result<MockerEngine, NativeError> {
     );
     let kv = KvPool::new(c.layers, c.kv_dim(), config.block_size, config.num_blocks)
         .map_err(NativeError::Pool)?;
-    let shell = MockerConfig {
-        worker_id: config.worker_id,
-        block_size: config.block_size,
-        num_blocks: config.num_blocks,
-        max_num_seqs: config.max_num_seqs,
-        max_batched_tokens: config.max_batched_tokens,
-        enable_prefix_caching: config.enable_prefix_caching,
-        vocab_size: u32::try_from(c.vocab).unwrap_or(u32::MAX),
-        special_token_ids: Vec::new(),
-        seed: config.seed,
-        kv_layout: loaded.layout,
-        max_model_len: Some(c.context_length),
-        check_token_ids: true,
-        ..MockerConfig::default()
-    };
+    let shell = config.shell(
+        u32::try_from(c.vocab).unwrap_or(u32::MAX),
+        loaded.layout,
+        c.context_length,
+    );
     let backend = NativeBackend::new(loaded.model, kv);
     Ok(MockerEngine::start_with_backend(shell, Box::new(backend))?)
 }
