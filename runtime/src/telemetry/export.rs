@@ -12,13 +12,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_otlp::{RetryPolicy, WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData,
-    SpanExporter, SpanProcessor,
+    BatchConfigBuilder, BatchSpanProcessor, Span, SpanData, SpanExporter, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 use tracing::subscriber::Interest;
@@ -29,6 +27,7 @@ use tracing_subscriber::layer::Filter;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
+use super::spans::SpanLayer;
 use super::{DROPPED, ENABLED, EXPORTED};
 
 /// Where and how this process exports its spans.
@@ -80,7 +79,7 @@ pub enum TelemetryError {
 /// Keeps the exporter running; dropping it flushes what is queued (bounded in time) and
 /// stops the exporter.
 pub struct ExportGuard {
-    provider: SdkTracerProvider,
+    processor: Arc<Bounded>,
     runtime: Option<tokio::runtime::Runtime>,
     /// Spans queued or being sent.
     pending: Arc<AtomicUsize>,
@@ -89,13 +88,13 @@ pub struct ExportGuard {
 impl ExportGuard {
     /// Sends what is queued now; returns when the collector answered or gave up.
     pub fn flush(&self) {
-        let _ = self.provider.force_flush();
+        let _ = self.processor.force_flush();
     }
 }
 
 impl Drop for ExportGuard {
     fn drop(&mut self) {
-        let _ = self.provider.shutdown_with_timeout(Duration::from_secs(2));
+        let _ = self.processor.shutdown_with_timeout(Duration::from_secs(2));
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
@@ -190,31 +189,14 @@ where
         pending: pending.clone(),
         max: config.queue_size.max(1),
     };
-    let ratio = config.sampling_ratio.clamp(0.0, 1.0);
-    let provider = SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            ratio,
-        ))))
-        .with_resource(resource(&config.service, &config.instance))
-        .build();
-    let tracer = provider.tracer("dynamo");
-    let layer = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_target(true)
-        .with_location(false)
-        .with_threads(false)
-        .with_tracked_inactivity(false)
-        // Parents are explicit (the request context's `traceparent`); making each span's
-        // context current on every enter and exit (each poll of a stream) costs CPU per
-        // token for nothing.
-        .with_context_activation(false)
-        .with_filter(ExportFilter::new());
+    let processor = Arc::new(processor);
+    let layer =
+        SpanLayer::new(processor.clone(), config.sampling_ratio).with_filter(ExportFilter::new());
     ENABLED.store(true, Ordering::Relaxed);
     Ok((
         layer,
         ExportGuard {
-            provider,
+            processor,
             runtime: Some(runtime),
             pending,
         },

@@ -2,8 +2,8 @@
 //! across processes.
 //!
 //! Two halves:
-//! - [`export`]: a `tracing` layer that turns spans into OpenTelemetry spans and ships
-//!   them in batches from a background thread. The request path only pushes a finished
+//! - [`export`]: a `tracing` layer that turns spans into OpenTelemetry spans (`spans`)
+//!   and ships them in batches from a background thread. The request path only pushes a finished
 //!   span into a bounded queue; when the queue is full (the collector is down or slow)
 //!   the span is dropped and counted ([`dropped_spans`]), never waited for.
 //! - [`propagate`]: the W3C `traceparent` in [`crate::RequestContext`] made into a span's
@@ -15,6 +15,7 @@
 
 pub mod export;
 pub mod propagate;
+mod spans;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

@@ -9,8 +9,8 @@ use std::sync::OnceLock;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::spans::with_recorded;
 use crate::RequestContext;
 
 const TRACEPARENT: &str = "traceparent";
@@ -55,9 +55,9 @@ pub fn follow_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
     }
     let Some(tp) = traceparent else { return };
     let parent = propagator().extract(&Carrier(Some(tp.to_string())));
-    if parent.span().span_context().is_valid() {
-        // Fails only when the span was already started: then it keeps its own parent.
-        let _ = span.set_parent(parent);
+    let parent = parent.span().span_context().clone();
+    if parent.is_valid() {
+        with_recorded(span, |r| r.follow(&parent));
     }
 }
 
@@ -66,13 +66,7 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     if !super::enabled() || span.is_disabled() {
         return None;
     }
-    let cx = span.context();
-    if !cx.span().span_context().is_valid() {
-        return None;
-    }
-    let mut carrier = Carrier(None);
-    propagator().inject_context(&cx, &mut carrier);
-    carrier.0
+    with_recorded(span, |r| r.traceparent())
 }
 
 /// The context for the next hop: `ctx.child()` carrying `span` as the caller, or
@@ -90,9 +84,7 @@ pub fn trace_id(span: &tracing::Span) -> Option<String> {
     if !super::enabled() || span.is_disabled() {
         return None;
     }
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
+    with_recorded(span, |r| r.trace_id.to_string())
 }
 
 #[cfg(test)]
