@@ -80,7 +80,8 @@ pub enum VizFormat {
 
 /// The machine this command runs on, as the planner sees it without a `[cluster]`.
 pub fn local_environment() -> Environment {
-    let gpus = dynamo_host::gpus::proc_gpus();
+    // NVML, else the driver's `/proc` entries; narrowed by CUDA_VISIBLE_DEVICES.
+    let gpus = dynamo_host::gpus::Gpus::detect().count;
     let machine_name = std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|s| s.trim().to_string())

@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use dynamo_runtime::supervisor::cuda_visible::{self, NotVisible};
+
 use crate::config::{EngineKind, Launch};
 
 /// A program, its arguments and its extra environment.
@@ -20,6 +22,8 @@ pub enum LaunchError {
     NoCommand,
     #[error("KV events endpoint `{0}` is not tcp://host:port")]
     BadEndpoint(String),
+    #[error(transparent)]
+    Gpus(#[from] NotVisible),
 }
 
 fn port_of(endpoint: &str) -> Result<u16, LaunchError> {
@@ -133,8 +137,11 @@ pub fn command_line(
     };
     let mut env = Vec::new();
     if !launch.gpus.is_empty() {
-        let ids: Vec<String> = launch.gpus.iter().map(u32::to_string).collect();
-        env.push((s("CUDA_VISIBLE_DEVICES"), ids.join(",")));
+        // The plan's ids number the GPUs this process sees, which its own
+        // CUDA_VISIBLE_DEVICES may narrow.
+        let visible = cuda_visible::from_env();
+        let value = cuda_visible::for_child(&launch.gpus, visible.as_deref())?;
+        env.push((s(cuda_visible::CUDA_VISIBLE_DEVICES), value));
     }
     Ok(CommandLine { program, args, env })
 }

@@ -323,6 +323,7 @@ mod tests {
             gpu_source: Some(GpuSource::Nvml),
             gpu_devices: vec![GpuDevice {
                 index: 0,
+                uuid: "GPU-8d1a4c52-0f1e-2b3c-4d5e-6f708192a3b4".into(),
                 name: "NVIDIA H100 80GB HBM3".into(),
                 memory_mib: 81559,
             }],

@@ -20,6 +20,7 @@
 //! ```
 
 mod child;
+pub mod cuda_visible;
 mod events;
 mod spawner;
 mod spec;
