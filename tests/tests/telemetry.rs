@@ -1,7 +1,9 @@
 //! Traces end to end: `graphs/disagg.toml` (mocker workers, prefill and decode in their
 //! own processes) exporting to an OTLP/gRPC receiver inside the test. One request is one
 //! trace across the processes, its id in the `x-trace-id` header, every span's parent in
-//! the trace; and a collector that is down costs the requests nothing.
+//! the trace, the spans' attributes saying what the request did (model, status, tokens,
+//! the router's path, the hand-off's bytes); and a collector that is down costs the
+//! requests nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -36,6 +38,26 @@ struct Received {
     span_id: String,
     /// Empty for a root span.
     parent: String,
+    /// OTLP's span kind (2: server).
+    kind: i32,
+    /// Values as text (`8`, `smollm2`, `true`).
+    attributes: BTreeMap<String, String>,
+}
+
+impl Received {
+    fn attr(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::StringValue(s) => s.clone(),
+        Value::IntValue(i) => i.to_string(),
+        Value::DoubleValue(d) => d.to_string(),
+        Value::BoolValue(b) => b.to_string(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// An OTLP/gRPC trace receiver keeping every span it is sent.
@@ -62,19 +84,23 @@ impl TraceService for Collector {
                 .flat_map(|r| &r.attributes)
                 .find(|kv| kv.key == "service.name")
                 .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-                .map(|v| match v {
-                    Value::StringValue(s) => s.clone(),
-                    other => format!("{other:?}"),
-                })
+                .map(text)
                 .unwrap_or_default();
             for ss in rs.scope_spans {
                 for span in ss.spans {
+                    let attributes = (span.attributes.iter())
+                        .filter_map(|kv| {
+                            Some((kv.key.clone(), text(kv.value.as_ref()?.value.as_ref()?)))
+                        })
+                        .collect();
                     received.push(Received {
                         service: service.clone(),
                         name: span.name,
                         trace_id: hex(&span.trace_id),
                         span_id: hex(&span.span_id),
                         parent: hex(&span.parent_span_id),
+                        kind: span.kind,
+                        attributes,
                     });
                 }
             }
@@ -261,6 +287,48 @@ async fn one_request_is_one_trace_across_processes() {
     );
 
     // A second request is a second trace.
+    // The spans carry what the request did.
+    let span = |svc: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.service == svc && s.name == name)
+            .unwrap_or_else(|| panic!("listed: {svc}:{name}"))
+    };
+    let http = span("frontend", "http.request");
+    assert_eq!(http.kind, 2, "a server span: {http:?}");
+    assert_eq!(http.attr("model"), Some("smollm2"), "{http:?}");
+    assert_eq!(http.attr("http.status_code"), Some("200"), "{http:?}");
+    assert_eq!(http.attr("completion_tokens"), Some("8"), "{http:?}");
+    assert_eq!(http.attr("trace_id"), Some(trace_id.as_str()), "{http:?}");
+    let prompt_tokens = http.attr("prompt_tokens").expect("prompt_tokens");
+    let pre = span("preprocessor", "preprocess");
+    assert_eq!(pre.attr("prompt_tokens"), Some(prompt_tokens), "{pre:?}");
+    assert_eq!(pre.attr("finish_reason"), Some("length"), "{pre:?}");
+    assert_eq!(detokenize.attr("tokens"), Some("8"), "{detokenize:?}");
+    assert_eq!(router.attr("path"), Some("prefill"), "{router:?}");
+    let handoff = span("prefill", "kv_handoff");
+    let positive = |s: &Received, key: &str| {
+        let v: u64 = (s.attr(key).and_then(|v| v.parse().ok()))
+            .unwrap_or_else(|| panic!("{}: no number `{key}`: {s:?}", s.name));
+        assert!(v > 0, "{}: {key} = 0", s.name);
+        v
+    };
+    let sent = positive(handoff, "bytes");
+    positive(handoff, "blocks");
+    assert_eq!(
+        positive(import, "bytes"),
+        sent,
+        "one chunk: all bytes in one import"
+    );
+    assert_eq!(
+        span("decode", "engine").attr("completion_tokens"),
+        Some("8")
+    );
+    assert_eq!(
+        span("prefill", "prefill").attr("prompt_tokens"),
+        Some(prompt_tokens)
+    );
+
     let (status, second, _) = chat(&client, &g.url).await;
     assert_eq!(status, 200);
     assert_ne!(second.as_deref(), Some(trace_id.as_str()));
