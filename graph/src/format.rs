@@ -38,7 +38,20 @@ pub const TOP: &[Field] = &[
         None,
         "where every process sends its traces (default: nowhere)",
     ),
+    Field::opt(
+        "admin",
+        Ty::Table(ADMIN),
+        None,
+        "the live graph page of `graph up` (default: on loopback port 9100)",
+    ),
 ];
+
+pub const ADMIN: &[Field] = &[Field::opt(
+    "address",
+    Ty::Str,
+    Some("\"127.0.0.1:9100\""),
+    "IP:PORT of the graph page, /api/graph and /api/stats (port 0: any free one), or \"off\"; `graph up --admin` overrides it",
+)];
 
 pub const TELEMETRY: &[Field] = &[
     Field::opt(

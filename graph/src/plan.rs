@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::kinds::{EdgeKind, Memory};
-use crate::spec::{ModelSource, RestartPolicy, Telemetry, TransportChoice};
+use crate::spec::{Admin, ModelSource, RestartPolicy, Telemetry, TransportChoice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -194,6 +194,9 @@ pub struct Plan {
     /// `[telemetry]`, read by every process when it starts.
     #[serde(default)]
     pub telemetry: Telemetry,
+    /// `[admin]`, read by `graph up`.
+    #[serde(default)]
+    pub admin: Admin,
 }
 
 impl Plan {

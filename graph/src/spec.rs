@@ -180,6 +180,15 @@ pub struct GraphSpec {
     pub cluster: Option<ClusterSpec>,
     /// `[telemetry]`; the default sends no traces.
     pub telemetry: Telemetry,
+    /// `[admin]`; the default serves the graph page on loopback.
+    pub admin: Admin,
+}
+
+/// `[admin]`: where `graph up` serves the live graph page and its API.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Admin {
+    /// `IP:PORT`, or `off`; `None`: the default (loopback port 9100, or the next nine).
+    pub address: Option<String>,
 }
 
 /// `[telemetry]`: where every process of the graph exports its spans (OTLP over gRPC).

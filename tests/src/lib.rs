@@ -54,7 +54,7 @@ impl Graph {
     }
 
     /// [`Graph::up`] with more `graph up` arguments, e.g. `["--nats", URL]`. The admin
-    /// server gets a free port unless `args` say `--admin`.
+    /// server gets a free port unless `args` say `--admin` or the file has `[admin]`.
     pub fn up_with(file: &Path, sets: &[&str], args: &[&str]) -> Graph {
         let mut cmd = Command::new(dynamo_bin());
         cmd.args(["graph", "up", "--offline", "--grace", "5"])
@@ -63,7 +63,8 @@ impl Graph {
         for s in sets {
             cmd.args(["--set", s]);
         }
-        if !args.contains(&"--admin") {
+        let file_says = std::fs::read_to_string(file).is_ok_and(|t| t.contains("\n[admin]"));
+        if !args.contains(&"--admin") && !file_says {
             cmd.args(["--admin", "127.0.0.1:0"]);
         }
         cmd.args(args);

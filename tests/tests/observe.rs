@@ -486,3 +486,36 @@ async fn a_process_that_stops_answering_shows_down_and_comes_back() {
     let s = until_state(&admin, "decode", "up").await;
     assert_eq!(health_of(&s, "decode"), ("up".into(), "ok".into()), "{s}");
 }
+
+/// `[admin] address` in the file puts the graph page there; `--admin` overrides it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_files_admin_section_says_where_the_graph_page_is() {
+    assert!(
+        model_cached(),
+        "the SmolLM2 model is not cached: run scripts/setup-tests.sh"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let text = std::fs::read_to_string(graph()).expect("disagg.toml");
+    let file = std::env::temp_dir().join(format!("dynamo-admin-{}.toml", std::process::id()));
+    std::fs::write(
+        &file,
+        format!("{text}\n[admin]\naddress = \"127.0.0.1:{port}\"\n"),
+    )
+    .expect("writes the graph");
+
+    let mut g = Graph::up(&file, &MOCKER);
+    let admin = g.admin.clone().expect("graph up serves an admin server");
+    assert_eq!(admin, format!("127.0.0.1:{port}"));
+    let (_, nodes) = plan_of(&admin).await;
+    assert!(nodes.iter().any(|n| n == "decode"), "{nodes:?}");
+    assert!(g.stop(Duration::from_secs(20)), "stops");
+
+    let mut g = Graph::up_with(&file, &MOCKER, &["--admin", "127.0.0.1:0"]);
+    let admin = g.admin.clone().expect("graph up serves an admin server");
+    assert_ne!(admin, format!("127.0.0.1:{port}"), "the flag wins");
+    assert!(g.stop(Duration::from_secs(20)), "stops");
+    let _ = std::fs::remove_file(&file);
+}

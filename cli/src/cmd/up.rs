@@ -41,10 +41,11 @@ pub struct UpArgs {
     /// (`http://HOST:PORT`) instead of on this machine; Ctrl-C takes it down.
     #[arg(long, value_name = "URL")]
     etcd: Option<String>,
-    /// The admin server (live graph page, /api/graph, /api/stats for `graph top`). The
-    /// default tries 9100 and the next nine ports; port 0 picks any free one; `off` serves none.
-    #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
-    admin: String,
+    /// The admin server (live graph page, /api/graph, /api/stats for `graph top`), over
+    /// the file's `[admin] address`. The default tries 127.0.0.1:9100 and the next nine
+    /// ports; port 0 picks any free one; `off` serves none.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
 }
 
 const DEFAULT_ADMIN: &str = "127.0.0.1:9100";
@@ -95,12 +96,16 @@ pub fn run(args: UpArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // The flag, else the file's `[admin]`, else the default.
+    let admin = (args.admin.clone())
+        .or_else(|| plan.admin.address.clone())
+        .unwrap_or_else(|| DEFAULT_ADMIN.to_string());
     rt.block_on(serve(
         plan,
         opts,
         Duration::from_secs(args.grace),
         args.interactive,
-        args.admin,
+        admin,
     ))
 }
 

@@ -12,8 +12,8 @@ use crate::format;
 use crate::kinds::{self, EdgeKind};
 use crate::source::{Sp, Span};
 use crate::spec::{
-    ClusterSpec, EdgeSpec, GraphSpec, MachineSpec, ModelSource, ModelSpec, NodeSpec, PlacementSpec,
-    RestartMode, RestartPolicy, Telemetry, TransportChoice,
+    Admin, ClusterSpec, EdgeSpec, GraphSpec, MachineSpec, ModelSource, ModelSpec, NodeSpec,
+    PlacementSpec, RestartMode, RestartPolicy, Telemetry, TransportChoice,
 };
 use crate::suggest;
 use reader::{check, Checked};
@@ -63,6 +63,10 @@ pub fn decode(text: &str) -> (GraphSpec, Vec<Diagnostic>) {
         .table("telemetry")
         .map(|(t, s)| decode_telemetry(t, header_span(root_table, "telemetry", s), &mut diags))
         .unwrap_or_default();
+    let admin = top
+        .table("admin")
+        .map(|(t, s)| decode_admin(t, header_span(root_table, "admin", s), &mut diags))
+        .unwrap_or_default();
 
     let spec = GraphSpec {
         name,
@@ -73,6 +77,7 @@ pub fn decode(text: &str) -> (GraphSpec, Vec<Diagnostic>) {
         edges,
         cluster,
         telemetry,
+        admin,
     };
     (spec, diags)
 }
@@ -455,6 +460,27 @@ fn decode_telemetry(t: &Table, span: Span, diags: &mut Vec<Diagnostic>) -> Telem
         otlp_endpoint: endpoint.map(|e| e.value),
         sampling_ratio: c.float("sampling_ratio").map_or(1.0, |r| r.value),
         service_name: c.str("service_name").map(|s| s.value),
+    }
+}
+
+fn decode_admin(t: &Table, span: Span, diags: &mut Vec<Diagnostic>) -> Admin {
+    let c = check(t, span, &[format::ADMIN], "[admin]", diags);
+    let address = c.str("address");
+    if let Some(a) = &address {
+        if a.value != "off" && a.value.parse::<std::net::SocketAddr>().is_err() {
+            diags.push(
+                Diagnostic::at(
+                    Code::E0004,
+                    a.span,
+                    format!("`{}` is not an IP:PORT address or \"off\"", a.value),
+                )
+                .label("not an address")
+                .help("write e.g. \"127.0.0.1:9100\" (loopback), \"0.0.0.0:9100\" (every interface), \"127.0.0.1:0\" (any free port) or \"off\""),
+            );
+        }
+    }
+    Admin {
+        address: address.map(|a| a.value),
     }
 }
 

@@ -371,6 +371,7 @@ pub fn place(r: &Resolved<'_>, env: &Environment, diags: &mut Vec<Diagnostic>) -
         processes: processes.into_values().collect(),
         edges: Vec::new(),
         telemetry: spec.telemetry.clone(),
+        admin: spec.admin.clone(),
     };
     plan.edges = transport::plan_edges(r, &plan, diags)?;
     Some(plan)
