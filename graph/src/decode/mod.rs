@@ -443,19 +443,13 @@ fn edge_shorthand(s: &str, span: Span, diags: &mut Vec<Diagnostic>) -> Option<Ed
 fn decode_telemetry(t: &Table, span: Span, diags: &mut Vec<Diagnostic>) -> Telemetry {
     let c = check(t, span, &[format::TELEMETRY], "[telemetry]", diags);
     let endpoint = c.str("otlp_endpoint");
-    if let Some(e) = &endpoint {
-        if !(e.value.starts_with("http://") || e.value.starts_with("https://")) {
-            diags.push(
-                Diagnostic::at(
-                    Code::E0004,
-                    e.span,
-                    format!("`{}` is not an http:// or https:// URL", e.value),
-                )
-                .label("not a URL")
-                .help("write the collector's OTLP/gRPC address, e.g. \"http://127.0.0.1:4317\""),
-            );
-        }
-    }
+    require(
+        endpoint.as_ref(),
+        |e| e.starts_with("http://") || e.starts_with("https://"),
+        ("an http:// or https:// URL", "not a URL"),
+        "write the collector's OTLP/gRPC address, e.g. \"http://127.0.0.1:4317\"",
+        diags,
+    );
     Telemetry {
         otlp_endpoint: endpoint.map(|e| e.value),
         sampling_ratio: c.float("sampling_ratio").map_or(1.0, |r| r.value),
@@ -466,22 +460,35 @@ fn decode_telemetry(t: &Table, span: Span, diags: &mut Vec<Diagnostic>) -> Telem
 fn decode_admin(t: &Table, span: Span, diags: &mut Vec<Diagnostic>) -> Admin {
     let c = check(t, span, &[format::ADMIN], "[admin]", diags);
     let address = c.str("address");
-    if let Some(a) = &address {
-        if a.value != "off" && a.value.parse::<std::net::SocketAddr>().is_err() {
-            diags.push(
-                Diagnostic::at(
-                    Code::E0004,
-                    a.span,
-                    format!("`{}` is not an IP:PORT address or \"off\"", a.value),
-                )
-                .label("not an address")
-                .help("write e.g. \"127.0.0.1:9100\" (loopback), \"0.0.0.0:9100\" (every interface), \"127.0.0.1:0\" (any free port) or \"off\""),
-            );
-        }
-    }
+    require(
+        address.as_ref(),
+        |a| a == "off" || a.parse::<std::net::SocketAddr>().is_ok(),
+        ("an IP:PORT address or \"off\"", "not an address"),
+        "write e.g. \"127.0.0.1:9100\" (loopback), \"0.0.0.0:9100\" (every interface), \"127.0.0.1:0\" (any free port) or \"off\"",
+        diags,
+    );
     Admin {
         address: address.map(|a| a.value),
     }
+}
+
+/// E0004 at `value` unless `ok` accepts it; `(what, label)`: "`VALUE` is not WHAT",
+/// and the caret's label.
+fn require(
+    value: Option<&Sp<String>>,
+    ok: impl Fn(&str) -> bool,
+    (what, label): (&str, &str),
+    help: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let Some(v) = value.filter(|v| !ok(&v.value)) else {
+        return;
+    };
+    diags.push(
+        Diagnostic::at(Code::E0004, v.span, format!("`{}` is not {what}", v.value))
+            .label(label)
+            .help(help),
+    );
 }
 
 fn decode_cluster(t: &Table, span: Span, diags: &mut Vec<Diagnostic>) -> ClusterSpec {
