@@ -66,10 +66,19 @@ impl Recorded {
         format!("00-{}-{}-{flags:02x}", self.trace_id, self.span_id)
     }
 
-    fn set(&mut self, kv: KeyValue) {
-        match self.attributes.iter_mut().find(|a| a.key == kv.key) {
-            Some(old) => *old = kv,
-            None => self.attributes.push(kv),
+    /// Takes what `fields` recorded: a field recorded again replaces its value.
+    fn update(&mut self, fields: Fields) {
+        for kv in fields.attributes {
+            match self.attributes.iter_mut().find(|a| a.key == kv.key) {
+                Some(old) => *old = kv,
+                None => self.attributes.push(kv),
+            }
+        }
+        if let Some(kind) = fields.kind {
+            self.kind = kind;
+        }
+        if let Some(status) = fields.status {
+            self.status = status;
         }
     }
 }
@@ -169,15 +178,21 @@ where
             .attributes
             .push(KeyValue::new("target", meta.target()));
         // Fields are kept even when unsampled: a remote parent may still sample it.
-        attrs.record(&mut Fields(&mut recorded));
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        recorded.update(fields);
         span.extensions_mut().insert(recorded);
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
+        // Formatted before the span's extensions are locked: a value's `Debug` that logs
+        // in this span must not find them locked.
+        let mut fields = Fields::default();
+        values.record(&mut fields);
         let mut ext = span.extensions_mut();
         if let Some(recorded) = ext.get_mut::<Recorded>().filter(|r| r.sampled) {
-            values.record(&mut Fields(recorded));
+            recorded.update(fields);
         }
     }
 
@@ -185,10 +200,13 @@ where
         let Some(span) = ctx.event_span(event) else {
             return;
         };
-        let mut ext = span.extensions_mut();
-        let Some(recorded) = ext.get_mut::<Recorded>().filter(|r| r.sampled) else {
+        if !span
+            .extensions()
+            .get::<Recorded>()
+            .is_some_and(|r| r.sampled)
+        {
             return;
-        };
+        }
         let meta = event.metadata();
         let mut fields = EventFields {
             message: None,
@@ -199,12 +217,15 @@ where
             Some(m) => m.into(),
             None => meta.name().into(),
         };
-        if *meta.level() == tracing::Level::ERROR {
-            recorded.status = Status::error(name.clone());
+        let failed = (*meta.level() == tracing::Level::ERROR).then(|| Status::error(name.clone()));
+        let event = Event::new(name, SystemTime::now(), fields.attributes, 0);
+        let mut ext = span.extensions_mut();
+        if let Some(recorded) = ext.get_mut::<Recorded>() {
+            if let Some(status) = failed {
+                recorded.status = status;
+            }
+            recorded.events.push(event);
         }
-        recorded
-            .events
-            .push(Event::new(name, SystemTime::now(), fields.attributes, 0));
     }
 
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
@@ -241,17 +262,21 @@ where
     }
 }
 
-/// Records a span's fields as attributes (and its `otel.*` fields as kind and status).
-struct Fields<'a>(&'a mut Recorded);
+/// A span's fields as attributes, and its `otel.*` fields as kind and status.
+#[derive(Default)]
+struct Fields {
+    attributes: Vec<KeyValue>,
+    kind: Option<SpanKind>,
+    status: Option<Status>,
+}
 
-impl Fields<'_> {
+impl Fields {
     fn put(&mut self, field: &Field, value: Value) {
-        self.0
-            .set(KeyValue::new(Key::from_static_str(field.name()), value));
+        (self.attributes).push(KeyValue::new(Key::from_static_str(field.name()), value));
     }
 }
 
-impl Visit for Fields<'_> {
+impl Visit for Fields {
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.put(field, value.into());
     }
@@ -270,13 +295,13 @@ impl Visit for Fields<'_> {
 
     fn record_str(&mut self, field: &Field, value: &str) {
         match field.name() {
-            "otel.kind" => self.0.kind = span_kind(value),
+            "otel.kind" => self.kind = Some(span_kind(value)),
             "otel.status_code" => {
-                self.0.status = match value {
+                self.status = Some(match value {
                     v if v.eq_ignore_ascii_case("error") => Status::error(""),
                     v if v.eq_ignore_ascii_case("ok") => Status::Ok,
                     _ => Status::Unset,
-                }
+                })
             }
             _ => self.put(field, value.to_string().into()),
         }

@@ -175,3 +175,26 @@ fn otel_fields_set_kind_and_status_and_events_land_on_their_span() {
     );
     assert_eq!(attr(http, "target"), Some(&Value::from(module_path!())));
 }
+
+/// A value that logs while it is formatted.
+struct Chatty;
+
+impl std::fmt::Debug for Chatty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        tracing::info!("formatting");
+        write!(f, "chatty")
+    }
+}
+
+#[test]
+fn a_value_that_logs_while_it_is_recorded_does_not_lock_its_span() {
+    let spans = traced(1.0, || {
+        let s = tracing::info_span!("s", v = tracing::field::Empty);
+        let _in = s.enter();
+        s.record("v", tracing::field::debug(Chatty));
+    });
+    let s = named(&spans, "s");
+    assert_eq!(attr(s, "v"), Some(&Value::from("chatty".to_string())));
+    let events: Vec<&str> = s.events.iter().map(|e| e.name.as_ref()).collect();
+    assert_eq!(events, ["formatting"]);
+}
