@@ -160,27 +160,27 @@ where
             }
         };
         let meta = attrs.metadata();
-        let mut recorded = Recorded {
+        let mut fields = Fields {
+            attributes: Vec::with_capacity(meta.fields().len() + 1),
+            ..Fields::default()
+        };
+        // The exporter tells the nodes of one process apart by it (a static string:
+        // no copy).
+        (fields.attributes).push(KeyValue::new("target", meta.target()));
+        // Fields are kept even when unsampled: a remote parent may still sample it.
+        attrs.record(&mut fields);
+        let recorded = Recorded {
             trace_id,
             span_id: self.ids.new_span_id(),
             parent_span_id,
             parent_is_remote: false,
             sampled,
             start: SystemTime::now(),
-            kind: SpanKind::Internal,
-            status: Status::Unset,
-            attributes: Vec::with_capacity(meta.fields().len() + 1),
+            kind: fields.kind.unwrap_or(SpanKind::Internal),
+            status: fields.status.unwrap_or(Status::Unset),
+            attributes: fields.attributes,
             events: Vec::new(),
         };
-        // The exporter tells the nodes of one process apart by it (a static string:
-        // no copy).
-        recorded
-            .attributes
-            .push(KeyValue::new("target", meta.target()));
-        // Fields are kept even when unsampled: a remote parent may still sample it.
-        let mut fields = Fields::default();
-        attrs.record(&mut fields);
-        recorded.update(fields);
         span.extensions_mut().insert(recorded);
     }
 
