@@ -193,4 +193,48 @@ async fn multinode_graph_serves_across_three_machines_with_kv_over_tcp() {
         let log = a.log();
         assert!(!log.contains("KV transfer refused"), "{}: {log}", a.machine);
     }
+
+    // The graph page reaches every process on every machine (over NATS): every replica
+    // is up, and the calls into the prefill workers on gpu-a are counted.
+    let admin = g.admin.clone().expect("graph up --etcd serves the graph page");
+    let into_prefill = |s: &serde_json::Value| -> f64 {
+        (s["edges"].as_array().into_iter().flatten())
+            .filter(|e| e["to"].as_str().is_some_and(|t| t.starts_with("prefill")))
+            .filter_map(|e| e["requests_total"].as_f64())
+            .sum()
+    };
+    let all_up = |s: &serde_json::Value| -> bool {
+        s["nodes"].as_array().is_some_and(|nodes| {
+            !nodes.is_empty()
+                && nodes.iter().all(|n| {
+                    (n["replicas"].as_array())
+                        .is_some_and(|rs| rs.iter().all(|r| r["state"] == "up"))
+                })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let text = client
+            .get(format!("http://{admin}/api/stats"))
+            .send()
+            .await
+            .expect("the graph page answers")
+            .text()
+            .await
+            .unwrap_or_default();
+        let s: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if (all_up(&s) && into_prefill(&s) >= 5.0) || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(all_up(&stats), "not every replica is up: {stats:#}");
+    assert!(into_prefill(&stats) >= 5.0, "{stats:#}");
+    let machines: Vec<&str> = (stats["nodes"].as_array().into_iter().flatten())
+        .flat_map(|n| n["replicas"].as_array().into_iter().flatten())
+        .filter_map(|r| r["machine"].as_str())
+        .collect();
+    for m in ["cpu-0", "gpu-a", "gpu-b"] {
+        assert!(machines.contains(&m), "{m} missing: {machines:?}");
+    }
 }

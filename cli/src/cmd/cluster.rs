@@ -29,7 +29,19 @@ pub(crate) fn client(url: &str) -> anyhow::Result<EtcdClient> {
 /// `graph up --etcd`: check every machine has an agent, write the plan, follow the agents'
 /// reports until every process is ready (or one fails), then serve until Ctrl-C, which
 /// takes the graph down.
-pub fn up(mut plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<ExitCode> {
+/// Where `graph up` serves the graph page: an address (or `off`), and whether the ports
+/// after it may be tried when it is taken.
+pub struct AdminAddress {
+    pub addr: String,
+    pub fallback: bool,
+}
+
+pub fn up(
+    mut plan: Plan,
+    url: &str,
+    ready_timeout: Duration,
+    admin: AdminAddress,
+) -> anyhow::Result<ExitCode> {
     let etcd = client(url)?;
     // Processes register their instances there, and callers follow them.
     plan.etcd = Some(url.to_string());
@@ -127,6 +139,8 @@ pub fn up(mut plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<
                 println!("  {replica} on {}: OpenAI API {url}/v1", st.machine);
             }
         }
+        let admin_stop = tokio_util::sync::CancellationToken::new();
+        serve_admin(&plan, &admin, &admin_stop).await;
         println!("Ctrl-C takes it down (`dynamo graph status {graph} --etcd {url}` shows it).");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -165,11 +179,52 @@ pub fn up(mut plan: Plan, url: &str, ready_timeout: Duration) -> anyhow::Result<
                 }
             }
         }
+        admin_stop.cancel();
         eprintln!("taking graph `{graph}` down …");
         cluster::take_down(&etcd, &ns, &graph).await?;
         wait_gone(&etcd, &ns, &graph, Duration::from_secs(60)).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The graph page of a graph across machines: its processes' metrics come over NATS.
+/// The page shows the placement `graph up` made (a re-placed process is scraped where
+/// it runs, but drawn where it was first placed).
+async fn serve_admin(
+    plan: &Plan,
+    admin: &AdminAddress,
+    stop: &tokio_util::sync::CancellationToken,
+) {
+    if admin.addr == "off" {
+        return;
+    }
+    if plan.nats.is_none() {
+        eprintln!(
+            "warning: no graph page: its figures come over NATS, and the graph has no NATS URL"
+        );
+        return;
+    }
+    let clients = match dynamo_host::nats::metrics_clients(plan).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warning: no graph page: {e}");
+            return;
+        }
+    };
+    match dynamo_host::admin::bind(&admin.addr, admin.fallback).await {
+        Ok(listener) => {
+            if let Ok(addr) = listener.local_addr() {
+                println!("  graph page: http://{addr}/   (dynamo graph top --admin {addr})");
+            }
+            tokio::spawn(dynamo_host::admin::serve(
+                listener,
+                plan.clone(),
+                clients,
+                stop.clone(),
+            ));
+        }
+        Err(e) => eprintln!("warning: {e}; no graph page"),
+    }
 }
 
 /// What `graph up --etcd` keeps track of while the graph serves.

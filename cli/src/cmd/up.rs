@@ -78,8 +78,16 @@ pub fn run(args: UpArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(INVALID));
         }
     }
+    // The flag, else the file's `[admin]`, else the default.
+    let admin = (args.admin.clone())
+        .or_else(|| plan.admin.address.clone())
+        .unwrap_or_else(|| DEFAULT_ADMIN.to_string());
     if let Some(etcd) = &args.etcd {
-        return crate::cmd::cluster::up(plan, etcd, Duration::from_secs(args.ready_timeout));
+        let admin = crate::cmd::cluster::AdminAddress {
+            fallback: admin == DEFAULT_ADMIN,
+            addr: admin,
+        };
+        return crate::cmd::cluster::up(plan, etcd, Duration::from_secs(args.ready_timeout), admin);
     }
     model::resolve_plan(&mut plan, args.offline)?;
     let exe = std::env::current_exe().context("finding the dynamo binary")?;
@@ -96,10 +104,6 @@ pub fn run(args: UpArgs, dyn_log: Option<String>) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    // The flag, else the file's `[admin]`, else the default.
-    let admin = (args.admin.clone())
-        .or_else(|| plan.admin.address.clone())
-        .unwrap_or_else(|| DEFAULT_ADMIN.to_string());
     rt.block_on(serve(
         plan,
         opts,
@@ -194,7 +198,7 @@ async fn serve(
                 tokio::spawn(dynamo_host::admin::serve(
                     listener,
                     plan.clone(),
-                    running.run_dir.clone(),
+                    dynamo_host::admin::socket_clients(&plan, &running.run_dir),
                     admin_stop.clone(),
                 ));
             }

@@ -44,6 +44,16 @@ pub fn instance_id(replica: &ReplicaId) -> u64 {
     h
 }
 
+/// A stable id for a process, by name (its metrics' instance on NATS).
+pub fn process_instance(process: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in process.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +70,8 @@ mod tests {
         };
         assert_eq!(instance_id(&a), instance_id(&a.clone()));
         assert_ne!(instance_id(&a), instance_id(&b));
+        assert_eq!(process_instance("prefill-0"), process_instance("prefill-0"));
+        assert_ne!(process_instance("prefill-0"), process_instance("prefill-1"));
         assert_eq!(endpoint(&b, "in"), "worker/1/in");
         assert_eq!(
             socket_path(Path::new("/r"), "pipeline@m 1"),

@@ -27,7 +27,47 @@ use futures::future::BoxFuture;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::endpoints::instance_id;
+use crate::endpoints::{instance_id, process_instance, METRICS_ENDPOINT};
+
+/// The pseudo-node under which each process of a graph that spans machines serves its
+/// metrics on NATS (instance: [`process_instance`] of the process's name).
+const PROCESS_NODE: &str = "_process";
+
+fn process_replica() -> ReplicaId {
+    ReplicaId {
+        node: PROCESS_NODE.to_string(),
+        index: 0,
+    }
+}
+
+/// Clients for the metrics of every process of `plan` (a graph across machines, whose
+/// processes serve them on NATS), by process name; for `graph up`'s graph page.
+pub async fn metrics_clients(
+    plan: &Plan,
+) -> Result<Vec<(String, Arc<dyn Service<(), String>>)>, NatsSetupError> {
+    let url = plan.nats.as_deref().ok_or_else(|| NatsSetupError::NoUrl {
+        edge: "(the graph page's metrics)".to_string(),
+    })?;
+    let nats = match tokio::time::timeout(CONNECT_TIMEOUT, connect(url)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(NatsError::Connect {
+                url: url.to_string(),
+                message: format!("no answer within {CONNECT_TIMEOUT:?}"),
+            }
+            .into())
+        }
+    };
+    let client = NatsClient::new(nats, NatsClientConfig::default()).await?;
+    let address =
+        EndpointAddress::new(namespace(plan), &plan.graph, PROCESS_NODE, METRICS_ENDPOINT);
+    Ok((plan.processes.iter())
+        .map(|p| {
+            let c = client.instance_endpoint::<(), String>(&address, process_instance(&p.name));
+            (p.name.clone(), c)
+        })
+        .collect())
+}
 
 /// How long connecting to NATS may take before `graph up` or a process gives up. The
 /// client's own connection timeout is shorter; this bounds a server that accepts the TCP
@@ -138,9 +178,15 @@ pub struct NatsSide {
 pub const INSTANCE_TTL: Duration = Duration::from_secs(3);
 
 impl NatsSide {
-    /// Connects when any link of `mine` (this process's replicas) is on NATS, either end;
-    /// `None` when none is. Fails with the URL when NATS cannot be reached.
-    pub async fn open(plan: &Plan, mine: &[ReplicaId]) -> Result<Option<NatsSide>, NatsSetupError> {
+    /// Connects when any link of `mine` (this process's replicas) is on NATS, either end,
+    /// or when the graph spans machines (etcd and NATS both configured: every process then
+    /// serves its metrics on NATS for `graph up`'s graph page, see [`metrics_clients`]);
+    /// `None` otherwise. Fails with the URL when NATS cannot be reached.
+    pub async fn open(
+        plan: &Plan,
+        process: &str,
+        mine: &[ReplicaId],
+    ) -> Result<Option<NatsSide>, NatsSetupError> {
         let mine: BTreeSet<&ReplicaId> = mine.iter().collect();
         let mut served = BTreeSet::new();
         let mut first = None;
@@ -164,10 +210,13 @@ impl NatsSide {
                 }
             }
         }
-        let Some(edge) = first else {
-            return Ok(None);
+        let across_machines = plan.etcd.is_some() && plan.nats.is_some();
+        let url = match (first, plan.nats.as_deref()) {
+            (_, Some(url)) if across_machines => url,
+            (None, _) => return Ok(None),
+            (Some(_), Some(url)) => url,
+            (Some(edge), None) => return Err(NatsSetupError::NoUrl { edge }),
         };
-        let url = plan.nats.as_deref().ok_or(NatsSetupError::NoUrl { edge })?;
         let nats = match tokio::time::timeout(CONNECT_TIMEOUT, connect(url)).await {
             Ok(r) => r?,
             Err(_) => {
@@ -190,6 +239,18 @@ impl NatsSide {
                     instance_id(replica),
                 )
             });
+        }
+        if across_machines {
+            servers.insert(
+                process_replica(),
+                NatsServer::new(
+                    nats.clone(),
+                    namespace.clone(),
+                    plan.graph.clone(),
+                    PROCESS_NODE.to_string(),
+                    process_instance(process),
+                ),
+            );
         }
         let state = nats.clone();
         // async-nats' `State` prints as `connected` when it is.
@@ -261,6 +322,17 @@ impl NatsSide {
         }
         match self.servers.get_mut(replica) {
             Some(server) => server.register(port, service.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Serves this process's metrics text on NATS too, when the graph spans machines.
+    pub fn serve_metrics(
+        &mut self,
+        service: &Arc<dyn Service<(), String>>,
+    ) -> Result<(), NatsError> {
+        match self.servers.get_mut(&process_replica()) {
+            Some(server) => server.register(METRICS_ENDPOINT, service.clone()),
             None => Ok(()),
         }
     }

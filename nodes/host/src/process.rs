@@ -375,7 +375,7 @@ pub async fn run(
         run_dir,
         machine: &me.machine,
         clients: BTreeMap::new(),
-        nats: NatsSide::open(&plan, &me.replicas).await?,
+        nats: NatsSide::open(&plan, &me.name, &me.replicas).await?,
         edges: hub.edges(),
     };
     let mut chat: Local<ChatRequest, TextDelta> = Local::default();
@@ -529,9 +529,13 @@ pub async fn run(
             }
         }
     }
+    let metrics: Arc<dyn Service<(), String>> = Arc::new(MetricsService::new(hub.clone()));
     server
-        .register::<(), String>(METRICS_ENDPOINT, Arc::new(MetricsService::new(hub.clone())))
+        .register::<(), String>(METRICS_ENDPOINT, metrics.clone())
         .map_err(register_err)?;
+    if let Some(nats) = ctx.nats.as_mut() {
+        nats.serve_metrics(&metrics).map_err(NatsSetupError::from)?;
+    }
     let mut tasks = tasks_before_ready;
     if let Some(nats) = ctx.nats.as_mut() {
         tasks.extend(nats.start(&shutdown).await.map_err(NatsSetupError::from)?);

@@ -1,13 +1,15 @@
 //! The admin server of `graph up`: the live graph page (`/`), the graph as placed
 //! (`/api/graph`) and its live figures (`/api/stats`, refreshed every second by scraping
-//! every process's `_metrics` on its socket). `dynamo graph top` reads the same API.
+//! every process's `_metrics`: on its socket on one machine ([`socket_clients`]), over
+//! NATS for a graph across machines ([`crate::nats::metrics_clients`])). `dynamo graph
+//! top` reads the same API.
 //!
 //! It listens on loopback by default; everything the page needs is embedded in the binary.
 
 pub mod stats;
 mod view;
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,12 +72,32 @@ pub async fn bind(addr: &str, fallback: bool) -> Result<TcpListener, AdminError>
     })
 }
 
-/// Serves the admin API of `plan` (whose processes have their sockets in `run_dir`) on
+/// Each process's metrics, by process name.
+pub type MetricsClients = Vec<(String, Arc<dyn Service<(), String>>)>;
+
+/// The metrics of every process of `plan` on this machine, on their sockets in `run_dir`.
+pub fn socket_clients(plan: &Plan, run_dir: &Path) -> MetricsClients {
+    (plan.processes.iter())
+        .map(|p| {
+            let client = SocketClient::lazy(
+                socket_path(run_dir, &p.name),
+                SocketClientConfig {
+                    connect_timeout: Duration::from_millis(200),
+                    ..SocketClientConfig::default()
+                },
+            )
+            .endpoint::<(), String>(METRICS_ENDPOINT);
+            (p.name.clone(), client)
+        })
+        .collect()
+}
+
+/// Serves the admin API of `plan`, whose processes' metrics `clients` reach, on
 /// `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     plan: Plan,
-    run_dir: PathBuf,
+    clients: MetricsClients,
     shutdown: CancellationToken,
 ) {
     let view = GraphView::new(&plan);
@@ -83,7 +105,7 @@ pub async fn serve(
         graph: serde_json::to_string(&view).unwrap_or_else(|_| "{}".into()),
         stats: Mutex::new("{}".into()),
     });
-    tokio::spawn(poll(plan, run_dir, shared.clone(), shutdown.clone()));
+    tokio::spawn(poll(plan, clients, shared.clone(), shutdown.clone()));
     let app = Router::new()
         .route("/", get(page))
         .route("/api/graph", get(graph))
@@ -117,22 +139,12 @@ async fn current_stats(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 /// Scrapes every process every [`REFRESH`] and recomputes the figures.
-async fn poll(plan: Plan, run_dir: PathBuf, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let clients: Vec<(String, Arc<dyn Service<(), String>>)> = plan
-        .processes
-        .iter()
-        .map(|p| {
-            let client = SocketClient::lazy(
-                socket_path(&run_dir, &p.name),
-                SocketClientConfig {
-                    connect_timeout: Duration::from_millis(200),
-                    ..SocketClientConfig::default()
-                },
-            )
-            .endpoint::<(), String>(METRICS_ENDPOINT);
-            (p.name.clone(), client)
-        })
-        .collect();
+async fn poll(
+    plan: Plan,
+    clients: MetricsClients,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let origin = Instant::now();
     let mut prev: Option<stats::Scrape> = None;
     let mut scrapes = 0;
