@@ -145,13 +145,18 @@ async fn multinode_graph_serves_across_three_machines_with_kv_over_tcp() {
             .await
             .expect("metrics");
         let m = m.text().await.unwrap_or_default();
-        if sum(
+        // The other machines' samples arrive with the frontend's next poll of them.
+        let routed = sum(
             &m,
             "dynamo_router_disagg_requests_total",
             &["path=\"prefill\""],
-        ) >= 5.0
-            || Instant::now() > deadline
-        {
+        );
+        let blocks = |d: &str| sum(&m, "dynamo_engine_kv_transfer_blocks_total", &[d]);
+        let (sent, received) = (
+            blocks("direction=\"sent\""),
+            blocks("direction=\"received\""),
+        );
+        if (routed >= 5.0 && sent > 0.0 && received == sent) || Instant::now() > deadline {
             break m;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -178,6 +183,18 @@ async fn multinode_graph_serves_across_three_machines_with_kv_over_tcp() {
         0.0,
         "{disagg:#?}"
     );
+    // The frontend's /metrics (on cpu-0) aggregates the whole graph: the KV blocks the
+    // prefill engines on gpu-a sent and those the decode engines on gpu-b received are in
+    // it (polled over NATS), and they agree.
+    let blocks = |direction: &str| {
+        let d = format!("direction=\"{direction}\"");
+        sum(&metrics, "dynamo_engine_kv_transfer_blocks_total", &[&d])
+    };
+    assert!(
+        blocks("sent") > 0.0,
+        "no prefill engine in /metrics:\n{metrics}"
+    );
+    assert_eq!(blocks("received"), blocks("sent"), "{metrics}");
     // The blocks went over a direct connection to a listener on gpu-b's address: nothing
     // else of the graph listens there (NATS, etcd and HTTP are on 127.0.0.1).
     let to_gpu_b: Vec<(String, String)> = established()
@@ -196,7 +213,10 @@ async fn multinode_graph_serves_across_three_machines_with_kv_over_tcp() {
 
     // The graph page reaches every process on every machine (over NATS): every replica
     // is up, and the calls into the prefill workers on gpu-a are counted.
-    let admin = g.admin.clone().expect("graph up --etcd serves the graph page");
+    let admin = g
+        .admin
+        .clone()
+        .expect("graph up --etcd serves the graph page");
     let into_prefill = |s: &serde_json::Value| -> f64 {
         (s["edges"].as_array().into_iter().flatten())
             .filter(|e| e["to"].as_str().is_some_and(|t| t.starts_with("prefill")))

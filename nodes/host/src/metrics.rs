@@ -4,7 +4,9 @@
 //! Each process serves the samples of its own engines, routers and the edges it calls
 //! through on its socket (`_metrics`); the process hosting a frontend polls its peers
 //! every 500 ms and appends everything, with one `# HELP`/`# TYPE` header per family, to
-//! the frontend's `/metrics`. The admin server (`crate::admin`) scrapes the same endpoint.
+//! the frontend's `/metrics`. In a graph across machines the peers on other machines are
+//! polled over NATS, where every process serves the same endpoint. The admin server
+//! (`crate::admin`) scrapes the same endpoint.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -143,6 +145,8 @@ pub struct MetricsHub {
     disagg: Mutex<Vec<(ReplicaId, Arc<DisaggRouter>)>>,
     edges: Arc<EdgeRegistry>,
     peers: Vec<(String, PathBuf)>,
+    /// The processes on other machines (over NATS), in a graph across machines.
+    remote: Mutex<Vec<Arc<dyn Service<(), String>>>>,
     peer_text: Mutex<String>,
 }
 
@@ -164,6 +168,7 @@ impl MetricsHub {
             disagg: Mutex::new(Vec::new()),
             edges: Arc::default(),
             peers,
+            remote: Mutex::default(),
             peer_text: Mutex::new(String::new()),
         })
     }
@@ -379,8 +384,17 @@ impl MetricsHub {
             }));
     }
 
+    /// Adds the processes of other machines to those [`MetricsHub::poll_peers`] polls.
+    pub fn add_remote_peers(&self, clients: Vec<Arc<dyn Service<(), String>>>) {
+        if let Ok(mut remote) = self.remote.lock() {
+            remote.extend(clients);
+        }
+    }
+
     /// Refresh the peers' samples every second until shutdown.
     pub async fn poll_peers(self: Arc<Self>, shutdown: CancellationToken) {
+        let remote: Vec<Arc<dyn Service<(), String>>> =
+            self.remote.lock().map(|r| r.clone()).unwrap_or_default();
         let clients: Vec<Arc<dyn Service<(), String>>> = self
             .peers
             .iter()
@@ -394,6 +408,7 @@ impl MetricsHub {
                 )
                 .endpoint::<(), String>(METRICS_ENDPOINT)
             })
+            .chain(remote)
             .collect();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
@@ -462,6 +477,7 @@ mod tests {
             disagg: Mutex::new(Vec::new()),
             edges: Arc::default(),
             peers: Vec::new(),
+            remote: Mutex::default(),
             peer_text: Mutex::new(String::new()),
         }
     }

@@ -17,7 +17,8 @@ use dynamo_runtime::discovery::{
     RegistrationConfig,
 };
 use dynamo_runtime::transport::nats::{
-    connect, EndpointAddress, NatsClient, NatsClientConfig, NatsError, NatsServer, NatsServerConfig,
+    connect_within, EndpointAddress, NatsClient, NatsClientConfig, NatsError, NatsServer,
+    NatsServerConfig,
 };
 use dynamo_runtime::{
     error_stream, InstanceId, InstanceSet, Message, RequestContext, ResponseStream, ServeError,
@@ -48,25 +49,29 @@ pub async fn metrics_clients(
     let url = plan.nats.as_deref().ok_or_else(|| NatsSetupError::NoUrl {
         edge: "(the graph page's metrics)".to_string(),
     })?;
-    let nats = match tokio::time::timeout(CONNECT_TIMEOUT, connect(url)).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Err(NatsError::Connect {
-                url: url.to_string(),
-                message: format!("no answer within {CONNECT_TIMEOUT:?}"),
-            }
-            .into())
-        }
-    };
-    let client = NatsClient::new(nats, NatsClientConfig::default()).await?;
+    let client = NatsClient::new(
+        connect_within(url, CONNECT_TIMEOUT).await?,
+        NatsClientConfig::default(),
+    )
+    .await?;
+    let names = plan.processes.iter().map(|p| p.name.as_str());
+    Ok(process_metrics(&client, plan, names))
+}
+
+/// Clients for the metrics `processes` serve on NATS, by name.
+fn process_metrics<'a>(
+    client: &NatsClient,
+    plan: &Plan,
+    processes: impl Iterator<Item = &'a str>,
+) -> Vec<(String, Arc<dyn Service<(), String>>)> {
     let address =
         EndpointAddress::new(namespace(plan), &plan.graph, PROCESS_NODE, METRICS_ENDPOINT);
-    Ok((plan.processes.iter())
-        .map(|p| {
-            let c = client.instance_endpoint::<(), String>(&address, process_instance(&p.name));
-            (p.name.clone(), c)
+    processes
+        .map(|name| {
+            let c = client.instance_endpoint::<(), String>(&address, process_instance(name));
+            (name.to_string(), c)
         })
-        .collect())
+        .collect()
 }
 
 /// How long connecting to NATS may take before `graph up` or a process gives up. The
@@ -117,17 +122,7 @@ fn edge_name(e: &PlannedEdge) -> String {
 /// Whether the NATS server at `url` can be reached now (connect, bounded by
 /// [`CONNECT_TIMEOUT`], then hang up): `graph up` checks this before starting anything.
 pub async fn check_reachable(url: &str) -> Result<(), NatsError> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, connect(url)).await {
-        Ok(Ok(client)) => {
-            drop(client);
-            Ok(())
-        }
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(NatsError::Connect {
-            url: url.to_string(),
-            message: format!("no answer within {CONNECT_TIMEOUT:?}"),
-        }),
-    }
+    connect_within(url, CONNECT_TIMEOUT).await.map(drop)
 }
 
 /// Where one link's two ends are, for one edge: (caller side, served side). On a call
@@ -171,6 +166,8 @@ pub struct NatsSide {
     etcd: Option<EtcdClient>,
     registrations: Vec<Registration>,
     watches: Vec<PrefixWatch>,
+    /// The graph spans machines: this process serves its metrics on NATS.
+    across_machines: bool,
 }
 
 /// How long an instance's key outlives a process that stopped refreshing it (a dead
@@ -217,16 +214,7 @@ impl NatsSide {
             (Some(_), Some(url)) => url,
             (Some(edge), None) => return Err(NatsSetupError::NoUrl { edge }),
         };
-        let nats = match tokio::time::timeout(CONNECT_TIMEOUT, connect(url)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(NatsError::Connect {
-                    url: url.to_string(),
-                    message: format!("no answer within {CONNECT_TIMEOUT:?}"),
-                }
-                .into())
-            }
-        };
+        let nats = connect_within(url, CONNECT_TIMEOUT).await?;
         let namespace = namespace(plan).to_string();
         let mut servers = BTreeMap::new();
         for (replica, _) in &served {
@@ -277,6 +265,7 @@ impl NatsSide {
             etcd: (plan.etcd.as_deref()).and_then(|url| EtcdClient::new(url, CONNECT_TIMEOUT).ok()),
             registrations: Vec::new(),
             watches: Vec::new(),
+            across_machines,
         }))
     }
 
@@ -335,6 +324,21 @@ impl NatsSide {
             Some(server) => server.register(METRICS_ENDPOINT, service.clone()),
             None => Ok(()),
         }
+    }
+
+    /// Clients for the metrics the processes of `plan` on other machines than `machine`
+    /// serve on NATS, when the graph spans machines (none otherwise): the frontend's
+    /// `/metrics` then aggregates the whole graph.
+    pub fn remote_metrics(&self, plan: &Plan, machine: &str) -> Vec<Arc<dyn Service<(), String>>> {
+        if !self.across_machines {
+            return Vec::new();
+        }
+        let others = (plan.processes.iter())
+            .filter(|p| p.machine != machine)
+            .map(|p| p.name.as_str());
+        (process_metrics(&self.client, plan, others).into_iter())
+            .map(|(_, c)| c)
+            .collect()
     }
 
     /// Subscribes every served port (confirmed by the server before this returns) and

@@ -543,6 +543,9 @@ pub async fn run(
     tasks.push(tokio::spawn(server.serve(shutdown.clone())));
     tasks.extend(kv_tcp.start(&shutdown).await);
     if !frontends.is_empty() {
+        if let Some(nats) = ctx.nats.as_ref() {
+            hub.add_remote_peers(nats.remote_metrics(&plan, &me.machine));
+        }
         tasks.push(tokio::spawn(hub.clone().poll_peers(shutdown.clone())));
     }
     for (listener, fe, id) in frontends {

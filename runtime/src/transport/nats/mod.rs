@@ -38,6 +38,18 @@ pub enum NatsError {
     DuplicateEndpoint(String),
 }
 
+/// [`connect`], giving up after `within` (a server that accepts the TCP connection and
+/// then says nothing is otherwise waited for indefinitely).
+pub async fn connect_within(url: &str, within: Duration) -> Result<async_nats::Client, NatsError> {
+    match tokio::time::timeout(within, connect(url)).await {
+        Ok(r) => r,
+        Err(_) => Err(NatsError::Connect {
+            url: url.to_string(),
+            message: format!("no answer within {within:?}"),
+        }),
+    }
+}
+
 /// Connects to NATS with the settings every dynamo process uses: it reconnects forever
 /// after a connection loss (with the client's own backoff), notices a dead server within
 /// a few seconds (ping interval), and fails fast with a clear error when the server cannot
