@@ -140,7 +140,11 @@ pub fn up(
             }
         }
         let admin_stop = tokio_util::sync::CancellationToken::new();
-        serve_admin(&plan, &admin, &admin_stop).await;
+        // Set up beside the loop below, so a Ctrl-C is heard while it connects.
+        tokio::spawn({
+            let (plan, stop) = (plan.clone(), admin_stop.clone());
+            async move { serve_admin(&plan, &admin, &stop).await }
+        });
         println!("Ctrl-C takes it down (`dynamo graph status {graph} --etcd {url}` shows it).");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;

@@ -88,7 +88,10 @@ fn header_span(parent: &Table, key: &str, fallback: Span) -> Span {
 }
 
 fn valid_name(name: &Sp<String>, what: &str, diags: &mut Vec<Diagnostic>) -> bool {
+    // A leading `_` is dynamo's own (endpoints such as `_metrics`, the NATS subjects of
+    // `_process`).
     let ok = !name.value.is_empty()
+        && !name.value.starts_with('_')
         && name
             .value
             .chars()
@@ -101,7 +104,7 @@ fn valid_name(name: &Sp<String>, what: &str, diags: &mut Vec<Diagnostic>) -> boo
                 format!("`{}` is not a valid {what} name", name.value),
             )
             .label("invalid name")
-            .help("names use letters, digits, `_` and `-` (a `.` would be read as `node.port`)"),
+            .help("names use letters, digits, `_` and `-`, and do not start with `_` (a `.` would be read as `node.port`)"),
         );
     }
     ok

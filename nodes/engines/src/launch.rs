@@ -137,13 +137,29 @@ pub fn command_line(
     };
     let mut env = Vec::new();
     if !launch.gpus.is_empty() {
-        // The plan's ids number the GPUs this process sees, which its own
-        // CUDA_VISIBLE_DEVICES may narrow.
-        let visible = cuda_visible::from_env();
-        let value = cuda_visible::for_child(&launch.gpus, visible.as_deref())?;
+        // The plan's ids; [`CommandLine::seen_through`] maps them through what the
+        // launching process itself sees.
+        let value = cuda_visible::for_child(&launch.gpus, None)?;
         env.push((s(cuda_visible::CUDA_VISIBLE_DEVICES), value));
     }
     Ok(CommandLine { program, args, env })
+}
+
+impl CommandLine {
+    /// The plan's GPU ids number the GPUs the launching process sees: when its own
+    /// `CUDA_VISIBLE_DEVICES` lists `visible`, the engine gets the entries its ids number.
+    pub fn seen_through(
+        mut self,
+        gpus: &[u32],
+        visible: Option<&[String]>,
+    ) -> Result<CommandLine, LaunchError> {
+        for (key, value) in &mut self.env {
+            if key == cuda_visible::CUDA_VISIBLE_DEVICES {
+                *value = cuda_visible::for_child(gpus, visible)?;
+            }
+        }
+        Ok(self)
+    }
 }
 
 #[cfg(test)]
@@ -186,6 +202,22 @@ mod tests {
             c.env,
             vec![("CUDA_VISIBLE_DEVICES".to_string(), "2,3".to_string())]
         );
+        // Launched by an agent that sees only some GPUs: the ids number those.
+        let visible = cuda_visible::parse("4,5,6,7");
+        let seen = c
+            .clone()
+            .seen_through(&[2, 3], Some(&visible))
+            .expect("visible");
+        assert_eq!(seen.env[0].1, "6,7");
+        let narrow = cuda_visible::parse("4");
+        assert!(matches!(
+            c.seen_through(&[2, 3], Some(&narrow)),
+            Err(LaunchError::Gpus(NotVisible {
+                id: 2,
+                count: 1,
+                ..
+            }))
+        ));
     }
 
     #[test]

@@ -17,6 +17,8 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use dynamo_runtime::supervisor::cuda_visible;
+
 use crate::config::{ExternalConfig, Where};
 use crate::kv_events::hub::{EventsPort, KvEventHub};
 use crate::launch::{command_line, LaunchError};
@@ -111,7 +113,8 @@ impl ExternalEngine {
                     cfg.block_size,
                     cfg.kv_events.as_deref(),
                     cfg.kv_events_replay.as_deref(),
-                )?;
+                )?
+                .seen_through(&launch.gpus, cuda_visible::from_env().as_deref())?;
                 tracing::info!(engine = cfg.kind.name(), program = %line.program, args = ?line.args, "launching engine");
                 let mut spec = ProcessSpec::new(format!("{}-engine", cfg.name), &line.program)
                     .args(line.args)

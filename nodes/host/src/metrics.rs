@@ -411,19 +411,22 @@ impl MetricsHub {
             .chain(remote)
             .collect();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let mut text = String::new();
-            for c in &clients {
+            // All at once, so peers that do not answer (a lost machine) cost one
+            // timeout per round, not one each.
+            let calls = clients.iter().map(|c| async move {
                 let mut s = c.call((), RequestContext::new("metrics"));
-                let got = tokio::time::timeout(Duration::from_millis(500), s.next()).await;
-                if let Ok(Some(Ok(samples))) = got {
-                    text.push_str(&samples);
+                match tokio::time::timeout(Duration::from_millis(500), s.next()).await {
+                    Ok(Some(Ok(samples))) => samples,
+                    _ => String::new(),
                 }
-            }
+            });
+            let text: String = futures::future::join_all(calls).await.concat();
             if let Ok(mut p) = self.peer_text.lock() {
                 *p = text;
             }

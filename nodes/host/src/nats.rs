@@ -31,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 use crate::endpoints::{instance_id, process_instance, METRICS_ENDPOINT};
 
 /// The pseudo-node under which each process of a graph that spans machines serves its
-/// metrics on NATS (instance: [`process_instance`] of the process's name).
+/// metrics on NATS (instance: [`process_instance`] of the process's name). Node names
+/// cannot start with `_`, so no node of a graph can take its subjects.
 const PROCESS_NODE: &str = "_process";
 
 fn process_replica() -> ReplicaId {
@@ -49,26 +50,36 @@ pub async fn metrics_clients(
     let url = plan.nats.as_deref().ok_or_else(|| NatsSetupError::NoUrl {
         edge: "(the graph page's metrics)".to_string(),
     })?;
-    let client = NatsClient::new(
-        connect_within(url, CONNECT_TIMEOUT).await?,
-        NatsClientConfig::default(),
-    )
-    .await?;
+    let nats = connect_within(url, CONNECT_TIMEOUT).await?;
+    let state = nats.clone();
+    let connected: Connected =
+        Arc::new(move || state.connection_state().to_string() == "connected");
+    let client = NatsClient::new(nats, NatsClientConfig::default()).await?;
     let names = plan.processes.iter().map(|p| p.name.as_str());
-    Ok(process_metrics(&client, plan, names))
+    Ok(process_metrics(&client, plan, names, &connected, url))
 }
 
-/// Clients for the metrics `processes` serve on NATS, by name.
+/// Clients for the metrics `processes` serve on NATS, by name; while the connection is
+/// down each call fails at once instead of queueing in the client.
 fn process_metrics<'a>(
     client: &NatsClient,
     plan: &Plan,
     processes: impl Iterator<Item = &'a str>,
+    connected: &Connected,
+    url: &str,
 ) -> Vec<(String, Arc<dyn Service<(), String>>)> {
     let address =
         EndpointAddress::new(namespace(plan), &plan.graph, PROCESS_NODE, METRICS_ENDPOINT);
+    let url: Arc<str> = url.into();
     processes
         .map(|name| {
-            let c = client.instance_endpoint::<(), String>(&address, process_instance(name));
+            let inner = client.instance_endpoint::<(), String>(&address, process_instance(name));
+            let c: Arc<dyn Service<(), String>> = Arc::new(FailFast {
+                inner,
+                connected: connected.clone(),
+                url: url.clone(),
+                target: format!("the metrics of process {name}"),
+            });
             (name.to_string(), c)
         })
         .collect()
@@ -208,13 +219,21 @@ impl NatsSide {
             }
         }
         let across_machines = plan.etcd.is_some() && plan.nats.is_some();
-        let url = match (first, plan.nats.as_deref()) {
+        let url = match (&first, plan.nats.as_deref()) {
             (_, Some(url)) if across_machines => url,
             (None, _) => return Ok(None),
             (Some(_), Some(url)) => url,
-            (Some(edge), None) => return Err(NatsSetupError::NoUrl { edge }),
+            (Some(edge), None) => return Err(NatsSetupError::NoUrl { edge: edge.clone() }),
         };
-        let nats = connect_within(url, CONNECT_TIMEOUT).await?;
+        let nats = match connect_within(url, CONNECT_TIMEOUT).await {
+            Ok(nats) => nats,
+            // Only the metrics would go over NATS: serve without them.
+            Err(e) if first.is_none() => {
+                tracing::warn!(error = %e, "NATS is unreachable: this process's metrics are not on the graph page");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
         let namespace = namespace(plan).to_string();
         let mut servers = BTreeMap::new();
         for (replica, _) in &served {
@@ -336,7 +355,7 @@ impl NatsSide {
         let others = (plan.processes.iter())
             .filter(|p| p.machine != machine)
             .map(|p| p.name.as_str());
-        (process_metrics(&self.client, plan, others).into_iter())
+        (process_metrics(&self.client, plan, others, &self.connected, &self.url).into_iter())
             .map(|(_, c)| c)
             .collect()
     }

@@ -48,8 +48,16 @@ pub(crate) struct Recorded {
     kind: SpanKind,
     status: Status,
     attributes: Vec<KeyValue>,
+    dropped_attributes: u32,
     events: Vec<Event>,
+    dropped_events: u32,
 }
+
+/// At most this many attributes, and this many events, per span (the SDK's defaults): a
+/// long-lived span cannot grow without bound, nor one span outgrow the collector's
+/// message limit. What is past them is counted as dropped.
+const MAX_ATTRIBUTES: usize = 128;
+const MAX_EVENTS: usize = 128;
 
 impl Recorded {
     /// Takes `parent` (a W3C context from another process) as this span's parent.
@@ -69,8 +77,10 @@ impl Recorded {
     /// Takes what `fields` recorded: a field recorded again replaces its value.
     fn update(&mut self, fields: Fields) {
         for kv in fields.attributes {
+            let full = self.attributes.len() >= MAX_ATTRIBUTES;
             match self.attributes.iter_mut().find(|a| a.key == kv.key) {
                 Some(old) => *old = kv,
+                None if full => self.dropped_attributes += 1,
                 None => self.attributes.push(kv),
             }
         }
@@ -78,7 +88,17 @@ impl Recorded {
             self.kind = kind;
         }
         if let Some(status) = fields.status {
-            self.status = status;
+            self.set_status(status);
+        }
+    }
+
+    /// As OpenTelemetry has it: `Ok` is final, an error stays an error (keeping its
+    /// first description), and `Unset` changes nothing.
+    fn set_status(&mut self, status: Status) {
+        match (&self.status, status) {
+            (Status::Ok, _) | (_, Status::Unset) => {}
+            (Status::Error { .. }, Status::Error { .. }) => {}
+            (_, status) => self.status = status,
         }
     }
 }
@@ -140,13 +160,10 @@ where
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
-        let parent = if let Some(p) = attrs.parent() {
-            ctx.span(p)
-        } else if attrs.is_contextual() {
-            ctx.lookup_current()
-        } else {
-            None
-        };
+        // The registry's parent (explicit, else the current span), skipping spans this
+        // layer's filter drops: a child of a transport's span joins its nearest
+        // exported ancestor.
+        let parent = span.parent();
         let parent = parent.and_then(|p| {
             let ext = p.extensions();
             let r = ext.get::<Recorded>()?;
@@ -179,7 +196,9 @@ where
             kind: fields.kind.unwrap_or(SpanKind::Internal),
             status: fields.status.unwrap_or(Status::Unset),
             attributes: fields.attributes,
+            dropped_attributes: 0,
             events: Vec::new(),
+            dropped_events: 0,
         };
         span.extensions_mut().insert(recorded);
     }
@@ -222,9 +241,13 @@ where
         let mut ext = span.extensions_mut();
         if let Some(recorded) = ext.get_mut::<Recorded>() {
             if let Some(status) = failed {
-                recorded.status = status;
+                recorded.set_status(status);
             }
-            recorded.events.push(event);
+            if recorded.events.len() < MAX_EVENTS {
+                recorded.events.push(event);
+            } else {
+                recorded.dropped_events += 1;
+            }
         }
     }
 
@@ -238,6 +261,7 @@ where
         }
         let mut events = SpanEvents::default();
         events.events = r.events;
+        events.dropped_count = r.dropped_events;
         self.processor.on_end(SpanData {
             span_context: SpanContext::new(
                 r.trace_id,
@@ -253,7 +277,7 @@ where
             start_time: r.start,
             end_time: SystemTime::now(),
             attributes: r.attributes,
-            dropped_attributes_count: 0,
+            dropped_attributes_count: r.dropped_attributes,
             events,
             links: SpanLinks::default(),
             status: r.status,
@@ -297,11 +321,11 @@ impl Visit for Fields {
         match field.name() {
             "otel.kind" => self.kind = Some(span_kind(value)),
             "otel.status_code" => {
-                self.status = Some(match value {
-                    v if v.eq_ignore_ascii_case("error") => Status::error(""),
-                    v if v.eq_ignore_ascii_case("ok") => Status::Ok,
-                    _ => Status::Unset,
-                })
+                if value.eq_ignore_ascii_case("error") {
+                    self.status = Some(Status::error(""));
+                } else if value.eq_ignore_ascii_case("ok") {
+                    self.status = Some(Status::Ok);
+                }
             }
             _ => self.put(field, value.to_string().into()),
         }

@@ -198,3 +198,48 @@ fn a_value_that_logs_while_it_is_recorded_does_not_lock_its_span() {
     let events: Vec<&str> = s.events.iter().map(|e| e.name.as_ref()).collect();
     assert_eq!(events, ["formatting"]);
 }
+
+#[test]
+fn a_child_of_a_span_the_filter_drops_joins_the_nearest_exported_ancestor() {
+    use tracing_subscriber::Layer as _;
+    let collect = Arc::new(Collect::default());
+    let layer = SpanLayer::new(collect.clone(), 1.0).with_filter(
+        tracing_subscriber::filter::filter_fn(|m| m.name() != "hidden"),
+    );
+    // Another layer (the log lines', in a process) keeps every span in the registry.
+    struct Everything;
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Everything {}
+    let subscriber = tracing_subscriber::registry().with(layer).with(Everything);
+    tracing::subscriber::with_default(subscriber, || {
+        let outer = tracing::info_span!("outer");
+        let hidden = tracing::info_span!(parent: &outer, "hidden");
+        let _child = tracing::info_span!(parent: &hidden, "child").entered();
+    });
+    let spans = collect.0.lock().map(|s| s.clone()).unwrap_or_default();
+    let (outer, child) = (named(&spans, "outer"), named(&spans, "child"));
+    assert_eq!(child.parent_span_id, outer.span_context.span_id());
+    assert_eq!(child.span_context.trace_id(), outer.span_context.trace_id());
+}
+
+#[test]
+fn ok_is_final_an_error_keeps_its_first_description_and_limits_hold() {
+    let spans = traced(1.0, || {
+        let ok = tracing::info_span!("ok", otel.status_code = "OK");
+        ok.in_scope(|| tracing::error!("too late"));
+        let failed = tracing::info_span!("failed", otel.status_code = tracing::field::Empty);
+        failed.in_scope(|| tracing::error!("first"));
+        failed.record("otel.status_code", "ERROR");
+        failed.record("otel.status_code", "bogus");
+        let busy = tracing::info_span!("busy");
+        busy.in_scope(|| {
+            for i in 0..200u64 {
+                tracing::info!(i, "tick");
+            }
+        });
+    });
+    assert_eq!(named(&spans, "ok").status, Status::Ok);
+    assert_eq!(named(&spans, "failed").status, Status::error("first"));
+    let busy = named(&spans, "busy");
+    assert_eq!(busy.events.len(), 128);
+    assert_eq!(busy.events.dropped_count, 72);
+}

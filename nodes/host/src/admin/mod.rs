@@ -149,21 +149,24 @@ async fn poll(
     let mut prev: Option<stats::Scrape> = None;
     let mut scrapes = 0;
     let mut tick = tokio::time::interval(REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         let mut now = stats::Scrape::default();
-        for (name, c) in &clients {
+        // All at once: processes that do not answer cost one timeout per refresh.
+        let calls = clients.iter().map(|(name, c)| async move {
             let mut s = c.call((), RequestContext::new("admin-stats"));
             let got = tokio::time::timeout(Duration::from_millis(500), s.next()).await;
             let samples = match got {
                 Ok(Some(Ok(text))) => Some(stats::parse(&text)),
                 _ => None,
             };
-            now.processes.insert(name.clone(), samples);
-        }
+            (name.clone(), samples)
+        });
+        now.processes.extend(futures::future::join_all(calls).await);
         now.at = origin.elapsed().as_secs_f64();
         scrapes += 1;
         let figures = stats::compute(&plan, prev.as_ref(), &now, scrapes);
