@@ -215,20 +215,7 @@ async fn serve_admin(
             return;
         }
     };
-    match dynamo_host::admin::bind(&admin.addr, admin.fallback).await {
-        Ok(listener) => {
-            if let Ok(addr) = listener.local_addr() {
-                println!("  graph page: http://{addr}/   (dynamo graph top --admin {addr})");
-            }
-            tokio::spawn(dynamo_host::admin::serve(
-                listener,
-                plan.clone(),
-                clients,
-                stop.clone(),
-            ));
-        }
-        Err(e) => eprintln!("warning: {e}; no graph page"),
-    }
+    crate::cmd::up::serve_graph_page(&admin.addr, admin.fallback, plan, clients, stop).await;
 }
 
 /// What `graph up --etcd` keeps track of while the graph serves.

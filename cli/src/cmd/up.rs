@@ -190,20 +190,9 @@ async fn serve(
     }
     let admin_stop = tokio_util::sync::CancellationToken::new();
     if admin != "off" {
-        match dynamo_host::admin::bind(&admin, admin == DEFAULT_ADMIN).await {
-            Ok(listener) => {
-                if let Ok(addr) = listener.local_addr() {
-                    println!("  graph page: http://{addr}/   (dynamo graph top --admin {addr})");
-                }
-                tokio::spawn(dynamo_host::admin::serve(
-                    listener,
-                    plan.clone(),
-                    dynamo_host::admin::socket_clients(&plan, &running.run_dir),
-                    admin_stop.clone(),
-                ));
-            }
-            Err(e) => eprintln!("warning: {e}; no graph page"),
-        }
+        let clients = dynamo_host::admin::socket_clients(&plan, &running.run_dir);
+        let fallback = admin == DEFAULT_ADMIN;
+        serve_graph_page(&admin, fallback, &plan, clients, &admin_stop).await;
     }
     println!("  run directory: {}", running.run_dir.display());
     println!(
@@ -259,4 +248,29 @@ async fn serve(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Binds the admin address (`fallback`: the next nine ports may be tried), says where the
+/// graph page is, and serves it with the figures `clients` reach until `stop`.
+pub async fn serve_graph_page(
+    addr: &str,
+    fallback: bool,
+    plan: &dynamo_graph::Plan,
+    clients: dynamo_host::admin::MetricsClients,
+    stop: &tokio_util::sync::CancellationToken,
+) {
+    match dynamo_host::admin::bind(addr, fallback).await {
+        Ok(listener) => {
+            if let Ok(addr) = listener.local_addr() {
+                println!("  graph page: http://{addr}/   (dynamo graph top --admin {addr})");
+            }
+            tokio::spawn(dynamo_host::admin::serve(
+                listener,
+                plan.clone(),
+                clients,
+                stop.clone(),
+            ));
+        }
+        Err(e) => eprintln!("warning: {e}; no graph page"),
+    }
 }

@@ -30,28 +30,23 @@ pub fn socket_path(run_dir: &Path, process: &str) -> PathBuf {
 
 /// A stable instance id for a replica (used by routers and in KV events).
 pub fn instance_id(replica: &ReplicaId) -> u64 {
-    // FNV-1a: stable across processes and runs, unlike std's RandomState.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in replica
-        .node
-        .bytes()
-        .chain([b'/'])
-        .chain(replica.index.to_le_bytes())
-    {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    fnv1a(
+        (replica.node.bytes())
+            .chain([b'/'])
+            .chain(replica.index.to_le_bytes()),
+    )
 }
 
 /// A stable id for a process, by name (its metrics' instance on NATS).
 pub fn process_instance(process: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in process.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    fnv1a(process.bytes())
+}
+
+/// FNV-1a: stable across processes and runs, unlike std's RandomState.
+fn fnv1a(bytes: impl Iterator<Item = u8>) -> u64 {
+    bytes.fold(0xcbf2_9ce4_8422_2325, |h: u64, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
