@@ -1,7 +1,10 @@
 //! `dynamo bench kv-transfer`: the KV data plane against the hardware's own figures,
 //! measured side by side in one run: a plain memcpy of the hand-off's bytes against the
 //! shared-memory hand-off (map the peer's pool once, copy the listed blocks into the own
-//! pool), and raw loopback TCP throughput against the TCP block stream.
+//! pool), and raw loopback TCP throughput against the TCP block stream and against the
+//! path `graph up` takes for a `tcp` link: `KvTransfer` chunks of 8 blocks through the
+//! socket transport over TCP, each chunk imported into the decode side's pool, with one
+//! chunk in flight at a time and with the prefill worker's window.
 //!
 //! The payload is the KV of a SmolLM2-135M sequence (30 layers, 3 KV heads, head dim 64,
 //! f16, 16-token blocks): 1,000 tokens are 63 blocks, 23.2 MB.
@@ -9,9 +12,16 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::Context;
+use dynamo_mocker::{send_kv_chunks, KV_CHUNK_BLOCKS, KV_WINDOW};
+use dynamo_protocol::{KvLayout, KvTransfer, KvTransferAck};
 use dynamo_runtime::kv_transfer::tcp::{acknowledge, read_block, read_header, send_blocks};
 use dynamo_runtime::kv_transfer::{ShmPeers, ShmSegment};
+use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
+use dynamo_runtime::transport::socket_server::SocketServer;
+use dynamo_runtime::{InstanceSet, RequestContext, ResponseStream, ServeError, Service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -155,11 +165,101 @@ async fn stream_pair(blocks: usize) -> anyhow::Result<tokio::net::TcpStream> {
     Ok(c)
 }
 
-/// Bytes per second of raw loopback TCP and of the TCP block stream, alternated.
-async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
+/// The decode side of the graph path: copies each chunk's blocks into its own pool, as a
+/// decode worker's engine does with an imported chunk.
+struct PoolImport {
+    pool: Arc<Mutex<Vec<u8>>>,
+    dest: Arc<Vec<u32>>,
+}
+
+impl Service<KvTransfer, KvTransferAck> for PoolImport {
+    fn call(&self, req: KvTransfer, _ctx: RequestContext) -> ResponseStream<KvTransferAck> {
+        let (pool, dest) = (self.pool.clone(), self.dest.clone());
+        Box::pin(futures::stream::once(async move {
+            let mut pool = pool
+                .lock()
+                .map_err(|_| ServeError::internal("pool lock poisoned"))?;
+            for (block, &hash) in req.payload.chunks(BLOCK_BYTES).zip(&req.hashes) {
+                let to = dest[hash as usize % dest.len()] as usize * BLOCK_BYTES;
+                if let Some(slot) = pool.get_mut(to..to + BLOCK_BYTES) {
+                    slot.copy_from_slice(block);
+                }
+            }
+            Ok(KvTransferAck {
+                blocks: req.hashes.len() as u32,
+            })
+        }))
+    }
+}
+
+/// A prefill side's `kv` output reaching a [`PoolImport`] over TCP through the socket
+/// transport, as `graph up` wires a `tcp` link.
+fn graph_path(blocks: usize) -> anyhow::Result<Arc<InstanceSet<KvTransfer, KvTransferAck>>> {
+    let mut server = SocketServer::bind_tcp("127.0.0.1:0")?;
+    let addr = server
+        .local_addr()
+        .context("the KV listener has no address")?;
+    let import = PoolImport {
+        pool: Arc::new(Mutex::new(vec![0u8; POOL_BLOCKS * BLOCK_BYTES])),
+        dest: Arc::new(block_ids(blocks).into_iter().rev().collect()),
+    };
+    let service: Arc<dyn Service<KvTransfer, KvTransferAck>> = Arc::new(import);
+    server.register("decode.kv", service)?;
+    tokio::spawn(server.serve(CancellationToken::new()));
+    let client = SocketClient::tcp(&addr.to_string(), SocketClientConfig::default());
+    let kv = Arc::new(InstanceSet::new("prefill.kv"));
+    kv.add(1, client.endpoint::<KvTransfer, KvTransferAck>("decode.kv"));
+    Ok(kv)
+}
+
+/// One hand-off through the graph path: the chunks' bytes read out of the prefill pool
+/// (as the prefill worker exports them) and sent with `window` chunks in flight.
+async fn graph_handoff(
+    kv: &InstanceSet<KvTransfer, KvTransferAck>,
+    pool: &[u8],
+    ids: &[u32],
+    window: usize,
+) -> anyhow::Result<()> {
+    let layout = KvLayout {
+        layers: 30,
+        kv_heads: 3,
+        head_dim: 64,
+        dtype_bytes: 2,
+        block_size: BLOCK_TOKENS as u32,
+    };
+    let chunks = ids.len().div_ceil(KV_CHUNK_BLOCKS);
+    let transfers = (ids.chunks(KV_CHUNK_BLOCKS).enumerate())
+        .map(|(i, chunk)| {
+            let mut payload = Vec::with_capacity(chunk.len() * BLOCK_BYTES);
+            for &id in chunk {
+                let at = id as usize * BLOCK_BYTES;
+                payload.extend_from_slice(&pool[at..at + BLOCK_BYTES]);
+            }
+            let first = i * KV_CHUNK_BLOCKS;
+            KvTransfer {
+                handoff_id: "bench".into(),
+                hashes: (first..first + chunk.len()).map(|h| h as u64).collect(),
+                parent: first.checked_sub(1).map(|p| p as u64),
+                payload,
+                layout,
+                last: i + 1 == chunks,
+                shared: None,
+            }
+        })
+        .collect();
+    let ctx = RequestContext::new("bench");
+    send_kv_chunks(kv, 1, transfers, window, &ctx).await?;
+    Ok(())
+}
+
+/// Bytes per second of raw loopback TCP, the TCP block stream, and the graph path with
+/// one chunk in flight and with [`KV_WINDOW`], alternated.
+async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<[f64; 4]> {
     let bytes = blocks * BLOCK_BYTES;
     let mut raw = raw_pair(bytes).await?;
     let mut stream = stream_pair(blocks).await?;
+    let kv = graph_path(blocks)?;
+    let (mut tone, mut twindow) = (Vec::new(), Vec::new());
     let payload = vec![0x33u8; bytes];
     let pool: Vec<u8> = (0..POOL_BLOCKS * BLOCK_BYTES).map(|i| i as u8).collect();
     let ids = block_ids(blocks);
@@ -181,11 +281,21 @@ async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
             .collect();
         send_blocks(&mut stream, rep as u64, &refs, &never).await?;
         tstream.push(t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        graph_handoff(&kv, &pool, &ids, 1).await?;
+        tone.push(t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        graph_handoff(&kv, &pool, &ids, KV_WINDOW).await?;
+        twindow.push(t.elapsed().as_secs_f64());
     }
     // The first of each is the warm-up.
-    traw.remove(0);
-    tstream.remove(0);
-    Ok((bytes as f64 / median(traw), bytes as f64 / median(tstream)))
+    let rate = |mut times: Vec<f64>| {
+        times.remove(0);
+        bytes as f64 / median(times)
+    };
+    Ok([rate(traw), rate(tstream), rate(tone), rate(twindow)])
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -201,7 +311,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (raw, tcp) = rt
+    let [raw, tcp, graph_one, graph] = rt
         .block_on(tcp_figures(blocks, args.reps))
         .context("the TCP figures")?;
     let gb = |bps: f64| bps / 1e9;
@@ -213,6 +323,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "tokens": args.tokens, "blocks": blocks, "bytes": bytes,
                 "memcpy_gbps": gb(memcpy), "shm_gbps": gb(shm), "shm_ratio": shm / memcpy,
                 "tcp_raw_gbps": gb(raw), "tcp_gbps": gb(tcp), "tcp_ratio": tcp / raw,
+                "graph_tcp_one_gbps": gb(graph_one), "graph_tcp_one_ratio": graph_one / raw,
+                "graph_tcp_gbps": gb(graph), "graph_tcp_ratio": graph / raw,
+                "window": KV_WINDOW,
             })
         );
     } else {
@@ -243,6 +356,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             gb(tcp),
             ms(tcp),
             100.0 * tcp / raw
+        );
+        println!(
+            "  graph path, 1 chunk {:6.2} GB/s  {:6.2} ms  {:4.0}% of raw TCP",
+            gb(graph_one),
+            ms(graph_one),
+            100.0 * graph_one / raw
+        );
+        println!(
+            "  graph path, {KV_WINDOW} chunks{:6.2} GB/s  {:6.2} ms  {:4.0}% of raw TCP",
+            gb(graph),
+            ms(graph),
+            100.0 * graph / raw
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -242,7 +242,7 @@ async fn cached_and_handed_over_blocks_give_the_same_tokens() {
     })
     .expect("engine b");
     let imported = b
-        .import_blocks(None, &hashes, &bytes, &a.kv_layout())
+        .import_blocks(None, &hashes, bytes.clone(), &a.kv_layout())
         .await
         .expect("import");
     assert_eq!(imported as usize, hashes.len());

@@ -195,7 +195,7 @@ impl MockerEngine {
         &self,
         parent: Option<BlockHash>,
         hashes: &[BlockHash],
-        payload: &[u8],
+        payload: Vec<u8>,
         layout: &KvLayout,
     ) -> Result<u32, ServeError> {
         if self.real_kv {
@@ -214,15 +214,16 @@ impl MockerEngine {
                 )));
             }
         } else {
-            verify_transfer(&self.layout, self.block_bytes, layout, hashes, payload)
+            verify_transfer(&self.layout, self.block_bytes, layout, hashes, &payload)
                 .map_err(|e| ServeError::invalid(e.to_string()))?;
         }
+        let len = payload.len();
         let bytes = if self.real_kv {
-            ImportBytes::Inline(payload.to_vec())
+            ImportBytes::Inline(payload)
         } else {
             ImportBytes::None
         };
-        self.import(parent, hashes, bytes, payload.len()).await
+        self.import(parent, hashes, bytes, len).await
     }
 
     /// Caches blocks a prefill worker on this machine left in its shared pool: `blocks`
@@ -290,13 +291,28 @@ impl MockerEngine {
     /// The bytes of the cached blocks `hashes` for a hand-off: read from the model's pool,
     /// or fabricated from the hashes by the mocker ([`crate::payload`]).
     pub async fn export_blocks(&self, hashes: &[BlockHash]) -> Result<Vec<u8>, ServeError> {
+        Ok(self.export_chunks(hashes, hashes.len()).await?.concat())
+    }
+
+    /// [`MockerEngine::export_blocks`] in buffers of `chunk_blocks` blocks each, read at
+    /// once: a hand-off's chunks, each moved into its message without another copy.
+    pub async fn export_chunks(
+        &self,
+        hashes: &[BlockHash],
+        chunk_blocks: usize,
+    ) -> Result<Vec<Vec<u8>>, ServeError> {
+        let chunk_blocks = chunk_blocks.max(1);
         if !self.real_kv {
-            return Ok(crate::payload::fabricate(hashes, self.block_bytes));
+            return Ok(hashes
+                .chunks(chunk_blocks)
+                .map(|chunk| crate::payload::fabricate(chunk, self.block_bytes))
+                .collect());
         }
         let (reply, rx) = oneshot::channel();
         let stopped = || ServeError::unavailable("the engine is shut down");
         let export = Control::Export {
             hashes: hashes.to_vec(),
+            chunk_blocks,
             reply,
         };
         self.control.send(export).map_err(|_| stopped())?;

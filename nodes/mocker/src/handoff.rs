@@ -4,7 +4,8 @@
 //! The prefill worker runs the prompt through its own scheduler and timing model, then
 //! sends the prompt's full blocks to the decode worker the router chose, in chunks of
 //! [`KV_CHUNK_BLOCKS`], with bytes fabricated from each block's hash
-//! ([`crate::payload`]). The decode worker verifies every byte and caches the blocks
+//! ([`crate::payload`]). Up to [`KV_WINDOW`] chunks are in flight at once, so encoding,
+//! the wire and the decode worker's import overlap instead of taking turns. The decode worker verifies every byte and caches the blocks
 //! under their hashes, so the router's ordinary `TokenRequest` finds them as a prefix hit.
 //!
 //! When the prefill engine's pool is in shared memory and the decode instance is on this
@@ -20,33 +21,129 @@ pub use prefill::PrefillService;
 
 use dynamo_protocol::{KvTransfer, KvTransferAck};
 use dynamo_runtime::{InstanceSet, RequestContext, ServeError};
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 
 /// Hands one chunk to decode instance `decode` and waits for its answer; `what` names the
 /// blocks in the error ("KV blocks", "shared KV blocks").
-async fn send_chunk(
+fn send_chunk(
     kv: &InstanceSet<KvTransfer, KvTransferAck>,
     decode: u64,
     transfer: KvTransfer,
     ctx: &RequestContext,
     what: &str,
-) -> Result<KvTransferAck, ServeError> {
+) -> impl std::future::Future<Output = Result<KvTransferAck, ServeError>> + Send + 'static {
+    // Called now, not when first polled: the chunks of a window go out in chain order.
     let mut answer = kv.call_instance(decode, transfer, ctx.child());
-    match answer.next().await {
-        Some(Ok(ack)) => Ok(ack),
-        Some(Err(err)) => Err(ServeError::new(
-            err.kind,
-            format!(
-                "handing {what} to decode instance {decode}: {}",
-                err.message
-            ),
-        )),
-        None => Err(ServeError::unavailable(format!(
-            "decode instance {decode} ended a KV transfer without an answer"
-        ))),
+    let what = what.to_string();
+    async move {
+        match answer.next().await {
+            Some(Ok(ack)) => Ok(ack),
+            Some(Err(err)) => Err(ServeError::new(
+                err.kind,
+                format!(
+                    "handing {what} to decode instance {decode}: {}",
+                    err.message
+                ),
+            )),
+            None => Err(ServeError::unavailable(format!(
+                "decode instance {decode} ended a KV transfer without an answer"
+            ))),
+        }
+    }
+}
+
+/// Sends a hand-off's `chunks` (bytes inline) to decode instance `decode` as a prefill
+/// worker does, up to `window` unanswered at once; returns the payload bytes sent. For
+/// `dynamo bench kv-transfer`, which times this path against raw TCP.
+pub async fn send_kv_chunks(
+    kv: &InstanceSet<KvTransfer, KvTransferAck>,
+    decode: u64,
+    chunks: Vec<KvTransfer>,
+    window: usize,
+    ctx: &RequestContext,
+) -> Result<u64, ServeError> {
+    let sender = ChunkSender {
+        kv,
+        decode,
+        ctx,
+        what: "KV blocks",
+        window,
+    };
+    let sized = chunks.into_iter().map(|t| {
+        let bytes = t.payload.len() as u64;
+        (t, bytes)
+    });
+    sender
+        .send(sized, &CancellationToken::new(), |_, _| {})
+        .await
+}
+
+/// Where the chunks of one hand-off go, and how many may be in flight.
+struct ChunkSender<'a> {
+    kv: &'a InstanceSet<KvTransfer, KvTransferAck>,
+    decode: u64,
+    ctx: &'a RequestContext,
+    /// Names the blocks in errors ("KV blocks", "shared KV blocks").
+    what: &'a str,
+    window: usize,
+}
+
+impl ChunkSender<'_> {
+    /// Sends `chunks` (each with its byte count) keeping up to `window` unanswered, and
+    /// calls `answered(blocks, bytes)` for each answered chunk, in order. Returns the
+    /// bytes of all. On the first error no further chunk is sent, the ones in flight are
+    /// still awaited (their answers ignored), and the error is returned; likewise, with
+    /// [`ServeError::cancelled`], once `stop` fires. Dropping the future drops the calls
+    /// in flight, which cancels them.
+    async fn send(
+        &self,
+        chunks: impl IntoIterator<Item = (KvTransfer, u64)>,
+        stop: &CancellationToken,
+        mut answered: impl FnMut(u64, u64),
+    ) -> Result<u64, ServeError> {
+        let mut chunks = chunks.into_iter();
+        let mut in_flight = FuturesOrdered::new();
+        let mut failed: Option<ServeError> = None;
+        let mut total = 0;
+        loop {
+            while failed.is_none() && in_flight.len() < self.window.max(1) {
+                if stop.is_cancelled() {
+                    failed = Some(ServeError::cancelled());
+                    break;
+                }
+                let Some((transfer, bytes)) = chunks.next() else {
+                    break;
+                };
+                let blocks = transfer.hashes.len() as u64;
+                let call = send_chunk(self.kv, self.decode, transfer, self.ctx, self.what);
+                in_flight.push_back(async move { (call.await, blocks, bytes) });
+            }
+            match in_flight.next().await {
+                None => break,
+                Some((Ok(_), blocks, bytes)) => {
+                    if failed.is_none() {
+                        answered(blocks, bytes);
+                        total += bytes;
+                    }
+                }
+                Some((Err(err), _, _)) => {
+                    failed.get_or_insert(err);
+                }
+            }
+        }
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(total),
+        }
     }
 }
 
 /// Blocks per `KvTransfer` unless [`PrefillService::with_chunk_blocks`] says otherwise:
 /// about 3 MiB per call for SmolLM2-135M.
 pub const KV_CHUNK_BLOCKS: usize = 8;
+
+/// Chunks of one hand-off in flight at once unless [`PrefillService::with_window`] says
+/// otherwise: 4 × 8 blocks, about 12 MiB for SmolLM2-135M (see the README's TCP figure).
+pub const KV_WINDOW: usize = 4;

@@ -28,7 +28,7 @@ pub use block_manager::{
 };
 pub use config::{ConfigError, MockerConfig, SMOLLM2_135M_KV_LAYOUT};
 pub use engine::{EngineError, MockerEngine};
-pub use handoff::{KvImportService, PrefillService, KV_CHUNK_BLOCKS};
+pub use handoff::{send_kv_chunks, KvImportService, PrefillService, KV_CHUNK_BLOCKS, KV_WINDOW};
 pub use scheduler::{AdmitError, RequestLimits, Scheduler, SchedulerStats, SeqOutput, StepFailed};
 pub use sequence::{NewSequence, SeqId};
 pub use stats::MockerStats;

@@ -201,8 +201,12 @@ impl StepLoop {
                 }
             }
             Control::Abort(id) => self.abort(id),
-            Control::Export { hashes, reply } => {
-                let _ = reply.send(self.export(&hashes));
+            Control::Export {
+                hashes,
+                chunk_blocks,
+                reply,
+            } => {
+                let _ = reply.send(self.export(&hashes, chunk_blocks));
             }
             Control::Pin { hashes, reply } => {
                 let mut pinned = self.core.pin_blocks(&hashes).map_err(|i| {
@@ -250,8 +254,13 @@ impl StepLoop {
         }
     }
 
-    /// The bytes of the cached blocks `hashes`, read from the backend's pool.
-    fn export(&self, hashes: &[dynamo_protocol::BlockHash]) -> Result<Vec<u8>, String> {
+    /// The bytes of the cached blocks `hashes`, read from the backend's pool: one buffer
+    /// per `chunk_blocks` blocks.
+    fn export(
+        &self,
+        hashes: &[dynamo_protocol::BlockHash],
+        chunk_blocks: usize,
+    ) -> Result<Vec<Vec<u8>>, String> {
         let Some(backend) = self.backend.as_ref() else {
             return Err("the mocker has no KV bytes to export".into());
         };
@@ -267,11 +276,15 @@ impl StepLoop {
                 }
             }
         }
-        let mut out = Vec::with_capacity(blocks.len() * backend.block_bytes());
-        backend
-            .export_blocks(&blocks, &mut out)
-            .map_err(|e| format!("reading the KV blocks failed: {}", e.0))?;
-        Ok(out)
+        let mut chunks = Vec::with_capacity(blocks.len().div_ceil(chunk_blocks.max(1)));
+        for ids in blocks.chunks(chunk_blocks.max(1)) {
+            let mut out = Vec::with_capacity(ids.len() * backend.block_bytes());
+            backend
+                .export_blocks(ids, &mut out)
+                .map_err(|e| format!("reading the KV blocks failed: {}", e.0))?;
+            chunks.push(out);
+        }
+        Ok(chunks)
     }
 
     /// Removes a request and frees its blocks, if it is still here.

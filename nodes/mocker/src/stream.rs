@@ -29,7 +29,9 @@ pub(crate) enum Control {
     /// The bytes of the cached blocks `hashes` (a real backend's pool), for a hand-off.
     Export {
         hashes: Vec<dynamo_protocol::BlockHash>,
-        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>,
+        /// Blocks per returned buffer.
+        chunk_blocks: usize,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<Vec<u8>>, String>>,
     },
     /// Take a reference to each cached block of `hashes` (all or none), so none is
     /// evicted or rewritten while a peer reads it from the shared pool; answers their ids.

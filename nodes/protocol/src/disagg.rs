@@ -4,7 +4,8 @@
 //! - `router.prefill -> prefill.in` (`llm.tokens/v1`, unary): [`PrefillRequest`] →
 //!   [`PrefillResult`], once the blocks are on the decode worker.
 //! - `prefill.kv -> decode.kv` (`kv.blocks/v1`, unary): [`KvTransfer`] → [`KvTransferAck`],
-//!   one call per chunk of blocks.
+//!   one call per chunk of blocks. Several chunks of one hand-off may be in flight at once
+//!   and be imported in any order: each names its chain parent.
 //! - `router.decode -> decode.in`: the usual [`crate::TokenRequest`]. The handed-over
 //!   blocks are in the decode worker's prefix cache under their chained hashes, so its
 //!   ordinary prefix matching finds them; nothing else has to name them.
@@ -64,6 +65,11 @@ pub struct KvTransfer {
     pub handoff_id: String,
     /// The hashes of the blocks in this chunk, in chain order.
     pub hashes: Vec<BlockHash>,
+    /// The chain parent of the chunk's first block: the previous chunk's last hash, `None`
+    /// for the first chunk. With it a chunk is imported without waiting for the ones
+    /// before it.
+    #[serde(default)]
+    pub parent: Option<BlockHash>,
     /// Their bytes, `layout.bytes_per_block()` per block, back to back.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
@@ -89,6 +95,6 @@ pub struct SharedBlocks {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvTransferAck {
-    /// Blocks the decode worker now holds for this hand-off.
+    /// Blocks of this chunk the decode worker now holds.
     pub blocks: u32,
 }

@@ -9,10 +9,11 @@ use dynamo_protocol::{
 };
 use dynamo_runtime::{telemetry, InstanceSet, RequestContext, ResponseStream, ServeError, Service};
 use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::shared::SharedHandoff;
-use super::KV_CHUNK_BLOCKS;
+use super::{ChunkSender, KV_CHUNK_BLOCKS, KV_WINDOW};
 use crate::engine::MockerEngine;
 
 /// `Service<PrefillRequest, PrefillResult>` over a prefill worker's engine and its `kv`
@@ -23,6 +24,7 @@ pub struct PrefillService {
     engine: Arc<MockerEngine>,
     kv: Arc<InstanceSet<KvTransfer, KvTransferAck>>,
     chunk_blocks: usize,
+    window: usize,
     shm_instances: Arc<BTreeSet<u64>>,
 }
 
@@ -32,6 +34,7 @@ impl PrefillService {
             engine,
             kv,
             chunk_blocks: KV_CHUNK_BLOCKS,
+            window: KV_WINDOW,
             shm_instances: Arc::default(),
         }
     }
@@ -48,6 +51,13 @@ impl PrefillService {
         self.chunk_blocks = blocks.max(1);
         self
     }
+
+    /// Chunks of one hand-off in flight at once (at least 1: each chunk waits for the
+    /// answer to the one before).
+    pub fn with_window(mut self, chunks: usize) -> Self {
+        self.window = chunks.max(1);
+        self
+    }
 }
 
 impl Service<PrefillRequest, PrefillResult> for PrefillService {
@@ -56,6 +66,7 @@ impl Service<PrefillRequest, PrefillResult> for PrefillService {
             engine: self.engine.clone(),
             kv: self.kv.clone(),
             chunk_blocks: self.chunk_blocks,
+            window: self.window,
             shm_instances: self.shm_instances.clone(),
         };
         // The prefill worker's hop: the engine's spans and the KV hand-off under it.
@@ -86,6 +97,7 @@ struct Prefill {
     engine: Arc<MockerEngine>,
     kv: Arc<InstanceSet<KvTransfer, KvTransferAck>>,
     chunk_blocks: usize,
+    window: usize,
     shm_instances: Arc<BTreeSet<u64>>,
 }
 
@@ -156,6 +168,7 @@ impl Prefill {
                 kv: self.kv.clone(),
                 pool: pool.to_string(),
                 chunk_blocks: self.chunk_blocks,
+                window: self.window,
                 handoff_id: handoff_id.to_string(),
                 decode_instance,
             };
@@ -165,29 +178,43 @@ impl Prefill {
         let layout = self.engine.kv_layout();
         let chunks = hashes.len().div_ceil(self.chunk_blocks);
         tracing::Span::current().record("chunks", chunks);
-        let mut bytes: u64 = 0;
-        // Read every block at once: they are cached now, and could be evicted later.
-        let all = self.engine.export_blocks(hashes).await?;
-        for (i, chunk) in hashes.chunks(self.chunk_blocks).enumerate() {
-            let first = i * self.chunk_blocks * block_bytes;
-            let payload = all
-                .get(first..first + chunk.len() * block_bytes)
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| ServeError::internal("the engine exported too few KV bytes"))?;
-            let size = payload.len() as u64;
+        // Read every block at once: they are cached now, and could be evicted later. One
+        // buffer per chunk, moved into its message.
+        let payloads = self.engine.export_chunks(hashes, self.chunk_blocks).await?;
+        if payloads.len() != chunks
+            || payloads.iter().map(Vec::len).sum::<usize>() != hashes.len() * block_bytes
+        {
+            return Err(ServeError::internal("the engine exported too few KV bytes"));
+        }
+        let per_chunk = self.chunk_blocks;
+        let transfers = payloads.into_iter().enumerate().map(|(i, payload)| {
+            let (from, to) = (i * per_chunk, ((i + 1) * per_chunk).min(hashes.len()));
+            let bytes = payload.len() as u64;
             let transfer = KvTransfer {
                 handoff_id: handoff_id.to_string(),
-                hashes: chunk.to_vec(),
+                hashes: hashes.get(from..to).unwrap_or_default().to_vec(),
+                parent: from.checked_sub(1).and_then(|p| hashes.get(p).copied()),
                 payload,
                 layout,
                 last: i + 1 == chunks,
                 shared: None,
             };
-            super::send_chunk(&self.kv, decode_instance, transfer, ctx, "KV blocks").await?;
-            self.engine.record_sent(chunk.len() as u64, size);
-            bytes += size;
-        }
-        Ok(bytes)
+            (transfer, bytes)
+        });
+        let sender = ChunkSender {
+            kv: &self.kv,
+            decode: decode_instance,
+            ctx,
+            what: "KV blocks",
+            window: self.window,
+        };
+        // The prefill's cancellation drops this future, and with it the chunks in flight.
+        let never = CancellationToken::new();
+        sender
+            .send(transfers, &never, |blocks, bytes| {
+                self.engine.record_sent(blocks, bytes)
+            })
+            .await
     }
 
     /// Runs the prompt through the engine as a one-token request; returns the prompt

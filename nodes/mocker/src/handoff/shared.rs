@@ -2,10 +2,11 @@
 //! worker's KV pool once and copies the blocks out itself, so a chunk carries block ids,
 //! not bytes.
 //!
-//! The blocks are pinned in the pool for the whole hand-off. A cancelled prefill stops at
-//! the next chunk boundary: the chunk in flight is always answered first (its call has a
-//! context of its own that the prefill's cancellation does not reach), and only then are
-//! the blocks released, so the decode worker never reads a block being reused.
+//! The blocks are pinned in the pool for the whole hand-off. A cancelled prefill sends no
+//! further chunk, but the chunks in flight (up to the window) are always answered first
+//! (their calls have a context of their own that the prefill's cancellation does not
+//! reach), and only then are the blocks released, so the decode worker never reads a
+//! block being reused.
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use dynamo_runtime::{InstanceSet, RequestContext, ServeError};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::ChunkSender;
 use crate::engine::{MockerEngine, PinnedBlocks};
 
 /// One shared-memory hand-off.
@@ -22,6 +24,7 @@ pub(super) struct SharedHandoff {
     pub kv: Arc<InstanceSet<KvTransfer, KvTransferAck>>,
     pub pool: String,
     pub chunk_blocks: usize,
+    pub window: usize,
     pub handoff_id: String,
     pub decode_instance: u64,
 }
@@ -58,37 +61,38 @@ impl SharedHandoff {
         let layout = self.engine.kv_layout();
         let chunks = hashes.len().div_ceil(self.chunk_blocks);
         tracing::Span::current().record("chunks", chunks);
-        let mut bytes = 0;
-        let pairs = hashes
-            .chunks(self.chunk_blocks)
-            .zip(pins.ids().chunks(self.chunk_blocks));
-        for (i, (chunk, ids)) in pairs.enumerate() {
-            if stop.is_cancelled() {
-                return Err(ServeError::cancelled());
-            }
+        let per_chunk = self.chunk_blocks;
+        let ids = pins.ids();
+        // By index, not by `chunks()`: a closure over borrowed chunks is not `Send` here.
+        let transfers = (0..chunks).map(|i| {
+            let (from, to) = (i * per_chunk, ((i + 1) * per_chunk).min(hashes.len()));
+            let chunk = hashes.get(from..to).unwrap_or_default();
             let transfer = KvTransfer {
                 handoff_id: self.handoff_id.clone(),
                 hashes: chunk.to_vec(),
+                parent: from.checked_sub(1).and_then(|p| hashes.get(p).copied()),
                 payload: Vec::new(),
                 layout,
                 last: i + 1 == chunks,
                 shared: Some(SharedBlocks {
                     pool: self.pool.clone(),
-                    blocks: ids.to_vec(),
+                    blocks: ids.get(from..to).unwrap_or_default().to_vec(),
                 }),
             };
-            super::send_chunk(
-                &self.kv,
-                self.decode_instance,
-                transfer,
-                &ctx,
-                "shared KV blocks",
-            )
+            (transfer, chunk.len() as u64 * block_bytes)
+        });
+        let sender = ChunkSender {
+            kv: &self.kv,
+            decode: self.decode_instance,
+            ctx: &ctx,
+            what: "shared KV blocks",
+            window: self.window,
+        };
+        let bytes = sender
+            .send(transfers, &stop, |blocks, bytes| {
+                self.engine.record_sent(blocks, bytes)
+            })
             .await?;
-            let size = chunk.len() as u64 * block_bytes;
-            self.engine.record_sent(chunk.len() as u64, size);
-            bytes += size;
-        }
         drop(pins);
         Ok(bytes)
     }

@@ -56,7 +56,8 @@ async fn a_prefill_fills_the_decode_cache_and_the_decode_request_hits_it() {
     assert_eq!((s.kv_blocks_sent, s.kv_bytes_sent), (6, 6 * block_bytes));
     assert_eq!(s.kv_blocks_received, 0);
 
-    // The router's view: both chunks announced, chained across the chunk boundary.
+    // The router's view: both chunks announced, chained across the chunk boundary (in
+    // either order: the two chunks were in flight together).
     let mut announced = Vec::new();
     while let Ok(event) = events.try_recv() {
         assert_eq!(event.worker_id, 2);
@@ -69,13 +70,13 @@ async fn a_prefill_fills_the_decode_cache_and_the_decode_request_hits_it() {
             .map(|&hash| dynamo_protocol::StoredBlock { hash })
             .collect(),
     };
-    assert_eq!(
-        announced,
-        vec![
-            stored(None, &hashes[..4]),
-            stored(Some(hashes[3]), &hashes[4..])
-        ]
-    );
+    assert_eq!(announced.len(), 2, "{announced:?}");
+    for chunk in [
+        stored(None, &hashes[..4]),
+        stored(Some(hashes[3]), &hashes[4..]),
+    ] {
+        assert!(announced.contains(&chunk), "{chunk:?} in {announced:?}");
+    }
 
     // The decode request finds the blocks and prefills only the tail.
     let deltas: Vec<_> = bounded(
@@ -116,6 +117,7 @@ async fn a_corrupted_or_misshapen_transfer_is_refused() {
     let good = KvTransfer {
         handoff_id: "h".into(),
         hashes: hashes.clone(),
+        parent: None,
         payload: fabricate(&hashes, decode.block_bytes()),
         layout: decode.kv_layout(),
         last: true,
@@ -159,6 +161,59 @@ async fn a_corrupted_or_misshapen_transfer_is_refused() {
 
     assert_eq!(call(good).await, Ok(KvTransferAck { blocks: 4 }));
     assert_eq!(cached(&decode).await.len(), 4);
+}
+
+#[tokio::test]
+async fn chunks_imported_out_of_order_chain_by_their_named_parent() {
+    let decode = engine(2, 64);
+    let import = KvImportService::new(decode.clone());
+    let mut events = decode.subscribe_events();
+    let prompt: Vec<u32> = (3..103).collect();
+    let hashes = block_hashes(&prompt, 16, decode.config().hash_seed);
+    let chunk = |range: std::ops::Range<usize>, last: bool| {
+        let hs = hashes[range.clone()].to_vec();
+        KvTransfer {
+            handoff_id: "h".into(),
+            parent: range.start.checked_sub(1).map(|p| hashes[p]),
+            payload: fabricate(&hs, decode.block_bytes()),
+            hashes: hs,
+            layout: decode.kv_layout(),
+            last,
+            shared: None,
+        }
+    };
+    // The last chunk first, as a pipelined hand-off may deliver it.
+    for (t, blocks) in [(chunk(4..6, true), 2), (chunk(0..4, false), 4)] {
+        let answer: Vec<_> = bounded(
+            "import",
+            import.call(t, RequestContext::new("kv")).collect(),
+        )
+        .await;
+        assert_eq!(answer, vec![Ok(KvTransferAck { blocks })]);
+    }
+    let mut expected = hashes.clone();
+    expected.sort_unstable();
+    assert_eq!(cached(&decode).await, expected);
+    let mut parents = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let KvEventData::Stored { parent, blocks } = event.data {
+            parents.push((parent, blocks.first().map(|b| b.hash)));
+        }
+    }
+    assert_eq!(
+        parents,
+        vec![(Some(hashes[3]), Some(hashes[4])), (None, Some(hashes[0]))],
+        "each chunk stored under the parent it named"
+    );
+    // The decode request finds the whole chain.
+    let deltas: Vec<_> = bounded(
+        "decode",
+        decode
+            .call(request(prompt, 2), RequestContext::new("d"))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    assert_eq!(deltas[0].as_ref().map(|d| d.cached_tokens), Ok(Some(96)));
 }
 
 #[tokio::test]
@@ -207,46 +262,54 @@ async fn decode_side_errors_come_back_with_their_kind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefill_cancelled_mid_transfer_sends_no_more_chunks() {
-    // Chunks of 2 blocks; the second chunk never gets an answer.
-    let p = pair(engine(1, 256), engine(2, 256), 2, 1);
-    let ctx = RequestContext::new("cancel-me");
-    let mut stream = p
-        .service
-        .call(prefill_request((3..103).collect(), "h"), ctx.clone());
-    let answer = tokio::spawn(async move { stream.next().await });
-    for _ in 0..2_000 {
-        if p.calls.load(Ordering::SeqCst) >= 2 {
-            break;
+    // Three chunks of 2 blocks; from the second on, none gets an answer. One chunk in
+    // flight at a time, then a window of two.
+    for window in [1, 2] {
+        let p = pair(engine(1, 256), engine(2, 256), 2, 1);
+        let p = Pair {
+            service: p.service.with_window(window),
+            ..p
+        };
+        let ctx = RequestContext::new("cancel-me");
+        let mut stream = p
+            .service
+            .call(prefill_request((3..103).collect(), "h"), ctx.clone());
+        let answer = tokio::spawn(async move { stream.next().await });
+        for _ in 0..2_000 {
+            if p.calls.load(Ordering::SeqCst) > window {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            p.calls.load(Ordering::SeqCst),
+            window + 1,
+            "window {window}: the first chunk answered, a window's worth on its way"
+        );
+        ctx.cancel();
+        let answer = bounded("the cancelled prefill", answer).await.unwrap();
+        assert_eq!(
+            answer.map(|r| r.map_err(|e| e.kind)),
+            Some(Err(ErrorKind::Cancelled))
+        );
+        assert_eq!(
+            p.dropped_held.load(Ordering::SeqCst),
+            window,
+            "window {window}: the pending chunks were dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            p.calls.load(Ordering::SeqCst),
+            window + 1,
+            "window {window}: no chunk after the cancel"
+        );
+        let s = wait_for(&p.prefill, |s| s.running == 0 && s.waiting == 0).await;
+        assert_eq!(s.blocks_active, 0, "{s:?}");
+        assert_eq!(s.kv_blocks_sent, 2, "only the answered chunk counts");
+        let d = wait_for(&p.decode, |s| s.kv_blocks_received == 2).await;
+        assert_eq!(d.blocks_active, 0, "{d:?}");
     }
-    assert_eq!(
-        p.calls.load(Ordering::SeqCst),
-        2,
-        "the second chunk is on its way"
-    );
-    ctx.cancel();
-    let answer = bounded("the cancelled prefill", answer).await.unwrap();
-    assert_eq!(
-        answer.map(|r| r.map_err(|e| e.kind)),
-        Some(Err(ErrorKind::Cancelled))
-    );
-    assert_eq!(
-        p.dropped_held.load(Ordering::SeqCst),
-        1,
-        "the pending chunk was dropped"
-    );
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        p.calls.load(Ordering::SeqCst),
-        2,
-        "no chunk after the cancel"
-    );
-    let s = wait_for(&p.prefill, |s| s.running == 0 && s.waiting == 0).await;
-    assert_eq!(s.blocks_active, 0, "{s:?}");
-    assert_eq!(s.kv_blocks_sent, 2, "only the answered chunk counts");
-    let d = wait_for(&p.decode, |s| s.kv_blocks_received == 2).await;
-    assert_eq!(d.blocks_active, 0, "{d:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
