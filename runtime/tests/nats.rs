@@ -499,3 +499,43 @@ async fn a_bounded_endpoint_holds_its_extra_calls_until_a_slot_frees() {
         "the second call runs once the first is done"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_share_batches_and_each_keeps_its_items_in_order() {
+    let nats = NatsProcess::start();
+    let (_stop, _) = serve(&nats.url(), 0xb1, quick_server_config()).await;
+    // A bystander sees every message sent to any client inbox.
+    let watch = connect(&nats.url()).await.expect("watcher connects");
+    let mut seen = watch.subscribe("_INBOX.>").await.expect("watch inboxes");
+    watch.flush().await.expect("flush");
+    let client = client(&nats.url(), quick_client_config()).await;
+    let counter = client.endpoint::<Count, u32>(&address("count"));
+
+    // 64 streams of 200 items each, all ticking at once (1 ms apart).
+    let calls = (0..64u32).map(|k| {
+        let stream = counter.call(
+            count(k * 1000, 200, 1),
+            RequestContext::new(format!("s{k}")),
+        );
+        async move { (k, collect(stream).await) }
+    });
+    for (k, got) in futures::future::join_all(calls).await {
+        let want: Vec<_> = (k * 1000..k * 1000 + 200).map(Ok).collect();
+        assert_eq!(got, want, "stream {k}");
+    }
+
+    let (mut messages, mut batches) = (0usize, 0usize);
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), seen.next()).await {
+        messages += 1;
+        if msg.subject.ends_with(".b") {
+            batches += 1;
+        }
+    }
+    // 64 × 202 frames (Accepted, items, End): batched, far fewer messages.
+    let frames = 64 * 202;
+    assert!(batches > 0, "no batch among {messages} messages");
+    assert!(
+        messages < frames / 2,
+        "{messages} messages for {frames} frames ({batches} batches)"
+    );
+}

@@ -264,7 +264,7 @@ async fn cached_and_handed_over_blocks_give_the_same_tokens() {
     let noise: Vec<u8> = (0..bytes.len())
         .map(|i| (i * 7 % 251) as u8 & 0x3b)
         .collect();
-    c2.import_blocks(None, &hashes, &noise, &a.kv_layout())
+    c2.import_blocks(None, &hashes, noise.clone(), &a.kv_layout())
         .await
         .expect("import noise");
     let garbled = run(&c2, request(&prompt, 24)).await;

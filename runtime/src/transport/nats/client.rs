@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client_stream::{ClientStream, Incoming, Open, StreamGuard};
 use super::subject::EndpointAddress;
-use super::wire::{self, ControlFrame, Frames, RequestHead, ServerFrame};
+use super::wire::{self, ControlFrame, Frames, Parts, RequestHead, ServerFrame};
 use super::NatsError;
 use crate::edge::{error_stream, Message, RequestContext, ResponseStream, Service};
 use crate::error::ServeError;
@@ -308,26 +308,56 @@ fn sweep(shared: &Shared, idle: Duration) {
 }
 
 fn route(shared: &Shared, msg: async_nats::Message) {
-    let Some(stream_id) = msg
-        .subject
-        .rsplit_once('.')
-        .and_then(|(_, id)| id.parse::<u64>().ok())
-    else {
+    let Some((_, last)) = msg.subject.rsplit_once('.') else {
         return;
     };
-    let mut slots = shared.slots();
+    if last == wire::BATCH_SUFFIX {
+        let mut parts = Parts::new(msg.payload);
+        let mut slots = shared.slots();
+        while let Some(part) = parts.next_part() {
+            match part {
+                Ok((stream_id, body)) => route_message(shared, &mut slots, stream_id, body, false),
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed NATS response batch; the rest dropped");
+                    break;
+                }
+            }
+        }
+        return;
+    }
+    let Ok(stream_id) = last.parse::<u64>() else {
+        return;
+    };
+    let no_responders = msg.status == Some(StatusCode::NO_RESPONDERS);
+    route_message(
+        shared,
+        &mut shared.slots(),
+        stream_id,
+        msg.payload,
+        no_responders,
+    );
+}
+
+/// Hands the frames of one response message to its call.
+fn route_message(
+    shared: &Shared,
+    slots: &mut HashMap<u64, Slot>,
+    stream_id: u64,
+    payload: Bytes,
+    no_responders: bool,
+) {
     let Some(slot) = slots.get_mut(&stream_id) else {
         // A call already ended or dropped; late frames are expected.
         return;
     };
     slot.last_seen = Instant::now();
-    if msg.status == Some(StatusCode::NO_RESPONDERS) {
+    if no_responders {
         let error = ServeError::unavailable(format!("no instance serves {}", slot.target));
         let _ = slot.tx.try_send(Incoming::Error(error));
         slots.remove(&stream_id);
         return;
     }
-    let mut frames = Frames::new(msg.payload);
+    let mut frames = Frames::new(payload);
     let mut end = false;
     while let Some(frame) = frames.next_frame() {
         let (incoming, last) = match decode(slot, frame) {

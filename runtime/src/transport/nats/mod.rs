@@ -13,6 +13,7 @@
 //!
 //! The wire format is in [`wire`].
 
+mod batch;
 mod client;
 mod client_stream;
 mod server;

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::batch::Batcher;
 use super::server_stream::{refusal, Endpoint, Outbox, Typed};
 use super::subject::{control_subject, EndpointAddress};
 use super::wire::{self, ControlFrame, ServerFrame};
@@ -174,7 +175,10 @@ impl NatsServer {
             .await
             .map_err(|e| NatsError::Flush(e.to_string()))?;
 
+        let (batch, batching) = Batcher::start(self.nats.clone());
         let serving = Serving {
+            batch,
+            batching,
             nats: self.nats,
             instance: self.instance,
             control,
@@ -211,6 +215,9 @@ struct StreamEntry {
 type Streams = Arc<Mutex<HashMap<Arc<str>, StreamEntry>>>;
 
 struct Serving {
+    /// Where the streams' response messages go ([`super::batch`]), and its task.
+    batch: Batcher,
+    batching: JoinHandle<()>,
     nats: async_nats::Client,
     instance: InstanceId,
     control: Arc<str>,
@@ -255,7 +262,21 @@ impl Serving {
             );
         }
         self.hard_stop.cancel();
-        let _ = self.nats.flush().await;
+        // The batcher ends once the last stream's outbox is gone and its queue is out.
+        let Serving {
+            batch,
+            batching,
+            nats,
+            ..
+        } = self;
+        drop(batch);
+        if tokio::time::timeout(Duration::from_secs(2), batching)
+            .await
+            .is_err()
+        {
+            tracing::warn!("responses still queued for NATS after 2 s; shutting down anyway");
+        }
+        let _ = nats.flush().await;
     }
 
     /// Sends a heartbeat on every open stream that sent nothing since the last tick.
@@ -329,7 +350,7 @@ impl Serving {
         let credits = Arc::new(Semaphore::new(window as usize));
         let sent = Arc::new(AtomicBool::new(true));
         let out = Outbox {
-            nats: self.nats.clone(),
+            batch: self.batch.clone(),
             reply: reply.clone(),
             instance: self.instance,
             control: self.control.clone(),

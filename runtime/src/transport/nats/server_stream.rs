@@ -1,6 +1,7 @@
 //! The server's half of one NATS call: decode the request, call the service, and publish
 //! its responses on the call's reply subject, numbered, as far as the stream's credit
-//! allows. Frames that are ready together go out in one message.
+//! allows. Frames that are ready together go out in one message, and messages of several
+//! calls that are ready together in one batch ([`super::batch`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Batcher;
 use super::wire::{self, ServerFrame, WireError};
 use crate::edge::{Message, RequestContext, ResponseStream, Service};
 use crate::error::ServeError;
@@ -50,7 +52,7 @@ impl<Req: Message, Resp: Message> Endpoint for Typed<Req, Resp> {
 
 /// Where one stream's frames go.
 pub(super) struct Outbox {
-    pub(super) nats: async_nats::Client,
+    pub(super) batch: Batcher,
     pub(super) reply: async_nats::Subject,
     pub(super) instance: u64,
     pub(super) control: Arc<str>,
@@ -62,10 +64,10 @@ pub(super) struct Outbox {
 }
 
 impl Outbox {
-    async fn publish(&self, buf: &mut BytesMut) -> bool {
+    fn publish(&self, buf: &mut BytesMut) -> bool {
         self.sent.store(true, Ordering::Relaxed);
         let body = buf.split().freeze();
-        self.nats.publish(self.reply.clone(), body).await.is_ok()
+        self.batch.send(&self.reply, body)
     }
 }
 
@@ -101,15 +103,8 @@ async fn pump<Resp: Serialize>(
             }
             last = append_item(&mut buf, &mut seq, next);
         }
-        if !buf.is_empty() {
-            let sent = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return,
-                sent = out.publish(&mut buf) => sent,
-            };
-            if !sent {
-                return;
-            }
+        if !buf.is_empty() && (cancel.is_cancelled() || !out.publish(&mut buf)) {
+            return;
         }
         if last {
             return;
@@ -135,7 +130,7 @@ async fn pump<Resp: Serialize>(
                         out.stall_timeout
                     ));
                     append_end(&mut buf, &mut seq, error);
-                    let _ = out.publish(&mut buf).await;
+                    let _ = out.publish(&mut buf);
                     return;
                 }
             }

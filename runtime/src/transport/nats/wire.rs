@@ -10,6 +10,10 @@
 //!   `Item`s, then exactly one `End` or `Error`. Every frame but `Heartbeat` carries a
 //!   sequence number counted from 0, so a lost message is a detected gap, not a silent
 //!   hole. Frames that are ready together travel in one message.
+//! - Response messages for several calls of one client that are ready together may travel
+//!   as one message on the client's batch subject `<client inbox>.b`: [`Parts`], each
+//!   `[u64 big-endian stream id][u32 big-endian length][message body]`, the body exactly
+//!   what would have gone to `<client inbox>.<stream id>`.
 //! - `Heartbeat` frames come while a stream is open but quiet, so a client can tell a slow
 //!   worker from a dead one.
 //! - The client sends [`ControlFrame`]s (cancel, flow-control credit) to the control
@@ -26,6 +30,12 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const REQUEST_ID: &str = "Dynamo-Request-Id";
 
 const LEN_PREFIX: usize = 4;
+
+/// The last token of a client's batch subject (stream ids are numbers, so it is never
+/// one).
+pub const BATCH_SUFFIX: &str = "b";
+
+const PART_HEAD: usize = 12;
 
 /// Precedes the request payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +173,45 @@ impl Frames {
     }
 }
 
+/// Reads the parts of a batch message in order: `(stream id, message body)`.
+pub struct Parts {
+    body: Bytes,
+}
+
+impl Parts {
+    pub fn new(body: Bytes) -> Self {
+        Parts { body }
+    }
+
+    /// Appends one part to a batch being built.
+    pub fn append(batch: &mut BytesMut, stream_id: u64, message: &[u8]) {
+        batch.put_u64(stream_id);
+        // A response message is far below 4 GiB (NATS refuses more than a few MiB).
+        batch.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
+        batch.put_slice(message);
+    }
+
+    /// The next part, or `None` at the end.
+    pub fn next_part(&mut self) -> Option<Result<(u64, Bytes), WireError>> {
+        if self.body.is_empty() {
+            return None;
+        }
+        if self.body.len() < PART_HEAD {
+            let left = self.body.len();
+            self.body.clear();
+            return Some(Err(WireError::Truncated(PART_HEAD, left)));
+        }
+        let id = self.body.get_u64();
+        let len = self.body.get_u32() as usize;
+        if self.body.len() < len {
+            let left = self.body.len();
+            self.body.clear();
+            return Some(Err(WireError::Truncated(len, left)));
+        }
+        Some(Ok((id, self.body.split_to(len))))
+    }
+}
+
 /// Splits a frame body into its header and payload bytes.
 pub fn decode_frame(frame: &[u8]) -> Result<(ServerFrame<'_>, &[u8]), WireError> {
     postcard::take_from_bytes(frame).map_err(WireError::Decode)
@@ -239,6 +288,36 @@ mod tests {
     }
 
     #[test]
+    fn batch_parts_read_back_in_order() {
+        let mut one = BytesMut::new();
+        append(&mut one, &ServerFrame::Item { seq: 3 }, Some(&"a")).expect("item");
+        let mut batch = BytesMut::new();
+        Parts::append(&mut batch, 7, &one);
+        Parts::append(&mut batch, u64::MAX, b"");
+        Parts::append(&mut batch, 9, b"xyz");
+        let mut parts = Parts::new(batch.freeze());
+        let (id, body) = parts.next_part().expect("1").expect("1");
+        assert_eq!(id, 7);
+        let f = Frames::new(body)
+            .next_frame()
+            .expect("frame")
+            .expect("frame");
+        assert_eq!(
+            decode_frame(&f).expect("item").0,
+            ServerFrame::Item { seq: 3 }
+        );
+        assert_eq!(
+            parts.next_part().expect("2").expect("2"),
+            (u64::MAX, Bytes::new())
+        );
+        assert_eq!(
+            parts.next_part().expect("3").expect("3"),
+            (9, Bytes::from_static(b"xyz"))
+        );
+        assert!(parts.next_part().is_none());
+    }
+
+    #[test]
     fn truncated_and_random_bytes_are_errors_not_panics() {
         let mut frames = Frames::new(Bytes::from_static(&[0, 0, 0, 9, 1, 2]));
         assert!(frames.next_frame().expect("one").is_err());
@@ -252,6 +331,8 @@ mod tests {
             }
             let _ = decode_control(&body);
             let _ = decode_request(&body);
+            let mut parts = Parts::new(Bytes::from(body));
+            while let Some(Ok(_)) = parts.next_part() {}
         }
     }
 }
