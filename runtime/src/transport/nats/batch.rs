@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::wire::{Parts, BATCH_SUFFIX};
+use super::wire::{self, Parts, BATCH_SUFFIX};
 
 /// A batch stops growing at this many bytes; more parts go in the next one (NATS's
 /// default payload limit is 1 MiB).
@@ -69,8 +69,8 @@ fn split_reply(reply: &str) -> Option<(&str, u64)> {
 }
 
 /// Publishes `ready`: the messages for one client inbox, in their order, as batches of
-/// at most [`MAX_BATCH_BYTES`] (a lone message as itself). Every message of one call goes
-/// to the same inbox, so each call keeps its order.
+/// at most [`MAX_BATCH_BYTES`] (a message alone, or too large to share, as itself).
+/// Every message of one call goes to the same inbox, so each call keeps its order.
 async fn flush(nats: &async_nats::Client, ready: &mut Vec<Outgoing>) {
     let mut groups: Vec<(String, Vec<(u64, Outgoing)>)> = Vec::new();
     for out in ready.drain(..) {
@@ -84,19 +84,79 @@ async fn flush(nats: &async_nats::Client, ready: &mut Vec<Outgoing>) {
         }
     }
     for (inbox, group) in groups {
-        let mut group = group.into_iter().peekable();
-        while let Some((id, first)) = group.next() {
-            if group.peek().is_none() {
-                let _ = nats.publish(first.reply, first.body).await;
-                break;
+        let mut batch = Batch::default();
+        for (id, out) in group {
+            if !batch.fits(&out.body) {
+                batch.publish(nats, &inbox).await;
             }
-            let mut batch = BytesMut::with_capacity(4096);
-            Parts::append(&mut batch, id, &first.body);
-            while let Some((id, next)) = group.next_if(|_| batch.len() < MAX_BATCH_BYTES) {
-                Parts::append(&mut batch, id, &next.body);
-            }
-            let subject = format!("{inbox}.{BATCH_SUFFIX}");
-            let _ = nats.publish(subject, batch.freeze()).await;
+            batch.push(id, out);
         }
+        batch.publish(nats, &inbox).await;
+    }
+}
+
+/// The messages of one batch being gathered.
+#[derive(Default)]
+struct Batch {
+    parts: Vec<(u64, Outgoing)>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn fits(&self, body: &Bytes) -> bool {
+        self.bytes + wire::PART_HEAD + body.len() <= MAX_BATCH_BYTES
+    }
+
+    fn push(&mut self, id: u64, out: Outgoing) {
+        self.bytes += wire::PART_HEAD + out.body.len();
+        self.parts.push((id, out));
+    }
+
+    /// Publishes what was gathered (one message on its own subject), and empties it.
+    async fn publish(&mut self, nats: &async_nats::Client, inbox: &str) {
+        self.bytes = 0;
+        let mut parts = std::mem::take(&mut self.parts);
+        if parts.len() <= 1 {
+            if let Some((_, out)) = parts.pop() {
+                let _ = nats.publish(out.reply, out.body).await;
+            }
+            return;
+        }
+        let size = parts
+            .iter()
+            .map(|(_, o)| wire::PART_HEAD + o.body.len())
+            .sum();
+        let mut body = BytesMut::with_capacity(size);
+        for (id, out) in &parts {
+            Parts::append(&mut body, *id, &out.body);
+        }
+        let subject = format!("{inbox}.{BATCH_SUFFIX}");
+        let _ = nats.publish(subject, body.freeze()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_subjects_split_into_inbox_and_stream() {
+        assert_eq!(split_reply("_INBOX.abc.17"), Some(("_INBOX.abc", 17)));
+        assert_eq!(split_reply("_INBOX.abc.b"), None);
+        assert_eq!(split_reply("plain"), None);
+    }
+
+    #[test]
+    fn a_batch_never_grows_past_its_limit_but_takes_a_large_message_alone() {
+        let out = |n: usize| Outgoing {
+            reply: async_nats::Subject::from("_INBOX.x.1"),
+            body: Bytes::from(vec![0u8; n]),
+        };
+        let mut batch = Batch::default();
+        assert!(batch.fits(&out(MAX_BATCH_BYTES - wire::PART_HEAD).body));
+        assert!(!batch.fits(&out(MAX_BATCH_BYTES).body));
+        batch.push(1, out(MAX_BATCH_BYTES / 2));
+        assert!(!batch.fits(&out(MAX_BATCH_BYTES / 2).body));
+        assert!(batch.fits(&out(1000).body));
     }
 }

@@ -35,7 +35,8 @@ const LEN_PREFIX: usize = 4;
 /// one).
 pub const BATCH_SUFFIX: &str = "b";
 
-const PART_HEAD: usize = 12;
+/// Bytes before each part's body in a batch (stream id, length).
+pub const PART_HEAD: usize = 12;
 
 /// Precedes the request payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
