@@ -107,7 +107,7 @@ impl KindSpec {
 
 pub const CHAT: &str = "llm.chat/v1";
 pub const TOKENS: &str = "llm.tokens/v1";
-pub const KV_BLOCKS: &str = "kv.blocks/v1";
+pub const KV_BLOCKS: &str = "kv.blocks/v2";
 pub const KV_EVENTS: &str = "kv.events/v1";
 
 const fn port(

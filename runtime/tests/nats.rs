@@ -539,3 +539,75 @@ async fn concurrent_streams_share_batches_and_each_keeps_its_items_in_order() {
         "{messages} messages for {frames} frames ({batches} batches)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_does_not_read_batches_gets_every_message_on_its_reply_subject() {
+    use dynamo_runtime::transport::nats::wire::{
+        decode_frame, encode_request, Frames, RequestHead, ServerFrame,
+    };
+    let nats = NatsProcess::start();
+    let (_stop, _) = serve(&nats.url(), 0xc1, quick_server_config()).await;
+    // A plain NATS client (another implementation, or an older dynamo): no batch header.
+    let raw = connect(&nats.url()).await.expect("raw client connects");
+    let mut replies = raw.subscribe("plain.inbox.*").await.expect("subscribe");
+    raw.flush().await.expect("flush");
+    let streams = 16u64;
+    for s in 1..=streams {
+        let body = encode_request(RequestHead { window: 4096 }, &count(0, 50, 1)).expect("encode");
+        raw.publish_with_reply(address("count").subject(), format!("plain.inbox.{s}"), body)
+            .await
+            .expect("publish");
+    }
+    let mut ended = 0;
+    let mut items = 0;
+    while ended < streams {
+        let msg = tokio::time::timeout(LIMIT, replies.next())
+            .await
+            .expect("replies keep coming")
+            .expect("subscription open");
+        assert!(
+            !msg.subject.ends_with(".b"),
+            "a batch for a caller that never asked: {}",
+            msg.subject
+        );
+        let mut frames = Frames::new(msg.payload);
+        while let Some(frame) = frames.next_frame() {
+            let frame = frame.expect("a whole frame");
+            match decode_frame(&frame).expect("a frame").0 {
+                ServerFrame::Item { .. } => items += 1,
+                ServerFrame::End { .. } => ended += 1,
+                ServerFrame::Error { error, .. } => panic!("{error}"),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(items, 16 * 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_longer_than_its_window_finishes_while_its_server_drains() {
+    let nats = NatsProcess::start();
+    let (stop, _) = serve(&nats.url(), 0xd1, quick_server_config()).await;
+    let config = NatsClientConfig {
+        stream_window: 4,
+        ..quick_client_config()
+    };
+    let client = client(&nats.url(), config).await;
+    let counter = client.endpoint::<Count, u32>(&address("count"));
+    let mut stream = counter.call(count(0, 100, 2), RequestContext::new("drain"));
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(stream.next().await.expect("an item"));
+    }
+    // Shut the server down mid-stream: it drains, and the stream still needs credit for
+    // 95 more items than its window of 4.
+    stop.cancel();
+    let started = Instant::now();
+    got.extend(collect(stream).await);
+    assert_eq!(got, (0..100).map(Ok).collect::<Vec<_>>());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drain waited for credit: {:?}",
+        started.elapsed()
+    );
+}

@@ -34,7 +34,8 @@ fn send_chunk(
     ctx: &RequestContext,
     what: &str,
 ) -> impl std::future::Future<Output = Result<KvTransferAck, ServeError>> + Send + 'static {
-    // Called now, not when first polled: the chunks of a window go out in chain order.
+    // The call is made (its request encoded) now; it goes out when first polled. The
+    // chunks of a window may reach the decode worker in any order: each names its parent.
     let mut answer = kv.call_instance(decode, transfer, ctx.child());
     let what = what.to_string();
     async move {
@@ -70,6 +71,7 @@ pub async fn send_kv_chunks(
         ctx,
         what: "KV blocks",
         window,
+        drain_on_error: false,
     };
     let sized = chunks.into_iter().map(|t| {
         let bytes = t.payload.len() as u64;
@@ -88,15 +90,19 @@ struct ChunkSender<'a> {
     /// Names the blocks in errors ("KV blocks", "shared KV blocks").
     what: &'a str,
     window: usize,
+    /// After an error, wait for the chunks in flight to be answered (the shared-memory
+    /// path: the decode worker may still be reading pinned blocks) instead of dropping
+    /// them (which cancels them).
+    drain_on_error: bool,
 }
 
 impl ChunkSender<'_> {
     /// Sends `chunks` (each with its byte count) keeping up to `window` unanswered, and
     /// calls `answered(blocks, bytes)` for each answered chunk, in order. Returns the
-    /// bytes of all. On the first error no further chunk is sent, the ones in flight are
-    /// still awaited (their answers ignored), and the error is returned; likewise, with
-    /// [`ServeError::cancelled`], once `stop` fires. Dropping the future drops the calls
-    /// in flight, which cancels them.
+    /// bytes of all. On the first error no further chunk is sent and the error is
+    /// returned, once the chunks in flight are answered (`drain_on_error`) or at once
+    /// (dropping them cancels them); likewise, with [`ServeError::cancelled`], once `stop`
+    /// fires. Dropping the future drops the calls in flight, which cancels them.
     async fn send(
         &self,
         chunks: impl IntoIterator<Item = (KvTransfer, u64)>,
@@ -129,6 +135,9 @@ impl ChunkSender<'_> {
                     }
                 }
                 Some((Err(err), _, _)) => {
+                    if !self.drain_on_error {
+                        return Err(err);
+                    }
                     failed.get_or_insert(err);
                 }
             }

@@ -3,7 +3,7 @@
 //!
 //! - `router.prefill -> prefill.in` (`llm.tokens/v1`, unary): [`PrefillRequest`] →
 //!   [`PrefillResult`], once the blocks are on the decode worker.
-//! - `prefill.kv -> decode.kv` (`kv.blocks/v1`, unary): [`KvTransfer`] → [`KvTransferAck`],
+//! - `prefill.kv -> decode.kv` (`kv.blocks/v2`, unary): [`KvTransfer`] → [`KvTransferAck`],
 //!   one call per chunk of blocks. Several chunks of one hand-off may be in flight at once
 //!   and be imported in any order: each names its chain parent.
 //! - `router.decode -> decode.in`: the usual [`crate::TokenRequest`]. The handed-over
@@ -67,8 +67,8 @@ pub struct KvTransfer {
     pub hashes: Vec<BlockHash>,
     /// The chain parent of the chunk's first block: the previous chunk's last hash, `None`
     /// for the first chunk. With it a chunk is imported without waiting for the ones
-    /// before it.
-    #[serde(default)]
+    /// before it. (New in `kv.blocks/v2`: postcard has no optional fields, so the port
+    /// type's version changed with it and a v1 peer is refused when the graph is wired.)
     pub parent: Option<BlockHash>,
     /// Their bytes, `layout.bytes_per_block()` per block, back to back.
     #[serde(with = "serde_bytes")]

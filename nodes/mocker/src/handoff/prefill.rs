@@ -207,6 +207,7 @@ impl Prefill {
             ctx,
             what: "KV blocks",
             window: self.window,
+            drain_on_error: false,
         };
         // The prefill's cancellation drops this future, and with it the chunks in flight.
         let never = CancellationToken::new();

@@ -87,6 +87,7 @@ impl SharedHandoff {
             ctx: &ctx,
             what: "shared KV blocks",
             window: self.window,
+            drain_on_error: true,
         };
         let bytes = sender
             .send(transfers, &stop, |blocks, bytes| {

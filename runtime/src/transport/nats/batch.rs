@@ -11,6 +11,10 @@
 //! lone response goes out as before, on its own reply subject.
 //!
 //! Order: one queue per server, flushed in order, so each call's messages keep theirs.
+//! Only callers that said they read batches (the [`super::wire::BATCH`] request header)
+//! get them; the others get every message on its own reply subject.
+
+use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
@@ -22,10 +26,12 @@ use super::wire::{self, Parts, BATCH_SUFFIX};
 /// default payload limit is 1 MiB).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
-/// A response message for one call: its reply subject and body.
+/// A response message for one call: its reply subject and body, and whether its caller
+/// reads batches.
 struct Outgoing {
     reply: async_nats::Subject,
     body: Bytes,
+    batchable: bool,
 }
 
 /// Publishes a server's response messages, batching those that are ready together.
@@ -42,10 +48,16 @@ impl Batcher {
         (Batcher { tx }, tokio::spawn(run(nats, rx)))
     }
 
-    /// Queues `body` for `reply`; false once the publishing task is gone.
-    pub fn send(&self, reply: &async_nats::Subject, body: Bytes) -> bool {
+    /// Queues `body` for `reply` (to be batched with others if `batchable`); false once
+    /// the publishing task is gone.
+    pub fn send(&self, reply: &async_nats::Subject, body: Bytes, batchable: bool) -> bool {
         let reply = reply.clone();
-        self.tx.send(Outgoing { reply, body }).is_ok()
+        let out = Outgoing {
+            reply,
+            body,
+            batchable,
+        };
+        self.tx.send(out).is_ok()
     }
 }
 
@@ -69,29 +81,39 @@ fn split_reply(reply: &str) -> Option<(&str, u64)> {
 }
 
 /// Publishes `ready`: the messages for one client inbox, in their order, as batches of
-/// at most [`MAX_BATCH_BYTES`] (a message alone, or too large to share, as itself).
-/// Every message of one call goes to the same inbox, so each call keeps its order.
+/// at most [`MAX_BATCH_BYTES`] or the server's payload limit (a message alone, too large
+/// to share, or for a caller that does not read batches, as itself). Every message of one
+/// call goes to the same inbox, so each call keeps its order.
 async fn flush(nats: &async_nats::Client, ready: &mut Vec<Outgoing>) {
-    let mut groups: Vec<(String, Vec<(u64, Outgoing)>)> = Vec::new();
+    let limit = MAX_BATCH_BYTES.min(nats.max_payload());
+    let mut groups: HashMap<String, Vec<(u64, Outgoing)>> = HashMap::new();
     for out in ready.drain(..) {
-        let Some((inbox, id)) = split_reply(&out.reply) else {
-            let _ = nats.publish(out.reply, out.body).await;
-            continue;
-        };
-        match groups.iter_mut().find(|(i, _)| i == inbox) {
-            Some((_, group)) => group.push((id, out)),
-            None => groups.push((inbox.to_string(), vec![(id, out)])),
+        match split_reply(&out.reply).filter(|_| out.batchable) {
+            Some((inbox, id)) => match groups.get_mut(inbox) {
+                Some(group) => group.push((id, out)),
+                None => {
+                    groups.insert(inbox.to_string(), vec![(id, out)]);
+                }
+            },
+            None => publish(nats, out.reply, out.body).await,
         }
     }
     for (inbox, group) in groups {
         let mut batch = Batch::default();
         for (id, out) in group {
-            if !batch.fits(&out.body) {
+            if !batch.fits(&out.body, limit) {
                 batch.publish(nats, &inbox).await;
             }
             batch.push(id, out);
         }
         batch.publish(nats, &inbox).await;
+    }
+}
+
+async fn publish(nats: &async_nats::Client, subject: async_nats::Subject, body: Bytes) {
+    if let Err(e) = nats.publish(subject.clone(), body).await {
+        // The caller's stream sees a gap or goes quiet, and ends with `Unavailable`.
+        tracing::warn!(%subject, error = %e, "cannot publish a response message");
     }
 }
 
@@ -103,8 +125,8 @@ struct Batch {
 }
 
 impl Batch {
-    fn fits(&self, body: &Bytes) -> bool {
-        self.bytes + wire::PART_HEAD + body.len() <= MAX_BATCH_BYTES
+    fn fits(&self, body: &Bytes, limit: usize) -> bool {
+        self.bytes + wire::PART_HEAD + body.len() <= limit
     }
 
     fn push(&mut self, id: u64, out: Outgoing) {
@@ -118,7 +140,7 @@ impl Batch {
         let mut parts = std::mem::take(&mut self.parts);
         if parts.len() <= 1 {
             if let Some((_, out)) = parts.pop() {
-                let _ = nats.publish(out.reply, out.body).await;
+                publish(nats, out.reply, out.body).await;
             }
             return;
         }
@@ -130,8 +152,8 @@ impl Batch {
         for (id, out) in &parts {
             Parts::append(&mut body, *id, &out.body);
         }
-        let subject = format!("{inbox}.{BATCH_SUFFIX}");
-        let _ = nats.publish(subject, body.freeze()).await;
+        let subject = async_nats::Subject::from(format!("{inbox}.{BATCH_SUFFIX}"));
+        publish(nats, subject, body.freeze()).await;
     }
 }
 
@@ -151,12 +173,18 @@ mod tests {
         let out = |n: usize| Outgoing {
             reply: async_nats::Subject::from("_INBOX.x.1"),
             body: Bytes::from(vec![0u8; n]),
+            batchable: true,
         };
+        let limit = MAX_BATCH_BYTES;
         let mut batch = Batch::default();
-        assert!(batch.fits(&out(MAX_BATCH_BYTES - wire::PART_HEAD).body));
-        assert!(!batch.fits(&out(MAX_BATCH_BYTES).body));
-        batch.push(1, out(MAX_BATCH_BYTES / 2));
-        assert!(!batch.fits(&out(MAX_BATCH_BYTES / 2).body));
-        assert!(batch.fits(&out(1000).body));
+        assert!(batch.fits(&out(limit - wire::PART_HEAD).body, limit));
+        assert!(!batch.fits(&out(limit).body, limit));
+        batch.push(1, out(limit / 2));
+        assert!(!batch.fits(&out(limit / 2).body, limit));
+        assert!(batch.fits(&out(1000).body, limit));
+        assert!(
+            !batch.fits(&out(1000).body, 1000),
+            "a smaller server limit wins"
+        );
     }
 }

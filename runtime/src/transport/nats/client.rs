@@ -452,6 +452,7 @@ impl<Req: Message, Resp: Message> Service<Req, Resp> for Endpoint<Req, Resp> {
         };
         let mut headers = HeaderMap::new();
         headers.insert(wire::REQUEST_ID, ctx.request_id.as_str());
+        headers.insert(wire::BATCH, "1");
         if let Some(tp) = &ctx.traceparent {
             headers.insert(wire::TRACEPARENT, tp.as_str());
         }

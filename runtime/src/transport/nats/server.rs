@@ -169,7 +169,6 @@ impl NatsServer {
             .subscribe(control.to_string())
             .await
             .map_err(|e| NatsError::Subscribe(control.to_string(), e.to_string()))?;
-        incoming.push(ctl.map(Incoming::Control).boxed());
         self.nats
             .flush()
             .await
@@ -188,13 +187,12 @@ impl NatsServer {
             hard_stop: CancellationToken::new(),
             config: self.config,
         };
-        Ok(tokio::spawn(serving.run(incoming, shutdown)))
+        Ok(tokio::spawn(serving.run(incoming, ctl, shutdown)))
     }
 }
 
 enum Incoming {
     Request(usize, async_nats::Message),
-    Control(async_nats::Message),
 }
 
 struct Port {
@@ -229,9 +227,13 @@ struct Serving {
 }
 
 impl Serving {
+    /// Serves until `shutdown`, then drains. The control subscription (`ctl`: cancels,
+    /// credit) lives until the calls in flight are done, or a draining stream with more
+    /// than its window still to send would wait for credit that never comes.
     async fn run(
         self,
         mut incoming: SelectAll<stream::BoxStream<'static, Incoming>>,
+        mut ctl: async_nats::Subscriber,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(self.config.heartbeat);
@@ -240,9 +242,9 @@ impl Serving {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => self.heartbeat(),
+                Some(msg) = ctl.next() => self.control(&msg),
                 next = incoming.next() => match next {
                     Some(Incoming::Request(port, msg)) => self.request(port, msg),
-                    Some(Incoming::Control(msg)) => self.control(&msg),
                     None => break,
                 },
             }
@@ -252,9 +254,18 @@ impl Serving {
         self.drain.start_draining();
         let drained = tokio::select! {
             idle = self.drain.wait_idle(self.config.drain_timeout) => idle,
-            // Keep heartbeating while draining, or callers would give up on live streams.
-            _ = async { loop { tick.tick().await; self.heartbeat(); } } => false,
+            // Keep heartbeating while draining, or callers would give up on live streams;
+            // keep taking their credit and cancels.
+            _ = async {
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => self.heartbeat(),
+                        Some(msg) = ctl.next() => self.control(&msg),
+                    }
+                }
+            } => false,
         };
+        drop(ctl);
         if !drained {
             tracing::warn!(
                 in_flight = self.drain.in_flight(),
@@ -270,11 +281,11 @@ impl Serving {
             ..
         } = self;
         drop(batch);
-        if tokio::time::timeout(Duration::from_secs(2), batching)
+        if tokio::time::timeout(Duration::from_secs(1), batching)
             .await
             .is_err()
         {
-            tracing::warn!("responses still queued for NATS after 2 s; shutting down anyway");
+            tracing::warn!("responses still queued for NATS after 1 s; shutting down anyway");
         }
         let _ = nats.flush().await;
     }
@@ -310,7 +321,7 @@ impl Serving {
         let Some(port) = self.ports.get(port) else {
             return;
         };
-        let (request_id, traceparent) = context_headers(msg.headers.as_ref());
+        let (request_id, traceparent, batchable) = context_headers(msg.headers.as_ref());
         let refuse = |error: ServeError| {
             let nats = self.nats.clone();
             let reply = reply.clone();
@@ -351,6 +362,7 @@ impl Serving {
         let sent = Arc::new(AtomicBool::new(true));
         let out = Outbox {
             batch: self.batch.clone(),
+            batchable,
             reply: reply.clone(),
             instance: self.instance,
             control: self.control.clone(),
@@ -401,8 +413,8 @@ impl Serving {
     }
 }
 
-/// The request id and trace context a request carries in its NATS headers.
-fn context_headers(headers: Option<&HeaderMap>) -> (String, Option<String>) {
+/// The request id, trace context and batch opt-in a request carries in its NATS headers.
+fn context_headers(headers: Option<&HeaderMap>) -> (String, Option<String>, bool) {
     let get = |name: &str| {
         headers
             .and_then(|h| h.get(name))
@@ -411,6 +423,7 @@ fn context_headers(headers: Option<&HeaderMap>) -> (String, Option<String>) {
     (
         get(wire::REQUEST_ID).unwrap_or_default(),
         get(wire::TRACEPARENT),
+        get(wire::BATCH).is_some_and(|v| v == "1"),
     )
 }
 

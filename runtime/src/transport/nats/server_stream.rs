@@ -53,6 +53,8 @@ impl<Req: Message, Resp: Message> Endpoint for Typed<Req, Resp> {
 /// Where one stream's frames go.
 pub(super) struct Outbox {
     pub(super) batch: Batcher,
+    /// The caller reads batches ([`super::wire::BATCH`]).
+    pub(super) batchable: bool,
     pub(super) reply: async_nats::Subject,
     pub(super) instance: u64,
     pub(super) control: Arc<str>,
@@ -67,7 +69,7 @@ impl Outbox {
     fn publish(&self, buf: &mut BytesMut) -> bool {
         self.sent.store(true, Ordering::Relaxed);
         let body = buf.split().freeze();
-        self.batch.send(&self.reply, body)
+        self.batch.send(&self.reply, body, self.batchable)
     }
 }
 

@@ -11,7 +11,8 @@
 //!   sequence number counted from 0, so a lost message is a detected gap, not a silent
 //!   hole. Frames that are ready together travel in one message.
 //! - Response messages for several calls of one client that are ready together may travel
-//!   as one message on the client's batch subject `<client inbox>.b`: [`Parts`], each
+//!   (when the requests carried the [`BATCH`] header) as one message on the client's batch
+//!   subject `<client inbox>.b`: [`Parts`], each
 //!   `[u64 big-endian stream id][u32 big-endian length][message body]`, the body exactly
 //!   what would have gone to `<client inbox>.<stream id>`.
 //! - `Heartbeat` frames come while a stream is open but quiet, so a client can tell a slow
@@ -28,6 +29,9 @@ use crate::error::ServeError;
 pub const TRACEPARENT: &str = "traceparent";
 /// NATS header carrying the request id.
 pub const REQUEST_ID: &str = "Dynamo-Request-Id";
+/// NATS header by which a client says it reads batches on its batch subject; a server
+/// batches the responses of a call only when its request carried it.
+pub const BATCH: &str = "Dynamo-Batch";
 
 const LEN_PREFIX: usize = 4;
 
