@@ -68,7 +68,7 @@ pub struct KvTransfer {
     /// The chain parent of the chunk's first block: the previous chunk's last hash, `None`
     /// for the first chunk. With it a chunk is imported without waiting for the ones
     /// before it. (New in `kv.blocks/v2`: postcard has no optional fields, so the port
-    /// type's version changed with it and a v1 peer is refused when the graph is wired.)
+    /// type's version changed with it; a v1 peer cannot read a v2 chunk.)
     pub parent: Option<BlockHash>,
     /// Their bytes, `layout.bytes_per_block()` per block, back to back.
     #[serde(with = "serde_bytes")]
