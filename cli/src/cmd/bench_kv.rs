@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use dynamo_mocker::{send_kv_chunks, KV_CHUNK_BLOCKS, KV_WINDOW};
 use dynamo_protocol::{KvLayout, KvTransfer, KvTransferAck};
+use dynamo_runtime::kv_transfer::copy::{copy_blocks_with, MAX_THREADS};
 use dynamo_runtime::kv_transfer::tcp::{acknowledge, read_block, read_header, send_blocks};
 use dynamo_runtime::kv_transfer::{ShmPeers, ShmSegment};
 use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
@@ -49,27 +50,6 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Seconds of `a` and of `b`, alternated `reps` times after one warm-up each, so both
-/// see the same load (the development machine is shared): medians.
-fn alternate(
-    reps: usize,
-    mut a: impl FnMut() -> anyhow::Result<()>,
-    mut b: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<(f64, f64)> {
-    a()?;
-    b()?;
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    for _ in 0..reps.max(1) {
-        let t = Instant::now();
-        a()?;
-        ta.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        b()?;
-        tb.push(t.elapsed().as_secs_f64());
-    }
-    Ok((median(ta), median(tb)))
-}
-
 /// The hand-off's block ids: spread over the pool, not contiguous.
 fn block_ids(blocks: usize) -> Vec<u32> {
     (0..blocks)
@@ -77,9 +57,11 @@ fn block_ids(blocks: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Bytes per second of a memcpy of the hand-off's bytes and of the shared-memory
-/// hand-off's copy out of the peer's mapped pool into the own pool.
-fn shm_figures(blocks: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
+/// Bytes per second of a memcpy of the hand-off's bytes, of the shared-memory hand-off's
+/// copy out of the peer's mapped pool into the own pool as a decode worker does it
+/// ([`copy_blocks`]: several cores for a large hand-off), and of the same copy on one
+/// thread, alternated.
+fn shm_figures(blocks: usize, reps: usize) -> anyhow::Result<(f64, f64, f64)> {
     let bytes = blocks * BLOCK_BYTES;
     let src = vec![0x5au8; bytes];
     let mut dst = vec![0x11u8; bytes];
@@ -92,27 +74,38 @@ fn shm_figures(blocks: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
     let mut own = vec![0x22u8; POOL_BLOCKS * BLOCK_BYTES];
     let ids = block_ids(blocks);
     let dest = block_ids(blocks).into_iter().rev().collect::<Vec<_>>();
-    let (memcpy, shm) = alternate(
-        reps,
-        || {
-            dst.copy_from_slice(std::hint::black_box(&src));
-            std::hint::black_box(&dst);
-            Ok(())
-        },
-        || {
-            // What the decode worker does per hand-off: find the (once-mapped) pool, copy
-            // the listed blocks into its own pool's blocks.
-            let peer = peers.get(export.name())?;
-            for (&from, &to) in ids.iter().zip(&dest) {
-                let block = peer.block(from, BLOCK_BYTES)?;
-                let at = to as usize * BLOCK_BYTES;
-                own[at..at + BLOCK_BYTES].copy_from_slice(block);
-            }
-            std::hint::black_box(&own);
-            Ok(())
-        },
-    )?;
-    Ok((bytes as f64 / memcpy, bytes as f64 / shm))
+    // What the decode worker does per hand-off: find the (once-mapped) pool, copy the
+    // listed blocks into its own pool's blocks.
+    let mut handoff = |threads: usize| -> anyhow::Result<()> {
+        let peer = peers.get(export.name())?;
+        let src = (ids.iter())
+            .map(|&id| peer.block(id, BLOCK_BYTES))
+            .collect::<Result<Vec<_>, _>>()?;
+        copy_blocks_with(&mut own, BLOCK_BYTES, &dest, &src, threads)?;
+        std::hint::black_box(&own);
+        Ok(())
+    };
+    let (mut tm, mut ts, mut t1) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..=reps.max(1) {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&dst);
+        tm.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        handoff(MAX_THREADS)?;
+        ts.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        handoff(1)?;
+        t1.push(t.elapsed().as_secs_f64());
+        if rep == 0 {
+            // The warm-up.
+            tm.clear();
+            ts.clear();
+            t1.clear();
+        }
+    }
+    let rate = |times: Vec<f64>| bytes as f64 / median(times);
+    Ok((rate(tm), rate(ts), rate(t1)))
 }
 
 /// A raw loopback connection: the server reads `bytes` (1 MiB reads, discarded) and
@@ -306,7 +299,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         POOL_BLOCKS * BLOCK_TOKENS
     );
     let bytes = blocks * BLOCK_BYTES;
-    let (memcpy, shm) = shm_figures(blocks, args.reps).context("the shared-memory figures")?;
+    let (memcpy, shm, shm_one) =
+        shm_figures(blocks, args.reps).context("the shared-memory figures")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -322,6 +316,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             serde_json::json!({
                 "tokens": args.tokens, "blocks": blocks, "bytes": bytes,
                 "memcpy_gbps": gb(memcpy), "shm_gbps": gb(shm), "shm_ratio": shm / memcpy,
+                "shm_ms": ms(shm), "shm_one_thread_gbps": gb(shm_one),
                 "tcp_raw_gbps": gb(raw), "tcp_gbps": gb(tcp), "tcp_ratio": tcp / raw,
                 "graph_tcp_one_gbps": gb(graph_one), "graph_tcp_one_ratio": graph_one / raw,
                 "graph_tcp_gbps": gb(graph), "graph_tcp_ratio": graph / raw,
@@ -345,6 +340,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             gb(shm),
             ms(shm),
             100.0 * shm / memcpy
+        );
+        println!(
+            "  same, one thread   {:6.2} GB/s  {:6.2} ms  {:4.0}% of memcpy",
+            gb(shm_one),
+            ms(shm_one),
+            100.0 * shm_one / memcpy
         );
         println!(
             "  raw loopback TCP   {:6.2} GB/s  {:6.2} ms",

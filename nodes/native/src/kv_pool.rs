@@ -11,7 +11,7 @@
 //! ([`KvPool::share`]) and copy a prefill's blocks straight out of it.
 
 use dynamo_mocker::BlockId;
-use dynamo_runtime::kv_transfer::{ShmExport, ShmSegment};
+use dynamo_runtime::kv_transfer::{copy_blocks, ShmExport, ShmSegment};
 
 pub struct KvPool {
     layers: usize,
@@ -116,22 +116,16 @@ impl KvPool {
         }
     }
 
-    /// Overwrites each of `blocks` with its slice of `src`; false when a slice's length
-    /// or a block id is wrong.
+    /// Overwrites each of `blocks` with its slice of `src` (on several cores when the
+    /// hand-off is large: [`copy_blocks`]); false, with nothing written, when a slice's
+    /// length or a block id is wrong or a block repeats.
     pub fn import(&mut self, blocks: &[BlockId], src: &[&[u8]]) -> bool {
         let n = self.block_bytes();
-        if src.len() != blocks.len()
-            || src.iter().any(|s| s.len() != n)
-            || blocks.iter().any(|&b| b as usize >= self.num_blocks)
-        {
-            return false;
+        let pool_bytes = self.num_blocks * n;
+        match self.map.as_mut_slice().get_mut(..pool_bytes) {
+            Some(pool) => copy_blocks(pool, n, blocks, src).is_ok(),
+            None => false,
         }
-        let map = self.map.as_mut_slice();
-        for (&b, chunk) in blocks.iter().zip(src) {
-            let start = b as usize * n;
-            map[start..start + n].copy_from_slice(chunk);
-        }
-        true
     }
 }
 

@@ -14,13 +14,18 @@
 //!   large hand-off never queues behind control traffic; the kernel's flow control is the
 //!   backpressure.
 //!
+//! Copies into a pool go through [`copy_blocks`], which splits a large one over several
+//! cores (one core's memcpy is well below the machine's memory bandwidth).
+//!
 //! This module knows bytes and block ids, not models: the layout of a block is the
 //! caller's (`nodes/protocol`'s `KvLayout`); here a block is `block_bytes` contiguous
 //! bytes at `id * block_bytes` in its pool.
 
+pub mod copy;
 pub mod shm;
 pub mod tcp;
 
+pub use copy::{copy_blocks, CopyError};
 pub use shm::{ShmExport, ShmPeer, ShmPeers, ShmSegment};
 
 /// What can go wrong moving KV blocks.
