@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use dynamo_mocker::{send_kv_chunks, KV_CHUNK_BLOCKS, KV_WINDOW};
 use dynamo_protocol::{KvLayout, KvTransfer, KvTransferAck};
-use dynamo_runtime::kv_transfer::copy::{copy_blocks_with, MAX_THREADS};
+use dynamo_runtime::kv_transfer::copy::{copy_blocks, copy_blocks_with, MAX_THREADS};
 use dynamo_runtime::kv_transfer::tcp::{acknowledge, read_block, read_header, send_blocks};
 use dynamo_runtime::kv_transfer::{ShmPeers, ShmSegment};
 use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
@@ -159,7 +159,7 @@ async fn stream_pair(blocks: usize) -> anyhow::Result<tokio::net::TcpStream> {
 }
 
 /// The decode side of the graph path: copies each chunk's blocks into its own pool, as a
-/// decode worker's engine does with an imported chunk.
+/// decode worker's engine does with an imported chunk ([`copy_blocks`]).
 struct PoolImport {
     pool: Arc<Mutex<Vec<u8>>>,
     dest: Arc<Vec<u32>>,
@@ -172,12 +172,12 @@ impl Service<KvTransfer, KvTransferAck> for PoolImport {
             let mut pool = pool
                 .lock()
                 .map_err(|_| ServeError::internal("pool lock poisoned"))?;
-            for (block, &hash) in req.payload.chunks(BLOCK_BYTES).zip(&req.hashes) {
-                let to = dest[hash as usize % dest.len()] as usize * BLOCK_BYTES;
-                if let Some(slot) = pool.get_mut(to..to + BLOCK_BYTES) {
-                    slot.copy_from_slice(block);
-                }
-            }
+            let to: Vec<u32> = (req.hashes.iter())
+                .map(|&hash| dest[hash as usize % dest.len()])
+                .collect();
+            let src: Vec<&[u8]> = req.payload.chunks(BLOCK_BYTES).collect();
+            copy_blocks(&mut pool, BLOCK_BYTES, &to, &src)
+                .map_err(|e| ServeError::invalid(e.to_string()))?;
             Ok(KvTransferAck {
                 blocks: req.hashes.len() as u32,
             })
