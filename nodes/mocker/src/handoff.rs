@@ -5,8 +5,9 @@
 //! sends the prompt's full blocks to the decode worker the router chose, in chunks of
 //! [`KV_CHUNK_BLOCKS`], with bytes fabricated from each block's hash
 //! ([`crate::payload`]). Up to [`KV_WINDOW`] chunks are in flight at once, so encoding,
-//! the wire and the decode worker's import overlap instead of taking turns. The decode worker verifies every byte and caches the blocks
-//! under their hashes, so the router's ordinary `TokenRequest` finds them as a prefix hit.
+//! the wire and the decode worker's import overlap instead of taking turns. The decode
+//! worker verifies every byte and caches the blocks under their hashes, so the router's
+//! ordinary `TokenRequest` finds them as a prefix hit.
 //!
 //! When the prefill engine's pool is in shared memory and the decode instance is on this
 //! machine (the plan chose `shm` for the link), chunks carry block ids instead of bytes
@@ -19,7 +20,9 @@ mod shared;
 pub use kv_import::KvImportService;
 pub use prefill::PrefillService;
 
-use dynamo_protocol::{KvTransfer, KvTransferAck};
+use std::ops::Range;
+
+use dynamo_protocol::{BlockHash, KvTransfer, KvTransferAck};
 use dynamo_runtime::{InstanceSet, RequestContext, ServeError};
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
@@ -71,15 +74,22 @@ pub async fn send_kv_chunks(
         ctx,
         what: "KV blocks",
         window,
-        drain_on_error: false,
+        stop: None,
     };
     let sized = chunks.into_iter().map(|t| {
         let bytes = t.payload.len() as u64;
         (t, bytes)
     });
-    sender
-        .send(sized, &CancellationToken::new(), |_, _| {})
-        .await
+    sender.send(sized, |_, _| {}).await
+}
+
+/// Chunk `i` of a hand-off of `hashes` in chunks of `per` blocks: its blocks' range, and
+/// the chain parent of its first block (`None` for the first chunk).
+fn chunk_span(hashes: &[BlockHash], i: usize, per: usize) -> (Range<usize>, Option<BlockHash>) {
+    let from = (i * per).min(hashes.len());
+    let to = (from + per).min(hashes.len());
+    let parent = from.checked_sub(1).and_then(|p| hashes.get(p).copied());
+    (from..to, parent)
 }
 
 /// Where the chunks of one hand-off go, and how many may be in flight.
@@ -90,23 +100,23 @@ struct ChunkSender<'a> {
     /// Names the blocks in errors ("KV blocks", "shared KV blocks").
     what: &'a str,
     window: usize,
-    /// After an error, wait for the chunks in flight to be answered (the shared-memory
-    /// path: the decode worker may still be reading pinned blocks) instead of dropping
-    /// them (which cancels them).
-    drain_on_error: bool,
+    /// The shared-memory path's stop: once it fires no further chunk is sent, and after
+    /// it or an error the chunks in flight are answered before `send` returns (the decode
+    /// worker may still be reading pinned blocks). `None` (the byte path): the first error
+    /// returns at once, dropping the chunks in flight, which cancels them.
+    stop: Option<&'a CancellationToken>,
 }
 
 impl ChunkSender<'_> {
     /// Sends `chunks` (each with its byte count) keeping up to `window` unanswered, and
     /// calls `answered(blocks, bytes)` for each answered chunk, in order. Returns the
     /// bytes of all. On the first error no further chunk is sent and the error is
-    /// returned, once the chunks in flight are answered (`drain_on_error`) or at once
-    /// (dropping them cancels them); likewise, with [`ServeError::cancelled`], once `stop`
-    /// fires. Dropping the future drops the calls in flight, which cancels them.
+    /// returned, as [`ChunkSender::stop`] says; once `stop` fires, likewise with
+    /// [`ServeError::cancelled`]. Dropping the future drops the calls in flight, which
+    /// cancels them.
     async fn send(
         &self,
         chunks: impl IntoIterator<Item = (KvTransfer, u64)>,
-        stop: &CancellationToken,
         mut answered: impl FnMut(u64, u64),
     ) -> Result<u64, ServeError> {
         let mut chunks = chunks.into_iter();
@@ -115,7 +125,7 @@ impl ChunkSender<'_> {
         let mut total = 0;
         loop {
             while failed.is_none() && in_flight.len() < self.window.max(1) {
-                if stop.is_cancelled() {
+                if self.stop.is_some_and(CancellationToken::is_cancelled) {
                     failed = Some(ServeError::cancelled());
                     break;
                 }
@@ -135,7 +145,7 @@ impl ChunkSender<'_> {
                     }
                 }
                 Some((Err(err), _, _)) => {
-                    if !self.drain_on_error {
+                    if self.stop.is_none() {
                         return Err(err);
                     }
                     failed.get_or_insert(err);

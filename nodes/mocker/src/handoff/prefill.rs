@@ -9,11 +9,10 @@ use dynamo_protocol::{
 };
 use dynamo_runtime::{telemetry, InstanceSet, RequestContext, ResponseStream, ServeError, Service};
 use futures::StreamExt;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::shared::SharedHandoff;
-use super::{ChunkSender, KV_CHUNK_BLOCKS, KV_WINDOW};
+use super::{chunk_span, ChunkSender, KV_CHUNK_BLOCKS, KV_WINDOW};
 use crate::engine::MockerEngine;
 
 /// `Service<PrefillRequest, PrefillResult>` over a prefill worker's engine and its `kv`
@@ -188,12 +187,12 @@ impl Prefill {
         }
         let per_chunk = self.chunk_blocks;
         let transfers = payloads.into_iter().enumerate().map(|(i, payload)| {
-            let (from, to) = (i * per_chunk, ((i + 1) * per_chunk).min(hashes.len()));
+            let (range, parent) = chunk_span(hashes, i, per_chunk);
             let bytes = payload.len() as u64;
             let transfer = KvTransfer {
                 handoff_id: handoff_id.to_string(),
-                hashes: hashes.get(from..to).unwrap_or_default().to_vec(),
-                parent: from.checked_sub(1).and_then(|p| hashes.get(p).copied()),
+                hashes: hashes.get(range).unwrap_or_default().to_vec(),
+                parent,
                 payload,
                 layout,
                 last: i + 1 == chunks,
@@ -207,12 +206,11 @@ impl Prefill {
             ctx,
             what: "KV blocks",
             window: self.window,
-            drain_on_error: false,
+            // The prefill's cancellation drops this future, and with it the chunks in flight.
+            stop: None,
         };
-        // The prefill's cancellation drops this future, and with it the chunks in flight.
-        let never = CancellationToken::new();
         sender
-            .send(transfers, &never, |blocks, bytes| {
+            .send(transfers, |blocks, bytes| {
                 self.engine.record_sent(blocks, bytes)
             })
             .await

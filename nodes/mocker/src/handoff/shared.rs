@@ -15,7 +15,7 @@ use dynamo_runtime::{InstanceSet, RequestContext, ServeError};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::ChunkSender;
+use super::{chunk_span, ChunkSender};
 use crate::engine::{MockerEngine, PinnedBlocks};
 
 /// One shared-memory hand-off.
@@ -65,18 +65,18 @@ impl SharedHandoff {
         let ids = pins.ids();
         // By index, not by `chunks()`: a closure over borrowed chunks is not `Send` here.
         let transfers = (0..chunks).map(|i| {
-            let (from, to) = (i * per_chunk, ((i + 1) * per_chunk).min(hashes.len()));
-            let chunk = hashes.get(from..to).unwrap_or_default();
+            let (range, parent) = chunk_span(&hashes, i, per_chunk);
+            let chunk = hashes.get(range.clone()).unwrap_or_default();
             let transfer = KvTransfer {
                 handoff_id: self.handoff_id.clone(),
                 hashes: chunk.to_vec(),
-                parent: from.checked_sub(1).and_then(|p| hashes.get(p).copied()),
+                parent,
                 payload: Vec::new(),
                 layout,
                 last: i + 1 == chunks,
                 shared: Some(SharedBlocks {
                     pool: self.pool.clone(),
-                    blocks: ids.get(from..to).unwrap_or_default().to_vec(),
+                    blocks: ids.get(range).unwrap_or_default().to_vec(),
                 }),
             };
             (transfer, chunk.len() as u64 * block_bytes)
@@ -87,10 +87,10 @@ impl SharedHandoff {
             ctx: &ctx,
             what: "shared KV blocks",
             window: self.window,
-            drain_on_error: true,
+            stop: Some(&stop),
         };
         let bytes = sender
-            .send(transfers, &stop, |blocks, bytes| {
+            .send(transfers, |blocks, bytes| {
                 self.engine.record_sent(blocks, bytes)
             })
             .await?;

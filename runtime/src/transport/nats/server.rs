@@ -161,8 +161,8 @@ impl NatsServer {
                 endpoint: endpoint.clone(),
                 slots: Arc::new(Semaphore::new(self.config.max_in_flight.max(1))),
             });
-            incoming.push(shared.map(move |m| Incoming::Request(index, m)).boxed());
-            incoming.push(mine.map(move |m| Incoming::Request(index, m)).boxed());
+            incoming.push(shared.map(move |m| (index, m)).boxed());
+            incoming.push(mine.map(move |m| (index, m)).boxed());
         }
         let ctl = self
             .nats
@@ -191,9 +191,8 @@ impl NatsServer {
     }
 }
 
-enum Incoming {
-    Request(usize, async_nats::Message),
-}
+/// A request on one of the ports: the port's index and the message.
+type Incoming = (usize, async_nats::Message);
 
 struct Port {
     name: String,
@@ -244,7 +243,7 @@ impl Serving {
                 _ = tick.tick() => self.heartbeat(),
                 Some(msg) = ctl.next() => self.control(&msg),
                 next = incoming.next() => match next {
-                    Some(Incoming::Request(port, msg)) => self.request(port, msg),
+                    Some((port, msg)) => self.request(port, msg),
                     None => break,
                 },
             }
