@@ -2,9 +2,10 @@
 //! measured side by side in one run: a plain memcpy of the hand-off's bytes against the
 //! shared-memory hand-off (map the peer's pool once, copy the listed blocks into the own
 //! pool), and raw loopback TCP throughput against the TCP block stream and against the
-//! path `graph up` takes for a `tcp` link: `KvTransfer` chunks of 8 blocks through the
-//! socket transport over TCP, each chunk imported into the decode side's pool, with one
-//! chunk in flight at a time and with the prefill worker's window.
+//! path `graph up` takes for a `tcp` link: `KvTransfer` chunks of 8 blocks as bulk calls
+//! over TCP (`dynamo_runtime::transport::bulk`), each chunk imported into the decode
+//! side's pool, with one chunk in flight at a time and with the prefill worker's window;
+//! and the same chunks as socket-transport messages, the path before bulk calls.
 //!
 //! The payload is the KV of a SmolLM2-135M sequence (30 layers, 3 KV heads, head dim 64,
 //! f16, 16-token blocks): 1,000 tokens are 63 blocks, 23.2 MB.
@@ -15,14 +16,17 @@ use std::time::Instant;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use dynamo_host::kv_tcp::KV_BULK;
 use dynamo_mocker::{send_kv_chunks, KV_CHUNK_BLOCKS, KV_WINDOW};
 use dynamo_protocol::{KvLayout, KvTransfer, KvTransferAck};
 use dynamo_runtime::kv_transfer::copy::{copy_blocks, copy_blocks_with, MAX_THREADS};
 use dynamo_runtime::kv_transfer::tcp::{acknowledge, read_block, read_header, send_blocks};
 use dynamo_runtime::kv_transfer::{ShmPeers, ShmSegment};
-use dynamo_runtime::transport::socket_client::{SocketClient, SocketClientConfig};
+use dynamo_runtime::transport::bulk::{BulkClient, BulkClientConfig, BulkServer};
+use dynamo_runtime::transport::socket_client::{Resolve, SocketClient, SocketClientConfig};
 use dynamo_runtime::transport::socket_server::SocketServer;
 use dynamo_runtime::{InstanceSet, RequestContext, ResponseStream, ServeError, Service};
+use futures::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -185,19 +189,35 @@ impl Service<KvTransfer, KvTransferAck> for PoolImport {
     }
 }
 
-/// A prefill side's `kv` output reaching a [`PoolImport`] over TCP through the socket
-/// transport, as `graph up` wires a `tcp` link.
+fn pool_import(blocks: usize) -> Arc<dyn Service<KvTransfer, KvTransferAck>> {
+    Arc::new(PoolImport {
+        pool: Arc::new(Mutex::new(vec![0u8; POOL_BLOCKS * BLOCK_BYTES])),
+        dest: Arc::new(block_ids(blocks).into_iter().rev().collect()),
+    })
+}
+
+/// A prefill side's `kv` output reaching a [`PoolImport`] over TCP as `graph up` wires a
+/// `tcp` link: bulk calls.
 fn graph_path(blocks: usize) -> anyhow::Result<Arc<InstanceSet<KvTransfer, KvTransferAck>>> {
+    let mut server = BulkServer::bind("127.0.0.1:0", KV_BULK)?;
+    let addr = server.local_addr().to_string();
+    server.register("decode.kv", pool_import(blocks))?;
+    tokio::spawn(server.serve(CancellationToken::new()));
+    let resolve: Resolve = Arc::new(move || futures::future::ready(Ok(addr.clone())).boxed());
+    let client = BulkClient::new("decode.kv", resolve, KV_BULK, BulkClientConfig::default());
+    let kv = Arc::new(InstanceSet::new("prefill.kv"));
+    kv.add(1, client.endpoint("decode.kv"));
+    Ok(kv)
+}
+
+/// The same through the socket transport over TCP: each chunk encoded into a message and
+/// decoded out of it (how `tcp` links carried chunks before bulk calls).
+fn message_path(blocks: usize) -> anyhow::Result<Arc<InstanceSet<KvTransfer, KvTransferAck>>> {
     let mut server = SocketServer::bind_tcp("127.0.0.1:0")?;
     let addr = server
         .local_addr()
         .context("the KV listener has no address")?;
-    let import = PoolImport {
-        pool: Arc::new(Mutex::new(vec![0u8; POOL_BLOCKS * BLOCK_BYTES])),
-        dest: Arc::new(block_ids(blocks).into_iter().rev().collect()),
-    };
-    let service: Arc<dyn Service<KvTransfer, KvTransferAck>> = Arc::new(import);
-    server.register("decode.kv", service)?;
+    server.register("decode.kv", pool_import(blocks))?;
     tokio::spawn(server.serve(CancellationToken::new()));
     let client = SocketClient::tcp(&addr.to_string(), SocketClientConfig::default());
     let kv = Arc::new(InstanceSet::new("prefill.kv"));
@@ -245,14 +265,16 @@ async fn graph_handoff(
     Ok(())
 }
 
-/// Bytes per second of raw loopback TCP, the TCP block stream, and the graph path with
-/// one chunk in flight and with [`KV_WINDOW`], alternated.
-async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<[f64; 4]> {
+/// Bytes per second of raw loopback TCP, the TCP block stream, the graph path with one
+/// chunk in flight and with [`KV_WINDOW`], and the message path with [`KV_WINDOW`],
+/// alternated.
+async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<[f64; 5]> {
     let bytes = blocks * BLOCK_BYTES;
     let mut raw = raw_pair(bytes).await?;
     let mut stream = stream_pair(blocks).await?;
     let kv = graph_path(blocks)?;
-    let (mut tone, mut twindow) = (Vec::new(), Vec::new());
+    let messages = message_path(blocks)?;
+    let (mut tone, mut twindow, mut tmessages) = (Vec::new(), Vec::new(), Vec::new());
     let payload = vec![0x33u8; bytes];
     let pool: Vec<u8> = (0..POOL_BLOCKS * BLOCK_BYTES).map(|i| i as u8).collect();
     let ids = block_ids(blocks);
@@ -282,13 +304,23 @@ async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<[f64; 4]> {
         let t = Instant::now();
         graph_handoff(&kv, &pool, &ids, KV_WINDOW).await?;
         twindow.push(t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        graph_handoff(&messages, &pool, &ids, KV_WINDOW).await?;
+        tmessages.push(t.elapsed().as_secs_f64());
     }
     // The first of each is the warm-up.
     let rate = |mut times: Vec<f64>| {
         times.remove(0);
         bytes as f64 / median(times)
     };
-    Ok([rate(traw), rate(tstream), rate(tone), rate(twindow)])
+    Ok([
+        rate(traw),
+        rate(tstream),
+        rate(tone),
+        rate(twindow),
+        rate(tmessages),
+    ])
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -305,7 +337,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let [raw, tcp, graph_one, graph] = rt
+    let [raw, tcp, graph_one, graph, messages] = rt
         .block_on(tcp_figures(blocks, args.reps))
         .context("the TCP figures")?;
     let gb = |bps: f64| bps / 1e9;
@@ -320,6 +352,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "tcp_raw_gbps": gb(raw), "tcp_gbps": gb(tcp), "tcp_ratio": tcp / raw,
                 "graph_tcp_one_gbps": gb(graph_one), "graph_tcp_one_ratio": graph_one / raw,
                 "graph_tcp_gbps": gb(graph), "graph_tcp_ratio": graph / raw,
+                "message_tcp_gbps": gb(messages), "message_tcp_ratio": messages / raw,
                 "window": KV_WINDOW,
             })
         );
@@ -369,6 +402,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             gb(graph),
             ms(graph),
             100.0 * graph / raw
+        );
+        println!(
+            "  messages, {KV_WINDOW} chunks  {:6.2} GB/s  {:6.2} ms  {:4.0}% of raw TCP",
+            gb(messages),
+            ms(messages),
+            100.0 * messages / raw
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -5,10 +5,13 @@
 //! address and a port the kernel picks, and registers that address in etcd under the
 //! port's instance key (leased like every instance: it disappears with the process or
 //! its machine). The prefill side looks the address up at every (re)connect, so a decode
-//! worker that restarted, or was re-placed on another machine, is found again. Blocks
-//! ride in `KvTransfer` messages in the socket transport's framing on a connection of
-//! their own per peer: never through NATS, never queued behind control traffic, with
-//! TCP's flow control and the stream window as the backpressure.
+//! worker that restarted, or was re-placed on another machine, is found again. Each
+//! `KvTransfer` is a bulk call (`dynamo_runtime::transport::bulk`) on a connection of its
+//! own per peer: the rest of the chunk is encoded, its block bytes follow raw, written
+//! from the chunk's buffer and read straight into the buffer the decode worker imports
+//! from (no copy into or out of a message). Never through NATS, never queued behind
+//! control traffic, with TCP's flow control and the prefill worker's window of chunks in
+//! flight as the backpressure.
 //!
 //! Without etcd (one machine, `transport = "tcp"` asked for explicitly) the address goes
 //! into a file in the run directory instead.
@@ -20,11 +23,13 @@ use std::time::Duration;
 
 use dynamo_graph::kinds::EdgeKind;
 use dynamo_graph::plan::{Plan, PlannedProcess, ReplicaId, Transport};
+use dynamo_protocol::{KvTransfer, KvTransferAck};
 use dynamo_runtime::discovery::{instance_key, EtcdClient, Registration, RegistrationConfig};
+use dynamo_runtime::transport::bulk::{BulkClient, BulkClientConfig, BulkField, BulkServer};
 use dynamo_runtime::transport::nats::EndpointAddress;
-use dynamo_runtime::transport::socket_client::{Resolve, SocketClient, SocketClientConfig};
-use dynamo_runtime::transport::socket_server::{ServerError, SocketServer};
-use dynamo_runtime::{Message, ServeError, Service};
+use dynamo_runtime::transport::socket_client::Resolve;
+use dynamo_runtime::transport::socket_server::ServerError;
+use dynamo_runtime::{ServeError, Service};
 use futures::FutureExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -53,9 +58,15 @@ pub enum KvTcpError {
 /// How long a starting process waits for etcd to take its KV listener's address.
 const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 
+/// A chunk's block bytes travel raw after the rest of it.
+pub const KV_BULK: BulkField<KvTransfer> = BulkField {
+    take: |t| std::mem::take(&mut t.payload),
+    put: |t, bytes| t.payload = bytes,
+};
+
 /// This process's side of the `tcp` links that reach its replicas: one listener for all.
 pub struct KvTcpSide {
-    server: Option<SocketServer>,
+    server: Option<BulkServer<KvTransfer, KvTransferAck>>,
     /// `(replica, port)` some `tcp` link reaches in this process.
     served: BTreeSet<(ReplicaId, String)>,
     namespace: String,
@@ -104,7 +115,7 @@ impl KvTcpSide {
                 format!("{host}:0")
             };
             Some(
-                SocketServer::bind_tcp(&addr).map_err(|source| KvTcpError::Listen {
+                BulkServer::bind(&addr, KV_BULK).map_err(|source| KvTcpError::Listen {
                     process: me.name.clone(),
                     source,
                 })?,
@@ -123,11 +134,11 @@ impl KvTcpSide {
     }
 
     /// Serves `port` of `replica` on the listener too, when a `tcp` link reaches it.
-    pub fn serve<Req: Message, Resp: Message>(
+    pub fn serve(
         &mut self,
         replica: &ReplicaId,
         port: &str,
-        service: &Arc<dyn Service<Req, Resp>>,
+        service: &Arc<dyn Service<KvTransfer, KvTransferAck>>,
     ) -> Result<(), ServerError> {
         match &mut self.server {
             Some(server) if self.served.contains(&(replica.clone(), port.to_string())) => {
@@ -142,7 +153,7 @@ impl KvTcpSide {
     /// take it so that the first hand-off finds it.
     pub async fn start(&mut self, shutdown: &CancellationToken) -> Option<JoinHandle<()>> {
         let server = self.server.take()?;
-        let addr = server.local_addr()?.to_string();
+        let addr = server.local_addr().to_string();
         let task = tokio::spawn(server.serve(shutdown.clone()));
         for (replica, port) in &self.served {
             match &self.etcd {
@@ -204,14 +215,14 @@ fn address_file(run_dir: &Path, replica: &ReplicaId, port: &str) -> PathBuf {
 
 /// A client for `port` of `target` over `tcp`: it finds the target's listener (etcd, or
 /// the run directory on one machine) at every (re)connect.
-pub fn client<Req: Message, Resp: Message>(
+pub fn client(
     plan: &Plan,
     run_dir: &Path,
     caller_machine: &str,
     target: &ReplicaId,
     port: &str,
     edge: String,
-) -> Result<Arc<dyn Service<Req, Resp>>, KvTcpError> {
+) -> Result<Arc<dyn Service<KvTransfer, KvTransferAck>>, KvTcpError> {
     let name = format!("{target}.{port} (tcp)");
     let resolve: Resolve = match plan.etcd.as_deref() {
         Some(url) => {
@@ -249,8 +260,8 @@ pub fn client<Req: Message, Resp: Message>(
             })
         }
     };
-    let client = SocketClient::tcp_resolved(&name, resolve, SocketClientConfig::default());
-    Ok(client.endpoint::<Req, Resp>(&endpoint(target, port)))
+    let client = BulkClient::new(&name, resolve, KV_BULK, BulkClientConfig::default());
+    Ok(client.endpoint(&endpoint(target, port)))
 }
 
 /// The address `key` holds in etcd.

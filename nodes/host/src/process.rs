@@ -128,14 +128,26 @@ impl Ctx<'_> {
                 Some(nats) => Ok(nats.client::<Req, Resp>(target, port)),
                 None => Err(NatsSetupError::NoUrl { edge }.into()),
             },
-            Transport::Tcp => Ok(kv_tcp::client(
-                self.plan,
-                self.run_dir,
-                self.machine,
-                target,
-                port,
-                edge,
-            )?),
+            // Validation lets `tcp` carry KV blocks only, so `Req` is `KvTransfer` here.
+            Transport::Tcp => {
+                let kv = kv_tcp::client(
+                    self.plan,
+                    self.run_dir,
+                    self.machine,
+                    target,
+                    port,
+                    edge.clone(),
+                )?;
+                let any: Box<dyn std::any::Any> = Box::new(kv);
+                match any.downcast::<Arc<dyn Service<Req, Resp>>>() {
+                    Ok(client) => Ok(*client),
+                    Err(_) => Err(ProcessError::Transport {
+                        edge,
+                        transport: "tcp",
+                        issue: "tcp links carry KV blocks only",
+                    }),
+                }
+            }
             other => Err(ProcessError::Transport {
                 edge,
                 transport: other.as_str(),

@@ -2,6 +2,7 @@
 //! `Arc<dyn Service<Req, Resp>>`, so a node calls its output port the same way whichever
 //! transport the plan picked.
 
+pub mod bulk;
 mod client_stream;
 pub mod frame;
 pub mod in_process;
