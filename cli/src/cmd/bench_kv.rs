@@ -265,62 +265,82 @@ async fn graph_handoff(
     Ok(())
 }
 
-/// Bytes per second of raw loopback TCP, the TCP block stream, the graph path with one
-/// chunk in flight and with [`KV_WINDOW`], and the message path with [`KV_WINDOW`],
-/// alternated.
-async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<[f64; 5]> {
+/// Sends the hand-off's bytes over the raw connection and waits for its one-byte answer.
+async fn raw_send(raw: &mut tokio::net::TcpStream, payload: &[u8]) -> anyhow::Result<()> {
+    for chunk in payload.chunks(1 << 20) {
+        raw.write_all(chunk).await?;
+    }
+    let mut ack = [0u8; 1];
+    raw.read_exact(&mut ack).await?;
+    Ok(())
+}
+
+/// Bytes per second, alternated in two passes so that one path's allocations do not slow
+/// the next one's copies: raw loopback TCP beside the TCP block stream; then raw loopback
+/// TCP beside the graph path with one chunk in flight and with [`KV_WINDOW`], and the
+/// message path with [`KV_WINDOW`]. Each path's ratio is to the raw figure of its pass.
+async fn tcp_figures(blocks: usize, reps: usize) -> anyhow::Result<TcpFigures> {
     let bytes = blocks * BLOCK_BYTES;
     let mut raw = raw_pair(bytes).await?;
     let mut stream = stream_pair(blocks).await?;
     let kv = graph_path(blocks)?;
     let messages = message_path(blocks)?;
-    let (mut tone, mut twindow, mut tmessages) = (Vec::new(), Vec::new(), Vec::new());
     let payload = vec![0x33u8; bytes];
     let pool: Vec<u8> = (0..POOL_BLOCKS * BLOCK_BYTES).map(|i| i as u8).collect();
     let ids = block_ids(blocks);
     let never = CancellationToken::new();
-    let (mut traw, mut tstream) = (Vec::new(), Vec::new());
+    let mut times = [(); 6].map(|_| Vec::new());
+    let timed = |t: Instant, into: &mut Vec<f64>| into.push(t.elapsed().as_secs_f64());
     for rep in 0..=reps {
         let t = Instant::now();
-        for chunk in payload.chunks(1 << 20) {
-            raw.write_all(chunk).await?;
-        }
-        let mut ack = [0u8; 1];
-        raw.read_exact(&mut ack).await?;
-        traw.push(t.elapsed().as_secs_f64());
-
+        raw_send(&mut raw, &payload).await?;
+        timed(t, &mut times[0]);
         let t = Instant::now();
         let refs: Vec<&[u8]> = ids
             .iter()
             .map(|&i| &pool[i as usize * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES])
             .collect();
         send_blocks(&mut stream, rep as u64, &refs, &never).await?;
-        tstream.push(t.elapsed().as_secs_f64());
-
+        timed(t, &mut times[1]);
+    }
+    for _ in 0..=reps {
+        let t = Instant::now();
+        raw_send(&mut raw, &payload).await?;
+        timed(t, &mut times[2]);
         let t = Instant::now();
         graph_handoff(&kv, &pool, &ids, 1).await?;
-        tone.push(t.elapsed().as_secs_f64());
-
+        timed(t, &mut times[3]);
         let t = Instant::now();
         graph_handoff(&kv, &pool, &ids, KV_WINDOW).await?;
-        twindow.push(t.elapsed().as_secs_f64());
-
+        timed(t, &mut times[4]);
         let t = Instant::now();
         graph_handoff(&messages, &pool, &ids, KV_WINDOW).await?;
-        tmessages.push(t.elapsed().as_secs_f64());
+        timed(t, &mut times[5]);
     }
     // The first of each is the warm-up.
-    let rate = |mut times: Vec<f64>| {
+    let [raw_a, stream, raw_b, one, window, messages] = times.map(|mut times| {
         times.remove(0);
         bytes as f64 / median(times)
-    };
-    Ok([
-        rate(traw),
-        rate(tstream),
-        rate(tone),
-        rate(twindow),
-        rate(tmessages),
-    ])
+    });
+    Ok(TcpFigures {
+        raw_a,
+        stream,
+        raw_b,
+        one,
+        window,
+        messages,
+    })
+}
+
+/// Bytes per second of each TCP path; `raw_a` was measured beside `stream`, `raw_b`
+/// beside the others.
+struct TcpFigures {
+    raw_a: f64,
+    stream: f64,
+    raw_b: f64,
+    one: f64,
+    window: f64,
+    messages: f64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -337,7 +357,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let [raw, tcp, graph_one, graph, messages] = rt
+    let tcp = rt
         .block_on(tcp_figures(blocks, args.reps))
         .context("the TCP figures")?;
     let gb = |bps: f64| bps / 1e9;
@@ -349,66 +369,43 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "tokens": args.tokens, "blocks": blocks, "bytes": bytes,
                 "memcpy_gbps": gb(memcpy), "shm_gbps": gb(shm), "shm_ratio": shm / memcpy,
                 "shm_ms": ms(shm), "shm_one_thread_gbps": gb(shm_one),
-                "tcp_raw_gbps": gb(raw), "tcp_gbps": gb(tcp), "tcp_ratio": tcp / raw,
-                "graph_tcp_one_gbps": gb(graph_one), "graph_tcp_one_ratio": graph_one / raw,
-                "graph_tcp_gbps": gb(graph), "graph_tcp_ratio": graph / raw,
-                "message_tcp_gbps": gb(messages), "message_tcp_ratio": messages / raw,
+                "tcp_raw_gbps": gb(tcp.raw_a), "tcp_gbps": gb(tcp.stream),
+                "tcp_ratio": tcp.stream / tcp.raw_a,
+                "graph_raw_gbps": gb(tcp.raw_b),
+                "graph_tcp_one_gbps": gb(tcp.one), "graph_tcp_one_ratio": tcp.one / tcp.raw_b,
+                "graph_tcp_gbps": gb(tcp.window), "graph_tcp_ratio": tcp.window / tcp.raw_b,
+                "message_tcp_gbps": gb(tcp.messages),
+                "message_tcp_ratio": tcp.messages / tcp.raw_b,
                 "window": KV_WINDOW,
             })
         );
-    } else {
-        println!(
-            "KV of {} tokens: {blocks} blocks, {:.1} MB (medians of {})",
-            args.tokens,
-            bytes as f64 / 1e6,
-            args.reps
-        );
-        println!(
-            "  memcpy             {:6.2} GB/s  {:6.2} ms",
-            gb(memcpy),
-            ms(memcpy)
-        );
-        println!(
-            "  shm hand-off       {:6.2} GB/s  {:6.2} ms  {:4.0}% of memcpy",
-            gb(shm),
-            ms(shm),
-            100.0 * shm / memcpy
-        );
-        println!(
-            "  same, one thread   {:6.2} GB/s  {:6.2} ms  {:4.0}% of memcpy",
-            gb(shm_one),
-            ms(shm_one),
-            100.0 * shm_one / memcpy
-        );
-        println!(
-            "  raw loopback TCP   {:6.2} GB/s  {:6.2} ms",
-            gb(raw),
-            ms(raw)
-        );
-        println!(
-            "  TCP hand-off       {:6.2} GB/s  {:6.2} ms  {:4.0}% of raw TCP",
-            gb(tcp),
-            ms(tcp),
-            100.0 * tcp / raw
-        );
-        println!(
-            "  graph path, 1 chunk {:6.2} GB/s  {:6.2} ms  {:4.0}% of raw TCP",
-            gb(graph_one),
-            ms(graph_one),
-            100.0 * graph_one / raw
-        );
-        println!(
-            "  graph path, {KV_WINDOW} chunks{:6.2} GB/s  {:6.2} ms  {:4.0}% of raw TCP",
-            gb(graph),
-            ms(graph),
-            100.0 * graph / raw
-        );
-        println!(
-            "  messages, {KV_WINDOW} chunks  {:6.2} GB/s  {:6.2} ms  {:4.0}% of raw TCP",
-            gb(messages),
-            ms(messages),
-            100.0 * messages / raw
-        );
+        return Ok(ExitCode::SUCCESS);
     }
+    println!(
+        "KV of {} tokens: {blocks} blocks, {:.1} MB (medians of {})",
+        args.tokens,
+        bytes as f64 / 1e6,
+        args.reps
+    );
+    let row = |what: &str, bps: f64, base: Option<(f64, &str)>| match base {
+        None => println!("  {what:<22}{:6.2} GB/s  {:6.2} ms", gb(bps), ms(bps)),
+        Some((base, of)) => println!(
+            "  {what:<22}{:6.2} GB/s  {:6.2} ms  {:4.0}% of {of}",
+            gb(bps),
+            ms(bps),
+            100.0 * bps / base
+        ),
+    };
+    row("memcpy", memcpy, None);
+    row("shm hand-off", shm, Some((memcpy, "memcpy")));
+    row("same, one thread", shm_one, Some((memcpy, "memcpy")));
+    row("raw loopback TCP", tcp.raw_a, None);
+    row("TCP block stream", tcp.stream, Some((tcp.raw_a, "raw TCP")));
+    row("raw loopback TCP", tcp.raw_b, None);
+    row("graph path, 1 chunk", tcp.one, Some((tcp.raw_b, "raw TCP")));
+    let window = format!("graph path, {KV_WINDOW} chunks");
+    row(&window, tcp.window, Some((tcp.raw_b, "raw TCP")));
+    let messages = format!("messages, {KV_WINDOW} chunks");
+    row(&messages, tcp.messages, Some((tcp.raw_b, "raw TCP")));
     Ok(ExitCode::SUCCESS)
 }
