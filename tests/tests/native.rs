@@ -4,7 +4,9 @@
 //! process (through shared memory: the plan picks `shm` for the kv edge) and the greedy
 //! answer is the aggregated one, also after a request cancelled in the middle of its
 //! prefill and hand-off; no shared-memory file is left behind; a repeated long prefix is
-//! served from the prefix cache.
+//! served from the prefix cache. The same disaggregated graph with `transport = "tcp"`
+//! asked for on the KV edge (as between machines: bulk calls written straight from the
+//! prefill worker's pinned pool blocks) answers alike too.
 
 use std::time::Instant;
 
@@ -50,6 +52,39 @@ fn aggregated_and_disaggregated_native_graphs_answer_paris_alike() {
     );
     check_hand_offs(&disagg, &aggregated);
     drop(disagg);
+    assert_eq!(dev_shm(), shm_before, "the graph left files in /dev/shm");
+
+    let text = std::fs::read_to_string(workspace().join("graphs/disagg.toml")).expect("graph");
+    let edge = "from = \"prefill.kv\"\nto = \"decode.kv\"\n";
+    assert!(
+        text.contains(edge),
+        "graphs/disagg.toml changed its KV edge"
+    );
+    let text = text.replace(edge, &format!("{edge}transport = \"tcp\"\n"));
+    let file = std::env::temp_dir().join(format!("dynamo-native-tcp-{}.toml", std::process::id()));
+    std::fs::write(&file, text).expect("write graph");
+    let tcp = Graph::up(&file, &[]);
+    assert_eq!(
+        aggregated,
+        ask(&tcp),
+        "greedy answers differ between the aggregated graph and KV over tcp"
+    );
+    check_hand_offs(&tcp, &aggregated);
+    let m = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(metrics(&reqwest::Client::new(), &tcp.url));
+    let over_tcp = sum(
+        &m,
+        "dynamo_edge_messages_total",
+        &[
+            "from=\"prefill.kv\"",
+            "transport=\"tcp\"",
+            "direction=\"request\"",
+        ],
+    );
+    assert!(over_tcp >= 2.0, "no KV chunk went over the tcp link:\n{m}");
+    drop(tcp);
+    let _ = std::fs::remove_file(file);
     assert_eq!(dev_shm(), shm_before, "the graph left files in /dev/shm");
 }
 

@@ -25,7 +25,7 @@ use dynamo_graph::kinds::EdgeKind;
 use dynamo_graph::plan::{Plan, PlannedProcess, ReplicaId, Transport};
 use dynamo_protocol::{KvTransfer, KvTransferAck};
 use dynamo_runtime::discovery::{instance_key, EtcdClient, Registration, RegistrationConfig};
-use dynamo_runtime::transport::bulk::{BulkClient, BulkClientConfig, BulkField, BulkServer};
+use dynamo_runtime::transport::bulk::{Bulk, BulkClient, BulkClientConfig, BulkField, BulkServer};
 use dynamo_runtime::transport::nats::EndpointAddress;
 use dynamo_runtime::transport::socket_client::Resolve;
 use dynamo_runtime::transport::socket_server::ServerError;
@@ -58,9 +58,16 @@ pub enum KvTcpError {
 /// How long a starting process waits for etcd to take its KV listener's address.
 const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 
-/// A chunk's block bytes travel raw after the rest of it.
+/// A chunk's block bytes travel raw after the rest of it: from where the prefill worker
+/// keeps them when it sends them in place, else from the chunk's payload.
 pub const KV_BULK: BulkField<KvTransfer> = BulkField {
-    take: |t| std::mem::take(&mut t.payload),
+    take: |t| {
+        if t.in_place.is_empty() {
+            Bulk::Owned(std::mem::take(&mut t.payload))
+        } else {
+            Bulk::Parts(std::mem::take(&mut t.in_place))
+        }
+    },
     put: |t, bytes| t.payload = bytes,
 };
 

@@ -288,15 +288,20 @@ impl<Req: Message, Resp: Message> Service<Req, Resp> for UntilShutdown<Req, Resp
 /// A producer on a feedback edge: its instance id and the client that subscribes to it.
 type Source<Req, Resp> = (u64, Arc<dyn Service<Req, Resp>>);
 
-/// The instances behind `replica`'s output `port` that the plan reaches by shared memory.
-fn shm_targets(plan: &Plan, replica: &PlannedReplica, port: &str) -> BTreeSet<u64> {
+/// The instance ids `port` of `replica` reaches over links of `transport`.
+fn link_targets(
+    plan: &Plan,
+    replica: &PlannedReplica,
+    port: &str,
+    transport: Transport,
+) -> BTreeSet<u64> {
     plan.edges
         .iter()
         .filter(|e| e.from.node == replica.id.node && e.from.port == port)
         .flat_map(|e| {
             e.links
                 .iter()
-                .filter(|l| l.from == replica.id.index && l.transport == Transport::Shm)
+                .filter(|l| l.from == replica.id.index && l.transport == transport)
                 .map(|l| {
                     instance_id(&ReplicaId {
                         node: e.to.node.clone(),
@@ -433,7 +438,8 @@ pub async fn run(
                     let kv_out = ctx.outputs(replica, "kv", &kv_in)?;
                     let prefill: Arc<dyn Service<PrefillRequest, PrefillResult>> = Arc::new(
                         PrefillService::new(built.engine_for(node)?, kv_out)
-                            .with_shm_instances(shm_targets(&plan, replica, "kv")),
+                            .with_shm_instances(link_targets(&plan, replica, "kv", Transport::Shm))
+                            .with_tcp_instances(link_targets(&plan, replica, "kv", Transport::Tcp)),
                     );
                     server
                         .register(&ep, prefill.clone())

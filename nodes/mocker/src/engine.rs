@@ -324,10 +324,22 @@ impl MockerEngine {
     /// Pins the cached blocks `hashes` (none is evicted or rewritten) until the answer is
     /// dropped; their pool ids are what a peer mapping the shared pool reads.
     pub async fn pin_blocks(&self, hashes: &[BlockHash]) -> Result<PinnedBlocks, ServeError> {
+        self.pin(hashes, true).await
+    }
+
+    /// Keeps the cached blocks `hashes` from eviction until the answer is dropped, for a
+    /// hand-off that exports them chunk by chunk ([`MockerEngine::export_chunks`]) as it
+    /// sends them, rather than all at once.
+    pub async fn hold_blocks(&self, hashes: &[BlockHash]) -> Result<PinnedBlocks, ServeError> {
+        self.pin(hashes, false).await
+    }
+
+    async fn pin(&self, hashes: &[BlockHash], share: bool) -> Result<PinnedBlocks, ServeError> {
         let (reply, rx) = oneshot::channel();
         let stopped = || ServeError::unavailable("the engine is shut down");
         let pin = Control::Pin {
             hashes: hashes.to_vec(),
+            share,
             reply,
         };
         self.control.send(pin).map_err(|_| stopped())?;

@@ -64,7 +64,7 @@ fn send_chunk(
 pub async fn send_kv_chunks(
     kv: &InstanceSet<KvTransfer, KvTransferAck>,
     decode: u64,
-    chunks: Vec<KvTransfer>,
+    chunks: impl IntoIterator<Item = KvTransfer>,
     window: usize,
     ctx: &RequestContext,
 ) -> Result<u64, ServeError> {
@@ -76,9 +76,11 @@ pub async fn send_kv_chunks(
         window,
         stop: None,
     };
+    // Each chunk is made when the window has room for it.
     let sized = chunks.into_iter().map(|t| {
-        let bytes = t.payload.len() as u64;
-        (t, bytes)
+        let in_place: usize = t.in_place.iter().map(|b| b.len()).sum();
+        let bytes = (t.payload.len() + in_place) as u64;
+        futures::future::ready(Ok((t, bytes)))
     });
     sender.send(sized, |_, _| {}).await
 }
@@ -108,17 +110,22 @@ struct ChunkSender<'a> {
 }
 
 impl ChunkSender<'_> {
-    /// Sends `chunks` (each with its byte count) keeping up to `window` unanswered, and
-    /// calls `answered(blocks, bytes)` for each answered chunk, in order. Returns the
-    /// bytes of all. On the first error no further chunk is sent and the error is
-    /// returned, as [`ChunkSender::stop`] says; once `stop` fires, likewise with
+    /// Sends `chunks` (each made by a future that answers it and its byte count, started
+    /// only when the window has room: a chunk is read out of the pool just before it is
+    /// sent) keeping up to `window` unanswered, and calls `answered(blocks, bytes)` for
+    /// each answered chunk, in order. Returns the bytes of all. On the first error
+    /// (making a chunk or sending it) no further chunk is sent and the error is returned,
+    /// as [`ChunkSender::stop`] says; once `stop` fires, likewise with
     /// [`ServeError::cancelled`]. Dropping the future drops the calls in flight, which
     /// cancels them.
-    async fn send(
+    async fn send<F>(
         &self,
-        chunks: impl IntoIterator<Item = (KvTransfer, u64)>,
+        chunks: impl IntoIterator<Item = F>,
         mut answered: impl FnMut(u64, u64),
-    ) -> Result<u64, ServeError> {
+    ) -> Result<u64, ServeError>
+    where
+        F: std::future::Future<Output = Result<(KvTransfer, u64), ServeError>>,
+    {
         let mut chunks = chunks.into_iter();
         let mut in_flight = FuturesOrdered::new();
         let mut failed: Option<ServeError> = None;
@@ -129,12 +136,18 @@ impl ChunkSender<'_> {
                     failed = Some(ServeError::cancelled());
                     break;
                 }
-                let Some((transfer, bytes)) = chunks.next() else {
+                let Some(make) = chunks.next() else {
                     break;
                 };
-                let blocks = transfer.hashes.len() as u64;
-                let call = send_chunk(self.kv, self.decode, transfer, self.ctx, self.what);
-                in_flight.push_back(async move { (call.await, blocks, bytes) });
+                in_flight.push_back(async move {
+                    let (transfer, bytes) = match make.await {
+                        Ok(made) => made,
+                        Err(err) => return (Err(err), 0, 0),
+                    };
+                    let blocks = transfer.hashes.len() as u64;
+                    let call = send_chunk(self.kv, self.decode, transfer, self.ctx, self.what);
+                    (call.await, blocks, bytes)
+                });
             }
             match in_flight.next().await {
                 None => break,

@@ -208,7 +208,11 @@ impl StepLoop {
             } => {
                 let _ = reply.send(self.export(&hashes, chunk_blocks));
             }
-            Control::Pin { hashes, reply } => {
+            Control::Pin {
+                hashes,
+                share,
+                reply,
+            } => {
                 let mut pinned = self.core.pin_blocks(&hashes).map_err(|i| {
                     format!(
                         "block {i} of {} left the cache before its hand-off",
@@ -216,7 +220,7 @@ impl StepLoop {
                     )
                 });
                 // Peers read pinned blocks straight from the shared pool: bring it up to date.
-                if let (Ok(ids), Some(backend)) = (&pinned, self.backend.as_mut()) {
+                if let (Ok(ids), Some(backend), true) = (&pinned, self.backend.as_mut(), share) {
                     if let Err(e) = backend.sync_blocks(ids) {
                         self.core.unpin_blocks(ids);
                         pinned = Err(format!("the KV blocks cannot be shared: {}", e.0));

@@ -34,9 +34,11 @@ pub(crate) enum Control {
         reply: tokio::sync::oneshot::Sender<Result<Vec<Vec<u8>>, String>>,
     },
     /// Take a reference to each cached block of `hashes` (all or none), so none is
-    /// evicted or rewritten while a peer reads it from the shared pool; answers their ids.
+    /// evicted or rewritten while a hand-off reads it; answers their ids. With `share`,
+    /// the shared pool is brought up to date first, for a peer that reads it there.
     Pin {
         hashes: Vec<dynamo_protocol::BlockHash>,
+        share: bool,
         reply: tokio::sync::oneshot::Sender<Result<Vec<crate::block_manager::BlockId>, String>>,
     },
     /// Drop the references a `Pin` took.

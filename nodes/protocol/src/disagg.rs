@@ -81,6 +81,13 @@ pub struct KvTransfer {
     /// pool. The pool is registered once per peer; a chunk carries only its name and ids.
     #[serde(default)]
     pub shared: Option<SharedBlocks>,
+    /// The block bytes where the sender keeps them (slices of its own pool, held until
+    /// the chunk is answered), for a transport that sends them from there: the `tcp`
+    /// link's bulk calls write them as `payload` and the receiver gets them in `payload`.
+    /// Never encoded: any other transport would deliver the chunk without its bytes,
+    /// which the receiver refuses (too few bytes for its blocks).
+    #[serde(skip)]
+    pub in_place: Vec<bytes::Bytes>,
 }
 
 /// Blocks of a KV pool the receiver can map (a shared-memory segment on its machine).

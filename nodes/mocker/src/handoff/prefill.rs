@@ -7,11 +7,12 @@ use dynamo_protocol::{
     block_hashes, FinishReason, KvTransfer, KvTransferAck, PrefillRequest, PrefillResult,
     StopConditions, TokenRequest,
 };
+use dynamo_runtime::kv_transfer::ShmPeers;
 use dynamo_runtime::{telemetry, InstanceSet, RequestContext, ResponseStream, ServeError, Service};
 use futures::StreamExt;
 use tracing::Instrument;
 
-use super::shared::SharedHandoff;
+use super::shared::{SharedHandoff, Via};
 use super::{chunk_span, ChunkSender, KV_CHUNK_BLOCKS, KV_WINDOW};
 use crate::engine::MockerEngine;
 
@@ -25,6 +26,9 @@ pub struct PrefillService {
     chunk_blocks: usize,
     window: usize,
     shm_instances: Arc<BTreeSet<u64>>,
+    tcp_instances: Arc<BTreeSet<u64>>,
+    /// This worker's own shared pool, mapped once, for chunks sent from it in place.
+    own_pool: Arc<ShmPeers>,
 }
 
 impl PrefillService {
@@ -35,6 +39,8 @@ impl PrefillService {
             chunk_blocks: KV_CHUNK_BLOCKS,
             window: KV_WINDOW,
             shm_instances: Arc::default(),
+            tcp_instances: Arc::default(),
+            own_pool: Arc::default(),
         }
     }
 
@@ -42,6 +48,14 @@ impl PrefillService {
     /// worker's pool is shared, they get block ids and copy the bytes themselves.
     pub fn with_shm_instances(mut self, instances: BTreeSet<u64>) -> Self {
         self.shm_instances = Arc::new(instances);
+        self
+    }
+
+    /// The decode instances reached over a `tcp` link (bulk calls): when this worker's
+    /// pool is shared, their chunks are written to the connection straight from the
+    /// pool's pinned blocks instead of being exported into a buffer first.
+    pub fn with_tcp_instances(mut self, instances: BTreeSet<u64>) -> Self {
+        self.tcp_instances = Arc::new(instances);
         self
     }
 
@@ -67,6 +81,8 @@ impl Service<PrefillRequest, PrefillResult> for PrefillService {
             chunk_blocks: self.chunk_blocks,
             window: self.window,
             shm_instances: self.shm_instances.clone(),
+            tcp_instances: self.tcp_instances.clone(),
+            own_pool: self.own_pool.clone(),
         };
         // The prefill worker's hop: the engine's spans and the KV hand-off under it.
         let span = tracing::info_span!(
@@ -98,6 +114,8 @@ struct Prefill {
     chunk_blocks: usize,
     window: usize,
     shm_instances: Arc<BTreeSet<u64>>,
+    tcp_instances: Arc<BTreeSet<u64>>,
+    own_pool: Arc<ShmPeers>,
 }
 
 impl Prefill {
@@ -157,15 +175,26 @@ impl Prefill {
         hashes: &[dynamo_protocol::BlockHash],
         ctx: &RequestContext,
     ) -> Result<u64, ServeError> {
-        if let Some(pool) = self
-            .engine
-            .shared_pool()
-            .filter(|_| self.shm_instances.contains(&decode_instance))
-        {
+        let via = match self.engine.shared_pool() {
+            Some(pool) if self.shm_instances.contains(&decode_instance) => Some(Via::Ids {
+                pool: pool.to_string(),
+            }),
+            Some(pool) if self.tcp_instances.contains(&decode_instance) => {
+                match self.own_pool.get(pool) {
+                    Ok(mapped) => Some(Via::InPlace(mapped)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot map this worker's own KV pool; exporting the blocks instead");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let Some(via) = via {
             let shared = SharedHandoff {
                 engine: self.engine.clone(),
                 kv: self.kv.clone(),
-                pool: pool.to_string(),
+                via,
                 chunk_blocks: self.chunk_blocks,
                 window: self.window,
                 handoff_id: handoff_id.to_string(),
@@ -177,28 +206,38 @@ impl Prefill {
         let layout = self.engine.kv_layout();
         let chunks = hashes.len().div_ceil(self.chunk_blocks);
         tracing::Span::current().record("chunks", chunks);
-        // Read every block at once: they are cached now, and could be evicted later. One
-        // buffer per chunk, moved into its message.
-        let payloads = self.engine.export_chunks(hashes, self.chunk_blocks).await?;
-        if payloads.len() != chunks
-            || payloads.iter().map(Vec::len).sum::<usize>() != hashes.len() * block_bytes
-        {
-            return Err(ServeError::internal("the engine exported too few KV bytes"));
-        }
+        // The blocks are cached now; held, none is evicted before its chunk is read out of
+        // the pool, just before it is sent. So the export overlaps the sending, and at
+        // most a window of chunks is in memory at once, however long the prompt.
+        let held = self.engine.hold_blocks(hashes).await?;
         let per_chunk = self.chunk_blocks;
-        let transfers = payloads.into_iter().enumerate().map(|(i, payload)| {
+        let engine = &self.engine;
+        let transfers = (0..chunks).map(|i| {
             let (range, parent) = chunk_span(hashes, i, per_chunk);
-            let bytes = payload.len() as u64;
-            let transfer = KvTransfer {
-                handoff_id: handoff_id.to_string(),
-                hashes: hashes.get(range).unwrap_or_default().to_vec(),
-                parent,
-                payload,
-                layout,
-                last: i + 1 == chunks,
-                shared: None,
-            };
-            (transfer, bytes)
+            let chunk = hashes.get(range).unwrap_or_default();
+            async move {
+                // One chunk of all the blocks: its buffer moves into the message.
+                let mut parts = engine.export_chunks(chunk, chunk.len()).await?;
+                let payload = match parts.len() {
+                    1 => parts.pop().unwrap_or_default(),
+                    _ => parts.concat(),
+                };
+                if payload.len() != chunk.len() * block_bytes {
+                    return Err(ServeError::internal("the engine exported too few KV bytes"));
+                }
+                let bytes = payload.len() as u64;
+                let transfer = KvTransfer {
+                    handoff_id: handoff_id.to_string(),
+                    hashes: chunk.to_vec(),
+                    parent,
+                    payload,
+                    layout,
+                    last: i + 1 == chunks,
+                    shared: None,
+                    in_place: Vec::new(),
+                };
+                Ok((transfer, bytes))
+            }
         });
         let sender = ChunkSender {
             kv: &self.kv,
@@ -209,11 +248,13 @@ impl Prefill {
             // The prefill's cancellation drops this future, and with it the chunks in flight.
             stop: None,
         };
-        sender
+        let sent = sender
             .send(transfers, |blocks, bytes| {
                 self.engine.record_sent(blocks, bytes)
             })
-            .await
+            .await;
+        drop(held);
+        sent
     }
 
     /// Runs the prompt through the engine as a one-token request; returns the prompt

@@ -122,6 +122,7 @@ async fn a_corrupted_or_misshapen_transfer_is_refused() {
         layout: decode.kv_layout(),
         last: true,
         shared: None,
+        in_place: Vec::new(),
     };
     let call = |t: KvTransfer| {
         let stream = import.call(t, RequestContext::new("kv"));
@@ -180,6 +181,7 @@ async fn chunks_imported_out_of_order_chain_by_their_named_parent() {
             layout: decode.kv_layout(),
             last,
             shared: None,
+            in_place: Vec::new(),
         }
     };
     // The last chunk first, as a pipelined hand-off may deliver it.

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{frame_head, BulkField, CallHead, CALL, CANCEL, MAX_HEAD, PREFACE};
+use super::{frame_head, Bulk, BulkField, CallHead, CALL, CANCEL, MAX_HEAD, PREFACE};
 use crate::transport::socket_client::Resolve;
 use crate::{Message, RequestContext, ResponseStream, ServeError, Service};
 
@@ -59,7 +59,7 @@ struct Conn<Resp> {
 }
 
 enum Outgoing {
-    Call { head: Vec<u8>, bulk: Vec<u8> },
+    Call { head: Vec<u8>, bulk: Bulk },
     Cancel(u64),
 }
 
@@ -258,14 +258,22 @@ async fn write_calls(
         };
         let (kind, head, bulk) = match next {
             Outgoing::Call { head, bulk } => (CALL, head, bulk),
-            Outgoing::Cancel(id) => (CANCEL, id.to_le_bytes().to_vec(), Vec::new()),
+            Outgoing::Cancel(id) => (CANCEL, id.to_le_bytes().to_vec(), Bulk::Owned(Vec::new())),
         };
         let mut first = Vec::with_capacity(super::FRAME_HEAD + head.len());
         first.extend_from_slice(&frame_head(kind, head.len(), bulk.len()));
         first.extend_from_slice(&head);
         let written = async {
             wr.write_all(&first).await?;
-            wr.write_all(&bulk).await
+            match &bulk {
+                Bulk::Owned(bytes) => wr.write_all(bytes).await,
+                Bulk::Parts(parts) => {
+                    for part in parts {
+                        wr.write_all(part).await?;
+                    }
+                    Ok(())
+                }
+            }
         };
         let result = tokio::select! {
             _ = closed.cancelled() => break,

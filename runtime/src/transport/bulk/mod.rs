@@ -40,10 +40,30 @@ pub const MAX_HEAD: usize = 1 << 20;
 pub const MAX_BULK: u64 = 1 << 30;
 
 /// Where a request keeps its bulk bytes: `take` moves them out before the rest is encoded,
-/// `put` moves the received ones back in.
+/// `put` moves the received ones (always one buffer) back in.
 pub struct BulkField<Req> {
-    pub take: fn(&mut Req) -> Vec<u8>,
+    pub take: fn(&mut Req) -> Bulk,
     pub put: fn(&mut Req, Vec<u8>),
+}
+
+/// A request's bulk bytes on the sending side: one buffer, or parts written one after
+/// another from where they are (slices of a pool, kept alive by their owners).
+pub enum Bulk {
+    Owned(Vec<u8>),
+    Parts(Vec<bytes::Bytes>),
+}
+
+impl Bulk {
+    pub fn len(&self) -> usize {
+        match self {
+            Bulk::Owned(b) => b.len(),
+            Bulk::Parts(parts) => parts.iter().map(bytes::Bytes::len).sum(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl<Req> Clone for BulkField<Req> {

@@ -17,7 +17,20 @@ struct Chunk {
 }
 
 const FIELD: BulkField<Chunk> = BulkField {
-    take: |c| std::mem::take(&mut c.bytes),
+    take: |c| Bulk::Owned(std::mem::take(&mut c.bytes)),
+    put: |c, b| c.bytes = b,
+};
+
+/// Sends the bytes as parts of up to 100,000 bytes each, from one shared buffer.
+const PARTS: BulkField<Chunk> = BulkField {
+    take: |c| {
+        let all = bytes::Bytes::from(std::mem::take(&mut c.bytes));
+        let parts = (0..all.len())
+            .step_by(100_000)
+            .map(|at| all.slice(at..(at + 100_000).min(all.len())))
+            .collect();
+        Bulk::Parts(parts)
+    },
     put: |c, b| c.bytes = b,
 };
 
@@ -81,7 +94,7 @@ async fn concurrent_calls_carry_their_bulk_bytes_intact() {
     let (addr, _stop) = start(Arc::default());
     let client = BulkClient::new(
         "test",
-        resolve_to(Arc::new(Mutex::new(addr))),
+        resolve_to(Arc::new(Mutex::new(addr.clone()))),
         FIELD,
         BulkClientConfig::default(),
     );
@@ -96,6 +109,21 @@ async fn concurrent_calls_carry_their_bulk_bytes_intact() {
     for (got, want) in futures::future::join_all(calls).await {
         assert_eq!(got.expect("answer"), want);
     }
+    // The same bytes sent as parts arrive as one buffer, in order.
+    let parts = BulkClient::new(
+        "parts",
+        resolve_to(Arc::new(Mutex::new(addr.clone()))),
+        PARTS,
+        BulkClientConfig::default(),
+    );
+    let bytes: Vec<u8> = (0..1_234_567u32).map(|i| (i % 251) as u8).collect();
+    let want = (
+        5,
+        bytes.len(),
+        bytes.iter().map(|&b| u64::from(b)).sum::<u64>(),
+    );
+    let got = ask(&parts.endpoint("sum"), Chunk { tag: 5, bytes }).await;
+    assert_eq!(got.expect("parts"), want);
     // An empty bulk is a call like any.
     let empty = ask(
         &svc,
