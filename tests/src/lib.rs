@@ -193,6 +193,22 @@ impl Drop for Graph {
     }
 }
 
+/// `graphs/disagg.toml` with `transport = "tcp"` asked for on its KV edge (as between
+/// machines, here on one), written to a temporary file named after `tag`; the caller
+/// removes it.
+pub fn disagg_over_tcp(tag: &str) -> PathBuf {
+    let text = std::fs::read_to_string(workspace().join("graphs/disagg.toml")).expect("graph");
+    let edge = "from = \"prefill.kv\"\nto = \"decode.kv\"\n";
+    assert!(
+        text.contains(edge),
+        "graphs/disagg.toml changed its KV edge"
+    );
+    let text = text.replace(edge, &format!("{edge}transport = \"tcp\"\n"));
+    let file = std::env::temp_dir().join(format!("dynamo-{tag}-tcp-{}.toml", std::process::id()));
+    std::fs::write(&file, text).expect("write graph");
+    file
+}
+
 /// The Python interpreter with the `openai` package: `$DYNAMO_PYTHON`, or the venv that
 /// `scripts/setup-tests.sh` makes.
 pub fn python() -> PathBuf {

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use dynamo_tests::{model_cached, workspace, Graph};
+use dynamo_tests::{disagg_over_tcp, model_cached, workspace, Graph};
 use futures::StreamExt;
 
 /// The graph's workers as instant mockers: these tests are about the plumbing.
@@ -313,15 +313,7 @@ async fn kv_blocks_go_over_tcp_when_the_file_asks_for_it() {
         model_cached(),
         "the model is not cached: run scripts/setup-tests.sh"
     );
-    let text = std::fs::read_to_string(graph()).expect("graph file");
-    let edge = "from = \"prefill.kv\"\nto = \"decode.kv\"\n";
-    assert!(
-        text.contains(edge),
-        "graphs/disagg.toml changed its KV edge"
-    );
-    let text = text.replace(edge, &format!("{edge}transport = \"tcp\"\n"));
-    let file = std::env::temp_dir().join(format!("dynamo-disagg-tcp-{}.toml", std::process::id()));
-    std::fs::write(&file, text).expect("write graph");
+    let file = disagg_over_tcp("disagg");
     let g = Graph::up(&file, &MOCKER_INSTANT);
     let client = reqwest::Client::new();
     for max_tokens in [5, 9] {

@@ -13,7 +13,7 @@ use std::time::Instant;
 mod common;
 
 use common::{ask, check_hand_offs, dev_shm, metrics, need_model, sum};
-use dynamo_tests::{workspace, Graph};
+use dynamo_tests::{disagg_over_tcp, workspace, Graph};
 
 /// The transports the plan of `graphs/disagg.toml` gives the `prefill.kv -> decode.kv` links.
 fn kv_transports() -> Vec<&'static str> {
@@ -54,15 +54,7 @@ fn aggregated_and_disaggregated_native_graphs_answer_paris_alike() {
     drop(disagg);
     assert_eq!(dev_shm(), shm_before, "the graph left files in /dev/shm");
 
-    let text = std::fs::read_to_string(workspace().join("graphs/disagg.toml")).expect("graph");
-    let edge = "from = \"prefill.kv\"\nto = \"decode.kv\"\n";
-    assert!(
-        text.contains(edge),
-        "graphs/disagg.toml changed its KV edge"
-    );
-    let text = text.replace(edge, &format!("{edge}transport = \"tcp\"\n"));
-    let file = std::env::temp_dir().join(format!("dynamo-native-tcp-{}.toml", std::process::id()));
-    std::fs::write(&file, text).expect("write graph");
+    let file = disagg_over_tcp("native");
     let tcp = Graph::up(&file, &[]);
     assert_eq!(
         aggregated,

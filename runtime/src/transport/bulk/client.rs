@@ -45,8 +45,9 @@ struct Inner<Req, Resp> {
     field: BulkField<Req>,
     config: BulkClientConfig,
     current: Mutex<Option<Arc<Conn<Resp>>>>,
-    /// One dial at a time.
-    dialing: tokio::sync::Mutex<()>,
+    /// One dial at a time; the last failed one (when, why), so callers that queued behind
+    /// it get its error instead of dialing again one after another.
+    dialing: tokio::sync::Mutex<Option<(tokio::time::Instant, ServeError)>>,
 }
 
 type Answer<Resp> = Result<Resp, ServeError>;
@@ -79,7 +80,7 @@ impl<Req: Message, Resp: Message> BulkClient<Req, Resp> {
                 field,
                 config,
                 current: Mutex::new(None),
-                dialing: tokio::sync::Mutex::new(()),
+                dialing: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -112,10 +113,29 @@ impl<Req: Message, Resp: Message> Inner<Req, Resp> {
         if let Some(conn) = self.live() {
             return Ok(conn);
         }
-        let _dialing = self.dialing.lock().await;
+        let asked = tokio::time::Instant::now();
+        let mut last_failure = self.dialing.lock().await;
         if let Some(conn) = self.live() {
             return Ok(conn);
         }
+        if let Some((at, error)) = last_failure.as_ref() {
+            if *at >= asked {
+                return Err(error.clone());
+            }
+        }
+        match self.dial().await {
+            Ok(conn) => {
+                *last_failure = None;
+                Ok(conn)
+            }
+            Err(e) => {
+                *last_failure = Some((tokio::time::Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(&self) -> Result<Arc<Conn<Resp>>, ServeError> {
         let timeout = self.config.connect_timeout;
         let dial = async {
             let addr = (self.resolve)().await?;

@@ -84,6 +84,11 @@ fn resolve_to(addr: Arc<Mutex<String>>) -> Resolve {
 
 type Answer = Result<(u32, usize, u64), ServeError>;
 
+fn client_of(addr: &str) -> BulkClient<Chunk, (u32, usize, u64)> {
+    let at = Arc::new(Mutex::new(addr.to_string()));
+    BulkClient::new("test", resolve_to(at), FIELD, BulkClientConfig::default())
+}
+
 async fn ask(svc: &Arc<dyn Service<Chunk, (u32, usize, u64)>>, chunk: Chunk) -> Answer {
     let mut s = svc.call(chunk, RequestContext::new("t"));
     s.next().await.expect("one answer")
@@ -92,12 +97,7 @@ async fn ask(svc: &Arc<dyn Service<Chunk, (u32, usize, u64)>>, chunk: Chunk) -> 
 #[tokio::test]
 async fn concurrent_calls_carry_their_bulk_bytes_intact() {
     let (addr, _stop) = start(Arc::default());
-    let client = BulkClient::new(
-        "test",
-        resolve_to(Arc::new(Mutex::new(addr.clone()))),
-        FIELD,
-        BulkClientConfig::default(),
-    );
+    let client = client_of(&addr);
     let svc = client.endpoint("sum");
     let calls = (1..=8u32).map(|tag| {
         let len = tag as usize * 377_731;
@@ -139,12 +139,7 @@ async fn concurrent_calls_carry_their_bulk_bytes_intact() {
 #[tokio::test]
 async fn errors_and_unknown_endpoints_come_back_as_errors() {
     let (addr, _stop) = start(Arc::default());
-    let client = BulkClient::new(
-        "test",
-        resolve_to(Arc::new(Mutex::new(addr))),
-        FIELD,
-        BulkClientConfig::default(),
-    );
+    let client = client_of(&addr);
     let refused = ask(
         &client.endpoint("sum"),
         Chunk {
@@ -186,12 +181,7 @@ async fn errors_and_unknown_endpoints_come_back_as_errors() {
 async fn a_dropped_call_is_cancelled_on_the_server() {
     let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
     let (addr, _stop) = start(seen.clone());
-    let client: BulkClient<Chunk, (u32, usize, u64)> = BulkClient::new(
-        "test",
-        resolve_to(Arc::new(Mutex::new(addr))),
-        FIELD,
-        BulkClientConfig::default(),
-    );
+    let client = client_of(&addr);
     let svc = client.endpoint("stuck");
     let ctx = RequestContext::new("c");
     let mut answer = svc.call(
@@ -364,12 +354,7 @@ async fn garbage_closes_only_its_own_connection() {
             "the server closes a connection that sent garbage"
         );
     }
-    let client = BulkClient::new(
-        "test",
-        resolve_to(Arc::new(Mutex::new(addr))),
-        FIELD,
-        BulkClientConfig::default(),
-    );
+    let client = client_of(&addr);
     let ok = ask(
         &client.endpoint("sum"),
         Chunk {
@@ -379,4 +364,43 @@ async fn garbage_closes_only_its_own_connection() {
     )
     .await;
     assert_eq!(ok.expect("still serving"), (3, 2, 2));
+}
+
+#[tokio::test]
+async fn calls_queued_behind_a_failed_dial_share_its_error() {
+    let dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = dials.clone();
+    let resolve: Resolve = Arc::new(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok("127.0.0.1:1".to_string())
+        }
+        .boxed()
+    });
+    let client = BulkClient::new("gone", resolve, FIELD, BulkClientConfig::default());
+    let svc = client.endpoint("sum");
+    let calls = (0..4).map(|tag| {
+        ask(
+            &svc,
+            Chunk {
+                tag,
+                bytes: vec![1; 8],
+            },
+        )
+    });
+    for answer in futures::future::join_all(calls).await {
+        assert_eq!(answer.expect_err("refused").kind, ErrorKind::Unavailable);
+    }
+    assert_eq!(dials.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // A later call dials again.
+    let _ = ask(
+        &svc,
+        Chunk {
+            tag: 9,
+            bytes: vec![],
+        },
+    )
+    .await;
+    assert_eq!(dials.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
