@@ -181,7 +181,9 @@ async fn read_calls<Req: Message, Resp: Message>(
         match fh[0] {
             CANCEL => {
                 let id = <[u8; 8]>::try_from(head.as_slice())
-                    .map_err(|_| format!("a cancel frame of {head_len} bytes"))?;
+                    .ok()
+                    .filter(|_| bulk_len == 0)
+                    .ok_or_else(|| format!("a cancel frame of {head_len} + {bulk_len} bytes"))?;
                 if let Some(token) = lock(calls).remove(&u64::from_le_bytes(id)) {
                     token.cancel();
                 }

@@ -342,6 +342,13 @@ async fn garbage_closes_only_its_own_connection() {
         ]
         .concat(),
         [PREFACE.to_vec(), frame_head(9, 0, 0).to_vec()].concat(),
+        // A cancel frame that claims bulk bytes would desynchronise the stream.
+        [
+            PREFACE.to_vec(),
+            frame_head(CANCEL, 8, 5).to_vec(),
+            vec![0; 13],
+        ]
+        .concat(),
     ] {
         let mut s = tokio::net::TcpStream::connect(&addr)
             .await
