@@ -4,6 +4,7 @@
 
 pub mod bulk;
 mod client_stream;
+mod dial;
 pub mod frame;
 pub mod in_process;
 pub mod nats;

@@ -24,6 +24,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::client_stream::{ClientStream, Incoming, Open, StreamGuard};
+use super::dial::DialGate;
 use super::frame::{self, Header, StreamId, MAX_WINDOW};
 use super::writer::write_frames;
 use crate::edge::{error_stream, Message, RequestContext, ResponseStream, Service};
@@ -88,8 +89,7 @@ struct ClientInner {
     display: Arc<str>,
     config: SocketClientConfig,
     current: ArcSwapOption<Connection>,
-    /// Serialises connect attempts; holds when and how the last one failed.
-    reconnect: tokio::sync::Mutex<Option<(tokio::time::Instant, ServeError)>>,
+    reconnect: DialGate,
     next_stream: AtomicU64,
 }
 
@@ -145,7 +145,7 @@ impl SocketClient {
                 display: display.into(),
                 config,
                 current: ArcSwapOption::empty(),
-                reconnect: tokio::sync::Mutex::new(None),
+                reconnect: DialGate::default(),
                 next_stream: AtomicU64::new(1),
             }),
         }
@@ -174,40 +174,25 @@ impl ClientInner {
     /// time; if the attempt they waited for failed, they get its error rather than trying
     /// again one after another, so no call waits much longer than one connect timeout.
     async fn connection(&self) -> Result<Arc<Connection>, ServeError> {
-        if let Some(conn) = self.live() {
-            return Ok(conn);
-        }
-        let asked = tokio::time::Instant::now();
-        let mut last_failure = self.reconnect.lock().await;
-        if let Some(conn) = self.live() {
-            return Ok(conn);
-        }
-        if let Some((at, error)) = last_failure.as_ref() {
-            if *at >= asked {
-                return Err(error.clone());
-            }
-        }
-        match self.dial().await {
-            Ok(dialed) => {
-                let conn = match dialed {
-                    Dialed::Unix(stream) => {
-                        let (rd, wr) = stream.into_split();
-                        Connection::start(rd, wr, &self.config)
-                    }
-                    Dialed::Tcp(stream) => {
-                        let (rd, wr) = stream.into_split();
-                        Connection::start(rd, wr, &self.config)
-                    }
-                };
-                self.current.store(Some(conn.clone()));
-                *last_failure = None;
-                Ok(conn)
-            }
-            Err(e) => {
-                *last_failure = Some((tokio::time::Instant::now(), e.clone()));
-                Err(e)
-            }
-        }
+        self.reconnect
+            .connect(
+                || self.live(),
+                || async {
+                    let conn = match self.dial().await? {
+                        Dialed::Unix(stream) => {
+                            let (rd, wr) = stream.into_split();
+                            Connection::start(rd, wr, &self.config)
+                        }
+                        Dialed::Tcp(stream) => {
+                            let (rd, wr) = stream.into_split();
+                            Connection::start(rd, wr, &self.config)
+                        }
+                    };
+                    self.current.store(Some(conn.clone()));
+                    Ok(conn)
+                },
+            )
+            .await
     }
 
     async fn dial(&self) -> Result<Dialed, ServeError> {

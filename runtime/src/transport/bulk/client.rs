@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{frame_head, Bulk, BulkField, CallHead, CALL, CANCEL, MAX_HEAD, PREFACE};
+use crate::transport::dial::DialGate;
 use crate::transport::socket_client::Resolve;
 use crate::{Message, RequestContext, ResponseStream, ServeError, Service};
 
@@ -45,9 +46,7 @@ struct Inner<Req, Resp> {
     field: BulkField<Req>,
     config: BulkClientConfig,
     current: Mutex<Option<Arc<Conn<Resp>>>>,
-    /// One dial at a time; the last failed one (when, why), so callers that queued behind
-    /// it get its error instead of dialing again one after another.
-    dialing: tokio::sync::Mutex<Option<(tokio::time::Instant, ServeError)>>,
+    dialing: DialGate,
 }
 
 type Answer<Resp> = Result<Resp, ServeError>;
@@ -80,7 +79,7 @@ impl<Req: Message, Resp: Message> BulkClient<Req, Resp> {
                 field,
                 config,
                 current: Mutex::new(None),
-                dialing: tokio::sync::Mutex::new(None),
+                dialing: DialGate::default(),
             }),
         }
     }
@@ -110,29 +109,7 @@ impl<Req: Message, Resp: Message> Inner<Req, Resp> {
     }
 
     async fn connection(&self) -> Result<Arc<Conn<Resp>>, ServeError> {
-        if let Some(conn) = self.live() {
-            return Ok(conn);
-        }
-        let asked = tokio::time::Instant::now();
-        let mut last_failure = self.dialing.lock().await;
-        if let Some(conn) = self.live() {
-            return Ok(conn);
-        }
-        if let Some((at, error)) = last_failure.as_ref() {
-            if *at >= asked {
-                return Err(error.clone());
-            }
-        }
-        match self.dial().await {
-            Ok(conn) => {
-                *last_failure = None;
-                Ok(conn)
-            }
-            Err(e) => {
-                *last_failure = Some((tokio::time::Instant::now(), e.clone()));
-                Err(e)
-            }
-        }
+        self.dialing.connect(|| self.live(), || self.dial()).await
     }
 
     async fn dial(&self) -> Result<Arc<Conn<Resp>>, ServeError> {
