@@ -291,7 +291,12 @@ impl MockerEngine {
     /// The bytes of the cached blocks `hashes` for a hand-off: read from the model's pool,
     /// or fabricated from the hashes by the mocker ([`crate::payload`]).
     pub async fn export_blocks(&self, hashes: &[BlockHash]) -> Result<Vec<u8>, ServeError> {
-        Ok(self.export_chunks(hashes, hashes.len()).await?.concat())
+        let mut chunks = self.export_chunks(hashes, hashes.len()).await?;
+        // One chunk of all the blocks: its buffer, not a copy of it.
+        Ok(match chunks.len() {
+            1 => chunks.pop().unwrap_or_default(),
+            _ => chunks.concat(),
+        })
     }
 
     /// [`MockerEngine::export_blocks`] in buffers of `chunk_blocks` blocks each, read at

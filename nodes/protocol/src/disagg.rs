@@ -84,8 +84,9 @@ pub struct KvTransfer {
     /// The block bytes where the sender keeps them (slices of its own pool, held until
     /// the chunk is answered), for a transport that sends them from there: the `tcp`
     /// link's bulk calls write them as `payload` and the receiver gets them in `payload`.
-    /// Never encoded: any other transport would deliver the chunk without its bytes,
-    /// which the receiver refuses (too few bytes for its blocks).
+    /// Never encoded, and never read by the receiver: over any other link the chunk
+    /// arrives without its bytes, which the receiver refuses (too few bytes for its
+    /// blocks). The prefill worker fills it for `tcp` links only.
     #[serde(skip)]
     pub in_place: Vec<bytes::Bytes>,
 }

@@ -46,18 +46,9 @@ async fn import(
         layout,
         last,
         shared,
-        in_place,
+        // Only the sender's: a chunk arrives with its bytes in `payload`.
+        in_place: _,
     } = transfer;
-    // A chunk that crossed no process boundary may still hold its bytes in place.
-    let payload = if payload.is_empty() && !in_place.is_empty() {
-        let mut bytes = Vec::with_capacity(in_place.iter().map(|b| b.len()).sum());
-        for part in &in_place {
-            bytes.extend_from_slice(part);
-        }
-        bytes
-    } else {
-        payload
-    };
     let result = match shared {
         None => {
             engine

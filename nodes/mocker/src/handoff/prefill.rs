@@ -216,12 +216,7 @@ impl Prefill {
             let (range, parent) = chunk_span(hashes, i, per_chunk);
             let chunk = hashes.get(range).unwrap_or_default();
             async move {
-                // One chunk of all the blocks: its buffer moves into the message.
-                let mut parts = engine.export_chunks(chunk, chunk.len()).await?;
-                let payload = match parts.len() {
-                    1 => parts.pop().unwrap_or_default(),
-                    _ => parts.concat(),
-                };
+                let payload = engine.export_blocks(chunk).await?;
                 if payload.len() != chunk.len() * block_bytes {
                     return Err(ServeError::internal("the engine exported too few KV bytes"));
                 }
