@@ -8,6 +8,10 @@
 //! - tcp: the peer listens on 127.0.0.2, this process connects from 127.0.0.1 (two
 //!   addresses standing in for two machines: multi-machine `graph up` is issue #6); a
 //!   hand-off cancelled mid-stream is reported by the peer, the next one arrives intact.
+//! - CUDA IPC (only on a machine with a GPU; otherwise skipped with a notice on stderr):
+//!   the peer opens this process's GPU pool by its IPC handle and copies the listed
+//!   blocks device to device into a pool of its own, one by one and then all in one call;
+//!   a peer killed mid-copy does not disturb the export.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -15,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use dynamo_runtime::kv_transfer::tcp::{recv_blocks, send_blocks};
-use dynamo_runtime::kv_transfer::{ShmPeers, ShmSegment};
+use dynamo_runtime::kv_transfer::{cuda, CudaPeers, CudaPool, Gpu, ShmPeers, ShmSegment};
 use tokio_util::sync::CancellationToken;
 
 const PEER_ENV: &str = "DYNAMO_KV_TEST_PEER";
@@ -174,6 +178,77 @@ fn tcp_hand_off_between_two_processes_on_two_addresses_is_exact_and_survives_a_c
     assert!(got == bytes, "the blocks the peer received differ");
 }
 
+/// GPU 0, or `None` after a notice that bypasses the test harness's capture (so it shows
+/// in every run's output) saying why the test is skipped.
+fn gpu_or_skip(test: &str) -> Option<std::sync::Arc<Gpu>> {
+    let why = match cuda::device_count() {
+        Ok(0) => "the CUDA driver sees no GPU".to_string(),
+        Ok(_) => match Gpu::open(0) {
+            Ok(gpu) => return Some(gpu),
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    };
+    let notice = format!("\nSKIPPED {test}: needs a GPU ({why})\n");
+    let _ = std::io::stderr().write_all(notice.as_bytes());
+    None
+}
+
+#[test]
+fn cuda_ipc_hand_off_between_two_processes_is_exact_and_survives_a_killed_peer() {
+    let Some(gpu) = gpu_or_skip("cuda_ipc_hand_off_between_two_processes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bytes = pattern(13);
+    let pool = CudaPool::alloc(&gpu, bytes.len()).expect("GPU pool");
+    pool.write(0, &bytes).expect("fill the pool");
+    let export = pool.export().expect("export");
+    let all: Vec<String> = (0..BLOCKS).map(|i| i.to_string()).collect();
+
+    // A peer killed in the middle of its copies.
+    let slow_out = dir.path().join("slow");
+    let mut slow = spawn_peer(&format!(
+        "cuda;{};{};{};20",
+        export.name(),
+        all.join(","),
+        slow_out.display()
+    ));
+    let mut lines = BufReader::new(slow.stdout.take().expect("stdout")).lines();
+    wait_line(&mut lines, "copied 3");
+    slow.kill().expect("kill the peer");
+    slow.wait().expect("reap the peer");
+    assert!(!slow_out.exists(), "the killed peer finished its copy");
+
+    // The export still serves: the next peer copies its blocks exactly.
+    let ids = [5u32, 63, 0, 17, 18, 19, 40];
+    let out = dir.path().join("fast");
+    let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let mut fast = spawn_peer(&format!(
+        "cuda;{};{};{};0",
+        export.name(),
+        list.join(","),
+        out.display()
+    ));
+    let status = fast.wait().expect("peer");
+    assert!(status.success(), "the peer failed: {status}");
+    let got = std::fs::read(&out).expect("the peer's copy");
+    let want: Vec<u8> = ids
+        .iter()
+        .flat_map(|&i| bytes[i as usize * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES].to_vec())
+        .collect();
+    // Twice: copied block by block, then all in one call.
+    assert_eq!(got.len(), 2 * want.len());
+    assert!(
+        got[..want.len()] == want[..],
+        "the blocks copied one by one differ from the pool's"
+    );
+    assert!(
+        got[want.len()..] == want[..],
+        "the blocks copied in one call differ from the pool's"
+    );
+}
+
 /// The peer side of the tests above; does nothing unless started by them.
 #[test]
 #[ignore = "a helper: the other tests start it in its own process"]
@@ -185,6 +260,7 @@ fn peer_process_entry() {
     match parts.as_slice() {
         ["shm", name, ids, out, delay_ms] => shm_peer(name, ids, Path::new(out), delay_ms),
         ["tcp", addr, out] => tcp_peer(addr, Path::new(out)),
+        ["cuda", name, ids, out, delay_ms] => cuda_peer(name, ids, Path::new(out), delay_ms),
         _ => panic!("unknown peer job {job}"),
     }
 }
@@ -230,4 +306,34 @@ fn tcp_peer(addr: &str, out: &Path) {
             .expect("the second hand-off");
         std::fs::write(out, got).expect("write the copy");
     });
+}
+
+fn cuda_peer(name: &str, ids: &str, out: &Path, delay_ms: &str) {
+    let delay = Duration::from_millis(delay_ms.parse().expect("delay"));
+    let gpu = Gpu::open(0).expect("GPU 0");
+    let ids: Vec<u32> = ids
+        .split(',')
+        .map(|i| i.parse().expect("block id"))
+        .collect();
+    let own = CudaPool::alloc(&gpu, 2 * ids.len() * BLOCK_BYTES).expect("own pool");
+    let peers = CudaPeers::new(gpu);
+    for (i, &id) in ids.iter().enumerate() {
+        // Opened once: every block after the first reuses the handle.
+        let peer = peers.get(name).expect("open the pool");
+        own.copy_from_peer(&peer, &[(id, i as u32)], BLOCK_BYTES)
+            .expect("copy a block");
+        println!("copied {i}");
+        std::io::stdout().flush().expect("stdout");
+        std::thread::sleep(delay);
+    }
+    let peer = peers.get(name).expect("open the pool");
+    let moves: Vec<(u32, u32)> = (0..)
+        .zip(&ids)
+        .map(|(i, &id)| (id, (ids.len() + i) as u32))
+        .collect();
+    own.copy_from_peer(&peer, &moves, BLOCK_BYTES)
+        .expect("copy all blocks");
+    let mut copy = vec![0u8; own.len()];
+    own.read(0, &mut copy).expect("read the own pool");
+    std::fs::write(out, copy).expect("write the copy");
 }

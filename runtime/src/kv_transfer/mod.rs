@@ -10,6 +10,9 @@
 //!   read-only and copies the listed blocks straight into its own pool: one copy.
 //!   Neither the memfd nor the abstract socket has a name in a file system, so nothing is
 //!   left in `/dev/shm` or on disk when either side exits, even on a crash.
+//! - [`cuda`]: same machine, GPU memory. The pool is one `cuMemAlloc` allocation whose
+//!   IPC handle the peer receives once over the same kind of abstract socket, opens with
+//!   `cuIpcOpenMemHandle` and copies the listed blocks from, device to device: one copy.
 //! - [`tcp`]: across machines. Blocks stream over a direct connection of their own, so a
 //!   large hand-off never queues behind control traffic; the kernel's flow control is the
 //!   backpressure.
@@ -21,11 +24,14 @@
 //! caller's (`nodes/protocol`'s `KvLayout`); here a block is `block_bytes` contiguous
 //! bytes at `id * block_bytes` in its pool.
 
+mod announce;
 pub mod copy;
+pub mod cuda;
 pub mod shm;
 pub mod tcp;
 
 pub use copy::{copy_blocks, CopyError};
+pub use cuda::{CudaExport, CudaPeer, CudaPeers, CudaPool, Gpu};
 pub use shm::{ShmExport, ShmPeer, ShmPeers, ShmSegment};
 
 /// What can go wrong moving KV blocks.
@@ -61,4 +67,6 @@ pub enum KvTransferError {
     Protocol { peer: String, message: String },
     #[error("the KV transfer was cancelled")]
     Cancelled,
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }

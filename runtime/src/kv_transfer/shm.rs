@@ -10,19 +10,17 @@
 //! hand-off pinned (not reused, not written) until the peer answered; the peer only reads
 //! those. The kernel frees the pages when the last descriptor and mapping are gone.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
+use super::announce::{self, Announcer, PeerPool, Peers};
 use super::KvTransferError;
 
 /// A memfd-backed shared mapping: a KV pool another process can map.
@@ -72,92 +70,24 @@ impl ShmSegment {
     }
 }
 
-static EXPORTS: AtomicU64 = AtomicU64::new(0);
-
 /// Hands a segment's descriptor to every peer that connects to its abstract socket, until
 /// dropped. Each peer's connection stays open while the export lives: when it closes (the
 /// export dropped, or its process died), the peer forgets its mapping ([`ShmPeers`]).
 pub struct ShmExport {
-    name: String,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    announcer: Announcer,
 }
 
 impl ShmExport {
     fn start(file: Arc<File>, len: usize) -> Result<ShmExport, KvTransferError> {
-        let name = format!(
-            "dynamo-kv-{}-{}-{:08x}",
-            std::process::id(),
-            EXPORTS.fetch_add(1, Ordering::Relaxed),
-            fastrand::u32(..)
-        );
-        let err = |source| KvTransferError::Export {
-            name: name.clone(),
-            source,
-        };
-        let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(err)?;
-        let listener = UnixListener::bind_addr(&addr).map_err(err)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        let label = name.clone();
-        let thread = std::thread::Builder::new()
-            .name("kv-shm-export".into())
-            .spawn(move || {
-                let mut peers = Vec::new();
-                for conn in listener.incoming() {
-                    if stopping.load(Ordering::Acquire) {
-                        break;
-                    }
-                    match conn {
-                        Ok(conn) => {
-                            // An abstract socket has no file permissions: only a process of
-                            // this user may have the pool (it holds other users' prompts).
-                            if !same_user(&conn) {
-                                tracing::warn!(export = %label, "kv: a process of another user asked for the pool; refused");
-                                continue;
-                            }
-                            match send_fd(&conn, file.as_fd(), len) {
-                                Ok(()) => peers.push(conn),
-                                Err(e) => tracing::warn!(export = %label, error = %e, "kv: handing the pool to a peer failed"),
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(export = %label, error = %e, "kv: accepting a peer failed")
-                        }
-                    }
-                }
-            })
-            .map_err(err)?;
-        Ok(ShmExport {
-            name,
-            stop,
-            thread: Some(thread),
-        })
+        let announcer =
+            Announcer::start("dynamo-kv", move |conn| send_fd(conn, file.as_fd(), len))?;
+        Ok(ShmExport { announcer })
     }
 
     /// The handle a peer passes to [`ShmPeers::get`].
     pub fn name(&self) -> &str {
-        &self.name
+        self.announcer.name()
     }
-}
-
-impl Drop for ShmExport {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wake the accept loop so it sees `stop` and closes the socket.
-        let woken = SocketAddr::from_abstract_name(self.name.as_bytes())
-            .and_then(|addr| UnixStream::connect_addr(&addr))
-            .is_ok();
-        // Joined, the thread has closed the peers' connections and its descriptor.
-        if let (true, Some(thread)) = (woken, self.thread.take()) {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn same_user(conn: &UnixStream) -> bool {
-    nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
-        .is_ok_and(|cred| cred.uid() == nix::unistd::getuid().as_raw())
 }
 
 fn send_fd(conn: &UnixStream, fd: std::os::fd::BorrowedFd<'_>, len: usize) -> std::io::Result<()> {
@@ -197,13 +127,7 @@ impl ShmPeer {
             name: name.to_string(),
             message,
         };
-        let addr =
-            SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| fail(e.to_string()))?;
-        let conn = UnixStream::connect_addr(&addr).map_err(|e| {
-            fail(format!(
-                "no export answers ({e}); is its process on this machine?"
-            ))
-        })?;
+        let conn = announce::connect(name)?;
         let mut header = [0u8; 8];
         let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
         let mut fd = None;
@@ -256,12 +180,7 @@ impl ShmPeer {
 
     /// Whether the export still lives (its connection is open).
     pub fn is_alive(&self) -> bool {
-        let mut byte = [0u8; 1];
-        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
-        !matches!(
-            nix::sys::socket::recv(self.conn.as_raw_fd(), &mut byte, flags),
-            Ok(0) | Err(nix::errno::Errno::ECONNRESET)
-        )
+        announce::is_alive(&self.conn)
     }
 
     pub fn len(&self) -> usize {
@@ -291,10 +210,16 @@ impl ShmPeer {
     }
 }
 
+impl PeerPool for ShmPeer {
+    fn is_alive(&self) -> bool {
+        ShmPeer::is_alive(self)
+    }
+}
+
 /// The peers' segments this process mapped, one mapping per export name.
 #[derive(Default)]
 pub struct ShmPeers {
-    peers: Mutex<HashMap<String, Arc<ShmPeer>>>,
+    peers: Peers<ShmPeer>,
 }
 
 impl ShmPeers {
@@ -305,25 +230,12 @@ impl ShmPeers {
     /// The mapping of export `name`, connecting and mapping on first use. Mappings of
     /// exports that went away (a restarted prefill worker's old pool) are dropped here.
     pub fn get(&self, name: &str) -> Result<Arc<ShmPeer>, KvTransferError> {
-        let mut peers = self
-            .peers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        peers.retain(|_, peer| peer.is_alive());
-        if let Some(peer) = peers.get(name) {
-            return Ok(peer.clone());
-        }
-        let peer = Arc::new(ShmPeer::connect(name)?);
-        peers.insert(name.to_string(), peer.clone());
-        Ok(peer)
+        self.peers.get_or_open(name, || ShmPeer::connect(name))
     }
 
     /// Unmaps `name` (its owner went away); the next [`ShmPeers::get`] maps it afresh.
     pub fn forget(&self, name: &str) {
-        self.peers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(name);
+        self.peers.forget(name)
     }
 }
 
