@@ -106,6 +106,8 @@ pub fn mocker(
         vocab_size: u32::try_from(vocab).map_err(|_| invalid(node, "vocabulary too large"))?,
         special_token_ids: special,
         seed: node.u64("seed").unwrap_or(0),
+        // The KV pool on the replica's GPU (its plan GPU ids arrive as CUDA_VISIBLE_DEVICES).
+        kv_on_gpu: node.str("device") == Some("cuda"),
         ..MockerConfig::default()
     };
     MockerEngine::start(config).map_err(|e| invalid(node, e))

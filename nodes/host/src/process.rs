@@ -113,10 +113,10 @@ impl Ctx<'_> {
                     .ok_or(ProcessError::MissingLocal { edge, endpoint: ep })?;
                 Ok(InProcessClient::new(svc).into_service())
             }
-            // A shared-memory link's messages go over the local socket and carry only block
-            // ids; the bytes are read from the sender's mapped pool (the prefill service is
-            // told which instances these are: `shm_instances`).
-            Transport::Socket | Transport::Shm => {
+            // A shared-memory or CUDA IPC link's messages go over the local socket and carry
+            // only block ids; the bytes are read from the sender's mapped (or opened GPU)
+            // pool (the prefill service is told which instances these are).
+            Transport::Socket | Transport::Shm | Transport::CudaIpc => {
                 let process = self
                     .plan
                     .replica(target)
@@ -148,11 +148,6 @@ impl Ctx<'_> {
                     }),
                 }
             }
-            other => Err(ProcessError::Transport {
-                edge,
-                transport: other.as_str(),
-                issue: "CUDA IPC needs a CUDA engine (issue #8)",
-            }),
         }
     }
 
@@ -436,10 +431,20 @@ pub async fn run(
                 if node.kind == "prefill" {
                     // Its `kv` output reaches the decode workers, built before it.
                     let kv_out = ctx.outputs(replica, "kv", &kv_in)?;
+                    let engine = built.engine_for(node)?;
+                    let cuda = link_targets(&plan, replica, "kv", Transport::CudaIpc);
+                    if !cuda.is_empty() && engine.gpu_pool().is_none() {
+                        return Err(ProcessError::Transport {
+                            edge: format!("{}.kv", replica.id.node),
+                            transport: Transport::CudaIpc.as_str(),
+                            issue: "only the mocker keeps its KV cache on a GPU; the model engines have no CUDA backend yet",
+                        });
+                    }
                     let prefill: Arc<dyn Service<PrefillRequest, PrefillResult>> = Arc::new(
-                        PrefillService::new(built.engine_for(node)?, kv_out)
+                        PrefillService::new(engine, kv_out)
                             .with_shm_instances(link_targets(&plan, replica, "kv", Transport::Shm))
-                            .with_tcp_instances(link_targets(&plan, replica, "kv", Transport::Tcp)),
+                            .with_tcp_instances(link_targets(&plan, replica, "kv", Transport::Tcp))
+                            .with_cuda_instances(cuda),
                     );
                     server
                         .register(&ep, prefill.clone())

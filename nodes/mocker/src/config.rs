@@ -66,6 +66,10 @@ pub struct MockerConfig {
     /// Refuse prompts with token ids outside `0..vocab_size` (a real model cannot embed
     /// them); the mocker takes any id.
     pub check_token_ids: bool,
+    /// Keep the bytes of the KV blocks in a pool on this process's GPU 0 (the graph's
+    /// `device = "cuda"`), so a hand-off to a decode worker on this machine goes by CUDA
+    /// IPC. The timing model writes each handed-off block's fabricated bytes there.
+    pub kv_on_gpu: bool,
 }
 
 impl Default for MockerConfig {
@@ -87,6 +91,7 @@ impl Default for MockerConfig {
             kv_layout: SMOLLM2_135M_KV_LAYOUT,
             max_model_len: None,
             check_token_ids: false,
+            kv_on_gpu: false,
         }
     }
 }

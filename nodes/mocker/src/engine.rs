@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::StepBackend;
 use crate::block_manager::{ImportError, KvSnapshot};
 use crate::config::{ConfigError, MockerConfig};
+use crate::gpu_pool::GpuKv;
 use crate::payload::verify_transfer;
 use crate::scheduler::{RequestLimits, Scheduler};
 use crate::sequence::NewSequence;
@@ -31,6 +32,8 @@ pub enum EngineError {
     NoRuntime,
     #[error("cannot start the engine's step thread: {0}")]
     Thread(String),
+    #[error("cannot keep the KV cache on a GPU (`device = \"cuda\"`): {0}")]
+    Gpu(String),
 }
 
 fn join(errors: &[ConfigError]) -> String {
@@ -55,6 +58,9 @@ pub struct MockerEngine {
     real_kv: bool,
     /// The export name of the backend's pool when it is in shared memory.
     shared_pool: Option<String>,
+    /// The pool on the GPU (`kv_on_gpu`), whose blocks a peer on this machine copies by
+    /// CUDA IPC.
+    gpu: Option<Arc<GpuKv>>,
 }
 
 /// Blocks held for a hand-off from the shared pool; released when dropped.
@@ -117,6 +123,18 @@ impl MockerEngine {
                 max: crate::config::MAX_BLOCK_BYTES,
             }])
         })?;
+        let gpu = match (config.kv_on_gpu, real_kv) {
+            (false, _) => None,
+            (true, true) => {
+                return Err(EngineError::Gpu(
+                    "a model's KV cache on a GPU needs a CUDA model backend, which this build does not have".into(),
+                ))
+            }
+            (true, false) => Some(Arc::new(
+                GpuKv::open(config.num_blocks, block_bytes)
+                    .map_err(|e| EngineError::Gpu(e.to_string()))?,
+            )),
+        };
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| EngineError::NoRuntime)?;
         let (control, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(config.event_buffer);
@@ -132,7 +150,8 @@ impl MockerEngine {
             stats.clone(),
             stop.clone(),
             config.speedup,
-        );
+        )
+        .with_gpu(gpu.clone());
         let task = if threaded {
             let loop_runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
@@ -160,6 +179,7 @@ impl MockerEngine {
             task: Mutex::new(Some(task)),
             real_kv,
             shared_pool,
+            gpu,
         })
     }
 
@@ -175,6 +195,12 @@ impl MockerEngine {
     /// The export name of this worker's KV pool when a peer on this machine can map it.
     pub fn shared_pool(&self) -> Option<&str> {
         self.shared_pool.as_deref()
+    }
+
+    /// The export name of this worker's KV pool on the GPU (`kv_on_gpu`), which a peer on
+    /// this machine opens by CUDA IPC.
+    pub fn gpu_pool(&self) -> Option<&str> {
+        self.gpu.as_deref().map(GpuKv::name)
     }
 
     /// Bytes of one KV block of [`MockerEngine::kv_layout`].
@@ -218,7 +244,8 @@ impl MockerEngine {
                 .map_err(|e| ServeError::invalid(e.to_string()))?;
         }
         let len = payload.len();
-        let bytes = if self.real_kv {
+        // A pool on the GPU takes the bytes too (a hand-off over a `tcp` link).
+        let bytes = if self.real_kv || self.gpu.is_some() {
             ImportBytes::Inline(payload)
         } else {
             ImportBytes::None
@@ -254,6 +281,42 @@ impl MockerEngine {
         }
         let bytes = hashes.len() * self.block_bytes;
         self.import(parent, hashes, ImportBytes::Shared { peer, blocks }, bytes)
+            .await
+    }
+
+    /// Caches blocks a prefill worker on this machine left in its pool on a GPU: `blocks`
+    /// (one per hash) of the pool exported as `pool` are copied device to device into this
+    /// worker's GPU pool and checked against their hashes. Errors as
+    /// [`MockerEngine::import_blocks`]; a worker without a GPU pool, or with another
+    /// layout, refuses with `InvalidRequest`.
+    pub async fn import_gpu(
+        &self,
+        parent: Option<BlockHash>,
+        hashes: &[BlockHash],
+        pool: String,
+        blocks: Vec<u32>,
+        layout: &KvLayout,
+    ) -> Result<u32, ServeError> {
+        if self.gpu.is_none() || *layout != self.layout {
+            return Err(ServeError::invalid(format!(
+                "KV blocks of {layout:?} on a GPU cannot be imported by this worker ({:?}, {})",
+                self.layout,
+                if self.gpu.is_some() {
+                    "GPU pool"
+                } else {
+                    "no GPU pool"
+                }
+            )));
+        }
+        if blocks.len() != hashes.len() {
+            return Err(ServeError::invalid(format!(
+                "{} GPU block ids for {} hashes",
+                blocks.len(),
+                hashes.len()
+            )));
+        }
+        let bytes = hashes.len() * self.block_bytes;
+        self.import(parent, hashes, ImportBytes::Gpu { pool, blocks }, bytes)
             .await
     }
 

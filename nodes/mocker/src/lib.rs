@@ -12,6 +12,7 @@ pub mod backend;
 pub mod block_manager;
 pub mod config;
 pub mod engine;
+mod gpu_pool;
 pub mod handoff;
 pub mod payload;
 pub mod sampler;

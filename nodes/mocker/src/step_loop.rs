@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::StepBackend;
 use crate::block_manager::{BlockId, ImportError};
+use crate::gpu_pool::GpuKv;
 use crate::scheduler::{Scheduler, SeqOutput};
 use crate::sequence::SeqId;
 use crate::stats::StatsCell;
@@ -49,6 +50,8 @@ pub(crate) struct StepLoop {
     published: u64,
     /// When the last step ended on the model's timeline.
     clock: Instant,
+    /// The mocker's KV pool on a GPU (`kv_on_gpu`).
+    gpu: Option<Arc<GpuKv>>,
 }
 
 /// How late a step may start (timer granularity, scheduling) and still be counted from
@@ -79,7 +82,14 @@ impl StepLoop {
             steps: 0,
             published: 0,
             clock: Instant::now(),
+            gpu: None,
         }
+    }
+
+    /// Keeps the bytes of handed-off blocks in `gpu` (see [`crate::gpu_pool`]).
+    pub(crate) fn with_gpu(mut self, gpu: Option<Arc<GpuKv>>) -> Self {
+        self.gpu = gpu;
+        self
     }
 
     /// Where the next step starts on the model's timeline: right after the previous one
@@ -226,6 +236,14 @@ impl StepLoop {
                         pinned = Err(format!("the KV blocks cannot be shared: {}", e.0));
                     }
                 }
+                // The timing model computed nothing: leave the blocks' bytes in the GPU
+                // pool now, where a forward pass would have.
+                if let (Ok(ids), Some(gpu), true) = (&pinned, self.gpu.as_ref(), share) {
+                    if let Err(e) = gpu.fill(ids, &hashes) {
+                        self.core.unpin_blocks(ids);
+                        pinned = Err(format!("the KV blocks cannot be shared: {e}"));
+                    }
+                }
                 let _ = reply.send(pinned);
             }
             Control::Unpin(ids) => self.core.unpin_blocks(&ids),
@@ -242,14 +260,21 @@ impl StepLoop {
                 reply,
             } => {
                 let mut result = self.core.import_blocks(parent, &hashes);
-                if let (Ok(imported), Some(backend)) = (&result, self.backend.as_mut()) {
-                    if let Err(err) = write_imported(backend.as_mut(), &imported.chain, &payload) {
-                        // The chain's hashes are cached already, over blocks that do not
-                        // hold their KV: drop the cached blocks rather than serve them.
-                        tracing::error!(%err, "writing imported KV blocks failed; the prefix cache is cleared");
-                        self.core.clear_cache();
-                        result = Err(ImportError::Backend(err));
+                let written = match (&result, self.backend.as_mut(), self.gpu.as_ref()) {
+                    (Ok(imported), Some(backend), _) => {
+                        write_imported(backend.as_mut(), &imported.chain, &payload)
                     }
+                    (Ok(imported), None, Some(gpu)) => {
+                        write_gpu(gpu, &imported.chain, &hashes, &payload)
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(err) = written {
+                    // The chain's hashes are cached already, over blocks that do not hold
+                    // their KV: drop the cached blocks rather than serve them.
+                    tracing::error!(%err, "writing imported KV blocks failed; the prefix cache is cleared");
+                    self.core.clear_cache();
+                    result = Err(ImportError::Backend(err));
                 }
                 // Publish at once: the router may send the decode request right after the ack.
                 self.publish();
@@ -376,6 +401,9 @@ fn write_imported(
             }
             bytes.chunks_exact(block_bytes.max(1)).collect()
         }
+        ImportBytes::Gpu { .. } => {
+            return Err("KV blocks on a GPU cannot be imported into a model's host pool".into())
+        }
         ImportBytes::Shared { peer, blocks } => {
             if blocks.len() != chain.len() {
                 return Err(format!(
@@ -389,4 +417,24 @@ fn write_imported(
         }
     };
     backend.import_blocks(chain, &src).map_err(|e| e.0)
+}
+
+/// Writes the bytes of an import into the GPU pool's blocks `chain`: copied device to
+/// device from the peer's pool, or from the message's payload; every block is checked
+/// against its hash either way.
+fn write_gpu(
+    gpu: &GpuKv,
+    chain: &[crate::block_manager::BlockId],
+    hashes: &[dynamo_protocol::BlockHash],
+    payload: &ImportBytes,
+) -> Result<(), String> {
+    match payload {
+        ImportBytes::Gpu { pool, blocks } => gpu.import(pool, blocks, chain, hashes),
+        // Checked against the hashes when it arrived.
+        ImportBytes::Inline(bytes) => gpu.write_blocks(chain, bytes),
+        ImportBytes::None => Ok(()),
+        ImportBytes::Shared { .. } => {
+            Err("KV blocks in host shared memory cannot be imported into a GPU pool".into())
+        }
+    }
 }

@@ -67,6 +67,8 @@ pub(crate) enum ImportBytes {
         peer: std::sync::Arc<dynamo_runtime::kv_transfer::ShmPeer>,
         blocks: Vec<u32>,
     },
+    /// In a peer's pool on a GPU of this machine, exported as `pool` (CUDA IPC).
+    Gpu { pool: String, blocks: Vec<u32> },
 }
 
 pub(crate) struct DeltaStream {

@@ -318,3 +318,30 @@ async fn a_late_subscriber_catches_up_with_a_snapshot() {
     assert_eq!(view, expected);
     assert!(!expected.is_empty());
 }
+
+/// `device = "cuda"`: the KV pool goes on GPU 0. Where there is none, the engine does not
+/// start, and says why; where there is one, the pool is exported for CUDA IPC.
+#[tokio::test]
+async fn a_kv_pool_on_a_gpu_starts_only_where_there_is_one() {
+    let config = MockerConfig {
+        kv_on_gpu: true,
+        num_blocks: 64,
+        ..MockerConfig::default()
+    };
+    let gpus = dynamo_runtime::kv_transfer::cuda::device_count().unwrap_or(0);
+    match MockerEngine::start(config) {
+        Ok(engine) => {
+            assert!(gpus > 0, "a GPU pool started without a GPU");
+            let name = engine.gpu_pool().expect("the pool's export name");
+            assert!(name.starts_with("dynamo-kv-cuda-"), "{name}");
+        }
+        Err(e) => {
+            assert_eq!(gpus, 0, "a GPU was there, yet: {e}");
+            let text = e.to_string();
+            assert!(
+                text.contains("device = \"cuda\"") && text.contains("CUDA"),
+                "{text}"
+            );
+        }
+    }
+}

@@ -55,6 +55,13 @@ async fn import(
                 .import_blocks(parent, &hashes, payload, &layout)
                 .await
         }
+        // A worker whose pool is on a GPU opens the sender's GPU pool (CUDA IPC): the plan
+        // links only workers whose KV lives in the same memory domain.
+        Some(shared) if engine.gpu_pool().is_some() => {
+            engine
+                .import_gpu(parent, &hashes, shared.pool, shared.blocks, &layout)
+                .await
+        }
         Some(shared) => match peers.get(&shared.pool) {
             Ok(peer) => {
                 engine

@@ -27,6 +27,7 @@ pub struct PrefillService {
     window: usize,
     shm_instances: Arc<BTreeSet<u64>>,
     tcp_instances: Arc<BTreeSet<u64>>,
+    cuda_instances: Arc<BTreeSet<u64>>,
     /// This worker's own shared pool, mapped once, for chunks sent from it in place.
     own_pool: Arc<ShmPeers>,
 }
@@ -40,8 +41,17 @@ impl PrefillService {
             window: KV_WINDOW,
             shm_instances: Arc::default(),
             tcp_instances: Arc::default(),
+            cuda_instances: Arc::default(),
             own_pool: Arc::default(),
         }
+    }
+
+    /// The decode instances reached by CUDA IPC (same machine, KV on GPUs): when this
+    /// worker's pool is on a GPU, they get block ids and copy the blocks device to device
+    /// out of it themselves.
+    pub fn with_cuda_instances(mut self, instances: BTreeSet<u64>) -> Self {
+        self.cuda_instances = Arc::new(instances);
+        self
     }
 
     /// The decode instances reached through shared memory (same machine): when this
@@ -82,6 +92,7 @@ impl Service<PrefillRequest, PrefillResult> for PrefillService {
             window: self.window,
             shm_instances: self.shm_instances.clone(),
             tcp_instances: self.tcp_instances.clone(),
+            cuda_instances: self.cuda_instances.clone(),
             own_pool: self.own_pool.clone(),
         };
         // The prefill worker's hop: the engine's spans and the KV hand-off under it.
@@ -115,6 +126,7 @@ struct Prefill {
     window: usize,
     shm_instances: Arc<BTreeSet<u64>>,
     tcp_instances: Arc<BTreeSet<u64>>,
+    cuda_instances: Arc<BTreeSet<u64>>,
     own_pool: Arc<ShmPeers>,
 }
 
@@ -175,7 +187,14 @@ impl Prefill {
         hashes: &[dynamo_protocol::BlockHash],
         ctx: &RequestContext,
     ) -> Result<u64, ServeError> {
+        let gpu = self
+            .engine
+            .gpu_pool()
+            .filter(|_| self.cuda_instances.contains(&decode_instance));
         let via = match self.engine.shared_pool() {
+            _ if gpu.is_some() => gpu.map(|pool| Via::Ids {
+                pool: pool.to_string(),
+            }),
             Some(pool) if self.shm_instances.contains(&decode_instance) => Some(Via::Ids {
                 pool: pool.to_string(),
             }),
