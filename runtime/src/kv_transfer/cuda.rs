@@ -80,6 +80,16 @@ impl Gpu {
             .map_err(driver("binding the GPU to this thread"))
     }
 
+    /// Waits for all work on this GPU's context, the legacy default stream's included:
+    /// the synchronous `cuMemset`/`cuMemcpyHtoD` calls may return before the bytes are in
+    /// device memory, and the copy stream (non-blocking) is not ordered after them. A peer
+    /// in another process may read the bytes as soon as this returns.
+    fn settle(&self) -> Result<(), KvTransferError> {
+        self.ctx
+            .synchronize()
+            .map_err(driver("waiting for the GPU"))
+    }
+
     fn sync(&self) -> Result<(), KvTransferError> {
         self.stream
             .synchronize()
@@ -110,6 +120,7 @@ impl CudaPool {
         };
         // SAFETY: `ptr` holds `len` bytes.
         unsafe { result::memset_d8_sync(ptr, 0, len) }.map_err(driver("zeroing the KV pool"))?;
+        gpu.settle()?;
         Ok(pool)
     }
 
@@ -140,7 +151,8 @@ impl CudaPool {
         let dst = self.range(offset, src.len())?;
         self.gpu.bind()?;
         // SAFETY: `dst` holds `src.len()` bytes (checked); a synchronous copy.
-        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(driver("writing the KV pool"))
+        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(driver("writing the KV pool"))?;
+        self.gpu.settle()
     }
 
     /// Copies `dst.len()` bytes at `offset` in the pool to host memory.
