@@ -20,6 +20,9 @@ pub enum BenchCommand {
     /// The KV data plane: shared-memory hand-off against memcpy, TCP block streaming
     /// against raw loopback TCP, on the KV of a 1,000-token SmolLM2 sequence.
     KvTransfer(crate::cmd::bench_kv::Args),
+    /// The decode side of `kv-transfer`'s CUDA IPC figures, started by it.
+    #[command(hide = true)]
+    KvTransferCudaPeer(crate::cmd::bench_kv_cuda::PeerArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -29,5 +32,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Replay(a) => crate::cmd::replay::run(*a),
         BenchCommand::Engine(a) => crate::cmd::bench_engine::run(a),
         BenchCommand::KvTransfer(a) => crate::cmd::bench_kv::run(a),
+        BenchCommand::KvTransferCudaPeer(a) => crate::cmd::bench_kv_cuda::peer(a),
     }
 }

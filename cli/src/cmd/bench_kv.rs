@@ -398,6 +398,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let tcp = rt
         .block_on(tcp_figures(blocks, args.reps))
         .context("the TCP figures")?;
+    let gpu = crate::cmd::bench_kv_cuda::figures(blocks, POOL_BLOCKS, BLOCK_BYTES, args.reps)
+        .context("the CUDA IPC figures")?;
     let gb = |bps: f64| bps / 1e9;
     let ms = |bps: f64| bytes as f64 / bps * 1e3;
     if args.json {
@@ -417,6 +419,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "message_tcp_gbps": gb(tcp.messages),
                 "message_tcp_ratio": tcp.messages / tcp.raw_c,
                 "window": KV_WINDOW,
+                "cuda": match &gpu {
+                    Ok(g) => serde_json::json!({
+                        "d2d_gbps": gb(g.d2d), "ipc_gbps": gb(g.ipc), "ipc_ratio": g.ipc / g.d2d,
+                        "d2d_scattered_gbps": gb(g.d2d_scattered),
+                        "ipc_scattered_gbps": gb(g.ipc_scattered),
+                        "ipc_scattered_ratio": g.ipc_scattered / g.d2d_scattered,
+                    }),
+                    Err(why) => serde_json::json!({ "skipped": why }),
+                },
             })
         );
         return Ok(ExitCode::SUCCESS);
@@ -458,5 +469,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         tcp.messages,
         Some((tcp.raw_c, "raw TCP")),
     );
+    match gpu {
+        Ok(g) => {
+            row("GPU device-to-device", g.d2d, None);
+            row("CUDA IPC hand-off", g.ipc, Some((g.d2d, "D2D")));
+            row("same, blocks scattered", g.d2d_scattered, None);
+            row(
+                "CUDA IPC, scattered",
+                g.ipc_scattered,
+                Some((g.d2d_scattered, "D2D")),
+            );
+        }
+        Err(why) => println!("  CUDA IPC              skipped: {why}"),
+    }
     Ok(ExitCode::SUCCESS)
 }

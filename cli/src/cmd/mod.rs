@@ -3,6 +3,7 @@ pub mod bench;
 pub mod bench_engine;
 pub mod bench_graph;
 pub mod bench_kv;
+pub mod bench_kv_cuda;
 pub mod bench_serve;
 pub mod chat;
 pub mod cluster;
