@@ -265,23 +265,39 @@ impl MockerEngine {
         blocks: Vec<u32>,
         layout: &KvLayout,
     ) -> Result<u32, ServeError> {
-        if !self.real_kv || *layout != self.layout {
+        let pool = if self.real_kv { "real KV" } else { "mocker" };
+        self.check_by_id("shared", self.real_kv, pool, layout, &blocks, hashes)?;
+        let bytes = hashes.len() * self.block_bytes;
+        self.import(parent, hashes, ImportBytes::Shared { peer, blocks }, bytes)
+            .await
+    }
+
+    /// Refuses blocks a peer left in its pool (`what`: "shared", "GPU") unless this worker
+    /// can take them (`able`, else `pool` says what it has), the layout is this worker's
+    /// and there is one block id per hash.
+    fn check_by_id(
+        &self,
+        what: &str,
+        able: bool,
+        pool: &str,
+        layout: &KvLayout,
+        blocks: &[u32],
+        hashes: &[BlockHash],
+    ) -> Result<(), ServeError> {
+        if !able || *layout != self.layout {
             return Err(ServeError::invalid(format!(
-                "shared KV blocks of {layout:?} cannot be imported by this worker ({:?}, {})",
+                "{what} KV blocks of {layout:?} cannot be imported by this worker ({:?}, {pool})",
                 self.layout,
-                if self.real_kv { "real KV" } else { "mocker" }
             )));
         }
         if blocks.len() != hashes.len() {
             return Err(ServeError::invalid(format!(
-                "{} shared block ids for {} hashes",
+                "{} {what} block ids for {} hashes",
                 blocks.len(),
                 hashes.len()
             )));
         }
-        let bytes = hashes.len() * self.block_bytes;
-        self.import(parent, hashes, ImportBytes::Shared { peer, blocks }, bytes)
-            .await
+        Ok(())
     }
 
     /// Caches blocks a prefill worker on this machine left in its pool on a GPU: `blocks`
@@ -297,24 +313,9 @@ impl MockerEngine {
         blocks: Vec<u32>,
         layout: &KvLayout,
     ) -> Result<u32, ServeError> {
-        if self.gpu.is_none() || *layout != self.layout {
-            return Err(ServeError::invalid(format!(
-                "KV blocks of {layout:?} on a GPU cannot be imported by this worker ({:?}, {})",
-                self.layout,
-                if self.gpu.is_some() {
-                    "GPU pool"
-                } else {
-                    "no GPU pool"
-                }
-            )));
-        }
-        if blocks.len() != hashes.len() {
-            return Err(ServeError::invalid(format!(
-                "{} GPU block ids for {} hashes",
-                blocks.len(),
-                hashes.len()
-            )));
-        }
+        let able = self.gpu.is_some();
+        let has = if able { "GPU pool" } else { "no GPU pool" };
+        self.check_by_id("GPU", able, has, layout, &blocks, hashes)?;
         let bytes = hashes.len() * self.block_bytes;
         self.import(parent, hashes, ImportBytes::Gpu { pool, blocks }, bytes)
             .await

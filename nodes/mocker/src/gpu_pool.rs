@@ -13,7 +13,7 @@
 use dynamo_protocol::BlockHash;
 use dynamo_runtime::kv_transfer::{CudaExport, CudaPeers, CudaPool, Gpu, KvTransferError};
 
-use crate::payload::{fill_block, verify_block};
+use crate::payload::{fabricate, verify_block};
 
 /// A pool of `num_blocks` blocks on this process's GPU 0, exported to peers.
 pub(crate) struct GpuKv {
@@ -50,14 +50,8 @@ impl GpuKv {
 
     /// Writes the fabricated bytes of `hashes` into pool blocks `ids`.
     pub(crate) fn fill(&self, ids: &[u32], hashes: &[BlockHash]) -> Result<(), String> {
-        let mut block = vec![0u8; self.block_bytes];
-        for (&id, &hash) in ids.iter().zip(hashes) {
-            fill_block(hash, &mut block);
-            self.pool
-                .write(id as usize * self.block_bytes, &block)
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        let n = ids.len().min(hashes.len());
+        self.write_blocks(&ids[..n], &fabricate(&hashes[..n], self.block_bytes))
     }
 
     /// Writes `bytes` (one block per id, back to back) into pool blocks `ids`.
@@ -70,12 +64,11 @@ impl GpuKv {
                 self.block_bytes
             ));
         }
-        for (&id, block) in ids.iter().zip(bytes.chunks_exact(self.block_bytes.max(1))) {
-            self.pool
-                .write(id as usize * self.block_bytes, block)
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        let parts: Vec<(usize, &[u8])> = (ids.iter())
+            .map(|&id| id as usize * self.block_bytes)
+            .zip(bytes.chunks_exact(self.block_bytes.max(1)))
+            .collect();
+        self.pool.write_parts(&parts).map_err(|e| e.to_string())
     }
 
     /// Copies the peer `pool`'s blocks `from` into own blocks `to` (one per hash, in

@@ -148,10 +148,21 @@ impl CudaPool {
 
     /// Copies `src` from host memory to `offset` in the pool.
     pub fn write(&self, offset: usize, src: &[u8]) -> Result<(), KvTransferError> {
-        let dst = self.range(offset, src.len())?;
+        self.write_parts(&[(offset, src)])
+    }
+
+    /// Copies each `(offset, bytes)` from host memory into the pool, then waits once for
+    /// all of them to land. All or nothing: every range is checked first.
+    pub fn write_parts(&self, parts: &[(usize, &[u8])]) -> Result<(), KvTransferError> {
+        let dsts = parts
+            .iter()
+            .map(|(offset, src)| self.range(*offset, src.len()))
+            .collect::<Result<Vec<_>, _>>()?;
         self.gpu.bind()?;
-        // SAFETY: `dst` holds `src.len()` bytes (checked); a synchronous copy.
-        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(driver("writing the KV pool"))?;
+        for (dst, (_, src)) in dsts.into_iter().zip(parts) {
+            // SAFETY: `dst` holds `src.len()` bytes (checked); a synchronous copy.
+            unsafe { result::memcpy_htod_sync(dst, src) }.map_err(driver("writing the KV pool"))?;
+        }
         self.gpu.settle()
     }
 

@@ -187,18 +187,18 @@ impl Prefill {
         hashes: &[dynamo_protocol::BlockHash],
         ctx: &RequestContext,
     ) -> Result<u64, ServeError> {
-        let gpu = self
-            .engine
-            .gpu_pool()
-            .filter(|_| self.cuda_instances.contains(&decode_instance));
-        let via = match self.engine.shared_pool() {
-            _ if gpu.is_some() => gpu.map(|pool| Via::Ids {
+        // A pool the decode worker opens by name: on the GPU (CUDA IPC) or in shared memory.
+        let by_name = (self.engine.gpu_pool())
+            .filter(|_| self.cuda_instances.contains(&decode_instance))
+            .or_else(|| {
+                (self.engine.shared_pool())
+                    .filter(|_| self.shm_instances.contains(&decode_instance))
+            });
+        let via = match (by_name, self.engine.shared_pool()) {
+            (Some(pool), _) => Some(Via::Ids {
                 pool: pool.to_string(),
             }),
-            Some(pool) if self.shm_instances.contains(&decode_instance) => Some(Via::Ids {
-                pool: pool.to_string(),
-            }),
-            Some(pool) if self.tcp_instances.contains(&decode_instance) => {
+            (None, Some(pool)) if self.tcp_instances.contains(&decode_instance) => {
                 match self.own_pool.get(pool) {
                     Ok(mapped) => Some(Via::InPlace(mapped)),
                     Err(e) => {
