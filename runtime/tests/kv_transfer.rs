@@ -59,6 +59,41 @@ fn pattern(seed: u64) -> Vec<u8> {
     (0..BLOCKS * BLOCK_BYTES).map(|_| rng.u8(..)).collect()
 }
 
+/// The blocks `ids` of `bytes`, in order.
+fn blocks_of(bytes: &[u8], ids: &[u32]) -> Vec<u8> {
+    ids.iter()
+        .flat_map(|&i| bytes[i as usize * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES].to_vec())
+        .collect()
+}
+
+/// A `kind` peer (shm, cuda) of the export `name` killed in the middle of copying every
+/// block (it must not have finished), then one that copies `ids` to the end: its copy.
+fn killed_then_whole(kind: &str, name: &str, ids: &[u32], dir: &Path) -> Vec<u8> {
+    let all: Vec<String> = (0..BLOCKS).map(|i| i.to_string()).collect();
+    let slow_out = dir.join("slow");
+    let mut slow = spawn_peer(&format!(
+        "{kind};{name};{};{};20",
+        all.join(","),
+        slow_out.display()
+    ));
+    let mut lines = BufReader::new(slow.stdout.take().expect("stdout")).lines();
+    wait_line(&mut lines, "copied 3");
+    slow.kill().expect("kill the peer");
+    slow.wait().expect("reap the peer");
+    assert!(!slow_out.exists(), "the killed peer finished its copy");
+    // The export still serves: the next peer copies its blocks.
+    let out = dir.join("fast");
+    let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let mut fast = spawn_peer(&format!(
+        "{kind};{name};{};{};0",
+        list.join(","),
+        out.display()
+    ));
+    let status = fast.wait().expect("peer");
+    assert!(status.success(), "the peer failed: {status}");
+    std::fs::read(&out).expect("the peer's copy")
+}
+
 fn dev_shm() -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir("/dev/shm")
         .map(|d| {
@@ -91,38 +126,8 @@ fn shm_hand_off_between_two_processes_is_exact_survives_a_killed_peer_and_leaks_
     seg.as_mut_slice().copy_from_slice(&bytes);
     let export = seg.export().expect("export");
     let ids = [5u32, 63, 0, 17, 17, 40];
-
-    // A peer killed in the middle of its copy.
-    let all: Vec<String> = (0..BLOCKS).map(|i| i.to_string()).collect();
-    let slow_out = dir.path().join("slow");
-    let mut slow = spawn_peer(&format!(
-        "shm;{};{};{};20",
-        export.name(),
-        all.join(","),
-        slow_out.display()
-    ));
-    let mut lines = BufReader::new(slow.stdout.take().expect("stdout")).lines();
-    wait_line(&mut lines, "copied 3");
-    slow.kill().expect("kill the peer");
-    slow.wait().expect("reap the peer");
-    assert!(!slow_out.exists(), "the killed peer finished its copy");
-
-    // The export still serves: the next peer copies its blocks exactly.
-    let out = dir.path().join("fast");
-    let list: Vec<String> = ids.iter().map(u32::to_string).collect();
-    let mut fast = spawn_peer(&format!(
-        "shm;{};{};{};0",
-        export.name(),
-        list.join(","),
-        out.display()
-    ));
-    let status = fast.wait().expect("peer");
-    assert!(status.success(), "the peer failed: {status}");
-    let got = std::fs::read(&out).expect("the peer's copy");
-    let want: Vec<u8> = ids
-        .iter()
-        .flat_map(|&i| bytes[i as usize * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES].to_vec())
-        .collect();
+    let got = killed_then_whole("shm", export.name(), &ids, dir.path());
+    let want = blocks_of(&bytes, &ids);
     assert!(
         got == want,
         "the blocks the peer copied differ from the pool's"
@@ -204,39 +209,9 @@ fn cuda_ipc_hand_off_between_two_processes_is_exact_and_survives_a_killed_peer()
     let pool = CudaPool::alloc(&gpu, bytes.len()).expect("GPU pool");
     pool.write(0, &bytes).expect("fill the pool");
     let export = pool.export().expect("export");
-    let all: Vec<String> = (0..BLOCKS).map(|i| i.to_string()).collect();
-
-    // A peer killed in the middle of its copies.
-    let slow_out = dir.path().join("slow");
-    let mut slow = spawn_peer(&format!(
-        "cuda;{};{};{};20",
-        export.name(),
-        all.join(","),
-        slow_out.display()
-    ));
-    let mut lines = BufReader::new(slow.stdout.take().expect("stdout")).lines();
-    wait_line(&mut lines, "copied 3");
-    slow.kill().expect("kill the peer");
-    slow.wait().expect("reap the peer");
-    assert!(!slow_out.exists(), "the killed peer finished its copy");
-
-    // The export still serves: the next peer copies its blocks exactly.
     let ids = [5u32, 63, 0, 17, 18, 19, 40];
-    let out = dir.path().join("fast");
-    let list: Vec<String> = ids.iter().map(u32::to_string).collect();
-    let mut fast = spawn_peer(&format!(
-        "cuda;{};{};{};0",
-        export.name(),
-        list.join(","),
-        out.display()
-    ));
-    let status = fast.wait().expect("peer");
-    assert!(status.success(), "the peer failed: {status}");
-    let got = std::fs::read(&out).expect("the peer's copy");
-    let want: Vec<u8> = ids
-        .iter()
-        .flat_map(|&i| bytes[i as usize * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES].to_vec())
-        .collect();
+    let got = killed_then_whole("cuda", export.name(), &ids, dir.path());
+    let want = blocks_of(&bytes, &ids);
     // Twice: copied block by block, then all in one call.
     assert_eq!(got.len(), 2 * want.len());
     assert!(

@@ -209,6 +209,16 @@ pub fn disagg_over_tcp(tag: &str) -> PathBuf {
     file
 }
 
+/// Sum of the Prometheus samples of `family` (in the text `metrics`) whose labels contain
+/// every one of `with`.
+pub fn metric_sum(metrics: &str, family: &str, with: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) && with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The Python interpreter with the `openai` package: `$DYNAMO_PYTHON`, or the venv that
 /// `scripts/setup-tests.sh` makes.
 pub fn python() -> PathBuf {

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use dynamo_runtime::kv_transfer::cuda;
-use dynamo_tests::{model_cached, workspace, Graph};
+use dynamo_tests::{metric_sum as sum, model_cached, workspace, Graph};
 
 /// The GPUs this test may use, or `None` after a notice that shows in every run's output
 /// (written past the test harness's capture).
@@ -48,14 +48,6 @@ fn graph_file() -> std::path::PathBuf {
     let file = std::env::temp_dir().join(format!("dynamo-cuda-ipc-{}.toml", std::process::id()));
     std::fs::write(&file, out).expect("write graph");
     file
-}
-
-fn sum(metrics: &str, family: &str, with: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{family}{{")) && with.iter().all(|w| l.contains(w)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

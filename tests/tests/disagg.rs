@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use dynamo_tests::{disagg_over_tcp, model_cached, workspace, Graph};
+use dynamo_tests::{disagg_over_tcp, metric_sum as sum, model_cached, workspace, Graph};
 use futures::StreamExt;
 
 /// The graph's workers as instant mockers: these tests are about the plumbing.
@@ -18,15 +18,6 @@ const MOCKER_INSTANT: [&str; 4] = [
 
 fn graph() -> std::path::PathBuf {
     workspace().join("graphs/disagg.toml")
-}
-
-/// Sum of a family's samples whose labels contain every one of `with`.
-fn sum(metrics: &str, family: &str, with: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{family}{{")) && with.iter().all(|w| l.contains(w)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn metrics(client: &reqwest::Client, url: &str) -> String {
