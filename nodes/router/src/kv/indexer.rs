@@ -21,6 +21,10 @@ use table::BlockTable;
 #[path = "indexer_table.rs"]
 mod table;
 
+/// How many blocks ahead `find_matches` asks for the slots it will read, so their cache
+/// misses overlap instead of coming one after another.
+const FIND_AHEAD: usize = 8;
+
 /// Worker ids by slot and back; shared with the results of `find_matches`, copied only
 /// when a worker comes or goes while a result is alive.
 #[derive(Debug, Clone, Default)]
@@ -209,11 +213,17 @@ impl KvIndexer {
     /// [`KvIndexer::expire`] runs: call it first.
     pub fn find_matches(&self, hashes: &[BlockHash]) -> OverlapScores {
         let mut dropped = Dropped::default();
+        for &h in hashes.iter().take(FIND_AHEAD) {
+            self.blocks.prefetch(h);
+        }
         let mut iter = hashes.iter();
         if let Some(first) = iter.next().and_then(|&h| self.blocks.get(h)) {
             let mut walk = PrefixWalk::start(first);
             let mut alive = true;
-            for h in iter {
+            for (i, h) in iter.enumerate() {
+                if let Some(&ahead) = hashes.get(i + FIND_AHEAD) {
+                    self.blocks.prefetch(ahead);
+                }
                 let Some(set) = self.blocks.get(*h) else {
                     break;
                 };
