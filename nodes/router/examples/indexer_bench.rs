@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dynamo_protocol::{KvEvent, KvEventData, StoredBlock};
-use dynamo_router::kv::{KvConfig, KvIndexer, KvMode, KvRouterHandle, ShardedIndex};
+use dynamo_router::kv::{KvConfig, KvIndexer, KvMode, KvRouterHandle};
 
 struct Args {
     trace: String,
@@ -269,7 +269,6 @@ fn run() -> Result<(), Box<dyn Error>> {
         (stored_blocks + evicted_blocks) as f64 / in_events.as_secs_f64() / 1e6
     );
     replay(&ops_log, args.replays);
-    replay_threads(&ops_log, args.replays);
     let first_pass: Vec<Vec<u64>> = (trace.iter())
         .map(|ids| ids.iter().map(|&id| mix(id)).collect())
         .collect();
@@ -312,73 +311,6 @@ fn replay(log: &[Op], times: u64) {
             "replay{}: {ops} operations, {} M ops/s (each run on a fresh index, one clock read around it)",
             if batched { " (a request's events as one apply_batch)" } else { "" },
             shown.join(" / ")
-        );
-    }
-}
-
-/// The recorded operations on a [`ShardedIndex`] (the router's index): with one shard on
-/// this thread, then with a shard and a thread per core. Each thread applies the events
-/// of its shard's workers and every n-th lookup, in log order, as the host's per-worker
-/// event tasks and its request tasks would; the log is split before the clock starts.
-/// Lookups see the other shard wherever its thread has got to.
-fn replay_threads(log: &[Op], times: u64) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let ops: usize = (log.iter())
-        .map(|op| match op {
-            Op::Find(_) => 1,
-            Op::Events(events) => events.len(),
-        })
-        .sum();
-    for threads in [1, cores.max(2)] {
-        let mut rates = Vec::new();
-        for _ in 0..times {
-            let index = ShardedIndex::new(threads);
-            let mut parts: Vec<Vec<&Op>> = vec![Vec::new(); threads];
-            let mut finds = 0usize;
-            for op in log {
-                let to = match op {
-                    Op::Find(_) => {
-                        finds += 1;
-                        finds % threads
-                    }
-                    Op::Events(events) => match events.first() {
-                        Some(e) => index.shard_of(e.worker_id),
-                        None => continue,
-                    },
-                };
-                if let Some(part) = parts.get_mut(to) {
-                    part.push(op);
-                }
-            }
-            let t = Instant::now();
-            std::thread::scope(|s| {
-                for part in &parts {
-                    let index = &index;
-                    s.spawn(move || {
-                        let mut matched = 0u64;
-                        for op in part {
-                            match op {
-                                Op::Find(hashes) => {
-                                    matched += u64::from(index.find_matches(hashes, 0).max())
-                                }
-                                Op::Events(events) => {
-                                    for e in events {
-                                        index.apply(e);
-                                    }
-                                }
-                            }
-                        }
-                        std::hint::black_box(matched);
-                    });
-                }
-            });
-            rates.push(ops as f64 / t.elapsed().as_secs_f64() / 1e6);
-        }
-        let shown: Vec<String> = rates.iter().map(|r| format!("{r:.2}")).collect();
-        println!(
-            "replay on the router's sharded index, {threads} shard{s} and thread{s}: {} M ops/s",
-            shown.join(" / "),
-            s = if threads == 1 { "" } else { "s" }
         );
     }
 }

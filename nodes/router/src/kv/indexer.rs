@@ -37,64 +37,34 @@ struct Slots {
 /// Workers matching nothing are absent.
 #[derive(Debug, Clone, Default)]
 pub struct OverlapScores {
-    first: Part,
-    /// The parts of other shards ([`super::shards::ShardedIndex`]): their workers are
-    /// disjoint from each other's and from `first`'s.
-    rest: Vec<Part>,
-}
-
-/// The matches of one index, with its slot → worker map.
-#[derive(Debug, Clone, Default)]
-struct Part {
     dropped: Dropped,
     slots: Arc<Slots>,
 }
 
-impl Part {
-    fn get(&self, worker: InstanceId) -> Option<u32> {
-        (self.slots.by_id.get(&worker)).and_then(|&slot| self.dropped.depth_of(slot))
-    }
-
-    fn best(&self) -> Option<(InstanceId, u32)> {
-        let (slot, depth) = self.dropped.deepest()?;
-        Some(((*self.slots.ids.get(slot as usize)?)?, depth))
-    }
-}
-
 impl OverlapScores {
-    fn parts(&self) -> impl Iterator<Item = &Part> {
-        std::iter::once(&self.first).chain(&self.rest)
-    }
-
-    /// Adds the matches of another index whose workers are not in this one.
-    pub(crate) fn merge(&mut self, other: OverlapScores) {
-        self.rest.push(other.first);
-        self.rest.extend(other.rest);
-    }
-
     /// The matched blocks of `worker` (0 if absent).
     pub fn get(&self, worker: InstanceId) -> u32 {
-        self.parts().find_map(|p| p.get(worker)).unwrap_or(0)
+        self.slots
+            .by_id
+            .get(&worker)
+            .and_then(|&slot| self.dropped.depth_of(slot))
+            .unwrap_or(0)
     }
 
     /// The best match of any worker.
     pub fn max(&self) -> u32 {
-        self.parts()
-            .map(|p| p.dropped.max_depth())
-            .max()
-            .unwrap_or(0)
+        self.dropped.max_depth()
     }
 
     /// A worker with the best match, and its matched blocks.
     pub fn best(&self) -> Option<(InstanceId, u32)> {
-        self.parts()
-            .filter_map(Part::best)
-            .reduce(|a, b| if b.1 > a.1 { b } else { a })
+        let (slot, depth) = self.dropped.deepest()?;
+        Some(((*self.slots.ids.get(slot as usize)?)?, depth))
     }
 
     /// Workers with a match.
     pub fn len(&self) -> usize {
-        self.parts().map(|p| p.dropped.len()).sum()
+        self.dropped.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -103,14 +73,12 @@ impl OverlapScores {
 
     /// Calls `f(worker, matched blocks)` for each worker with a match, in no set order.
     pub fn for_each(&self, mut f: impl FnMut(InstanceId, u32)) {
-        for part in self.parts() {
-            let ids = &part.slots.ids;
-            part.dropped.for_each(|slot, depth| {
-                if let Some(Some(id)) = ids.get(slot as usize) {
-                    f(*id, depth);
-                }
-            });
-        }
+        let ids = &self.slots.ids;
+        self.dropped.for_each(|slot, depth| {
+            if let Some(Some(id)) = ids.get(slot as usize) {
+                f(*id, depth);
+            }
+        });
     }
 
     /// `(worker, matched blocks)` sorted by worker, for tests and output.
@@ -269,11 +237,8 @@ impl KvIndexer {
             }
         }
         OverlapScores {
-            first: Part {
-                dropped,
-                slots: self.slots.clone(),
-            },
-            rest: Vec::new(),
+            dropped,
+            slots: self.slots.clone(),
         }
     }
 

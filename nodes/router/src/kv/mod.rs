@@ -5,8 +5,6 @@
 //!   decisions with a TTL), and how long a prefix of a request each one holds.
 //! - [`cost`]: the cost of a worker for a request, the selection, and the router's account
 //!   of the requests in flight.
-//! - [`shards`]: the index split by worker, one lock per shard, so events of different
-//!   workers are applied on different cores.
 //! - [`router`]: the [`crate::Policy`] and the [`KvRouterHandle`] the host feeds events to.
 
 pub mod config;
@@ -15,7 +13,6 @@ pub mod indexer;
 pub mod metrics;
 mod pages;
 pub mod router;
-pub mod shards;
 mod sync;
 mod worker_set;
 
@@ -23,5 +20,4 @@ pub use config::{KvConfig, KvConfigError, KvMode};
 pub use indexer::{KvIndexer, OverlapScores};
 pub use metrics::{KvMetrics, OVERHEAD_BUCKETS_US, OVERLAP_BUCKETS_BLOCKS};
 pub use router::KvRouterHandle;
-pub use shards::ShardedIndex;
 pub use sync::EventOutcome;

@@ -1,10 +1,8 @@
 //! The KV-aware [`Policy`] and the handle the host feeds KV events through.
 //!
-//! One `parking_lot::Mutex` guards the in-flight account: a routing decision holds it while
-//! it reads the index and writes the chosen worker's load and predicted blocks, so two
-//! decisions never see the same loads. The index is a [`ShardedIndex`] with a lock per
-//! shard, taken inside that one: events never wait for the account, and events of workers
-//! in different shards are applied at the same time. Hashing the prompt happens outside.
+//! One `parking_lot::Mutex` guards the index and the in-flight account together: a routing
+//! decision reads both and writes both (the chosen worker's predicted blocks and load), so
+//! one short critical section keeps them consistent. Hashing the prompt happens outside it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,13 +14,13 @@ use parking_lot::Mutex;
 
 use super::config::{KvConfig, KvConfigError, KvMode};
 use super::cost::{cost, select, ActiveLoads, Scored};
-use super::indexer::OverlapScores;
+use super::indexer::{KvIndexer, OverlapScores};
 use super::metrics::{Counters, KvMetrics};
-use super::shards::ShardedIndex;
 use super::sync::EventOutcome;
 use crate::policy::{InstanceLoad, Policy, RequestTracker, Routed};
 
 struct KvState {
+    indexer: KvIndexer,
     loads: ActiveLoads,
     rng: fastrand::Rng,
     /// Requests routed to each worker, for metrics (kept when a worker leaves: totals
@@ -36,7 +34,6 @@ struct KvShared {
     ttl_ms: u64,
     epoch: Instant,
     state: Mutex<KvState>,
-    index: ShardedIndex,
     counters: Counters,
 }
 
@@ -86,11 +83,11 @@ impl KvRouterHandle {
                 ttl_ms,
                 epoch: Instant::now(),
                 state: Mutex::new(KvState {
+                    indexer: KvIndexer::new(),
                     loads: ActiveLoads::default(),
                     rng: fastrand::Rng::new(),
                     chosen: BTreeMap::new(),
                 }),
-                index: ShardedIndex::for_this_machine(),
                 counters: Counters::default(),
             }),
         }
@@ -115,7 +112,11 @@ impl KvRouterHandle {
     /// [`EventOutcome::NeedsResync`] fetch the worker's snapshot and pass it to
     /// [`KvRouterHandle::apply_snapshot`]; events keep being accepted meanwhile.
     pub fn apply_event(&self, event: KvEvent) -> EventOutcome {
-        let outcome = self.shared.index.apply(&event);
+        let mut state = self.shared.state.lock();
+        let outcome = state.indexer.apply(&event);
+        // Hand the lock to a waiting router rather than take it straight back for the next
+        // event: a burst of events must not hold routing up.
+        parking_lot::MutexGuard::unlock_fair(state);
         let c = &self.shared.counters;
         match outcome {
             EventOutcome::Applied => c.event(),
@@ -138,10 +139,12 @@ impl KvRouterHandle {
         last_event_id: Option<u64>,
         events: &[KvEventData],
     ) -> EventOutcome {
-        let outcome = self
-            .shared
-            .index
-            .apply_snapshot(worker, last_event_id, events);
+        let outcome =
+            self.shared
+                .state
+                .lock()
+                .indexer
+                .apply_snapshot(worker, last_event_id, events);
         if outcome == EventOutcome::NeedsResync {
             self.shared.counters.resync();
         }
@@ -150,12 +153,12 @@ impl KvRouterHandle {
 
     /// Workers whose index waits for a snapshot, sorted.
     pub fn needs_resync(&self) -> Vec<InstanceId> {
-        self.shared.index.needs_resync()
+        self.shared.state.lock().indexer.needs_resync()
     }
 
     /// Forgets a worker that left the instance set.
     pub fn remove_worker(&self, worker: InstanceId) {
-        self.shared.index.remove_worker(worker);
+        self.shared.state.lock().indexer.remove_worker(worker);
     }
 
     /// How many leading blocks of `token_ids` each worker holds now.
@@ -166,14 +169,17 @@ impl KvRouterHandle {
 
     /// How many leading blocks of a block-hash chain each worker holds now.
     pub fn find_matches(&self, hashes: &[BlockHash]) -> OverlapScores {
-        self.shared.index.find_matches(hashes, self.shared.now_ms())
+        let now = self.shared.now_ms();
+        let mut state = self.shared.state.lock();
+        state.indexer.expire(now);
+        state.indexer.find_matches(hashes)
     }
 
     /// The counters, for metrics.
     pub fn metrics(&self) -> KvMetrics {
         let mut m = self.shared.counters.snapshot();
-        m.indexed_blocks = self.shared.index.block_count() as u64;
         let state = self.shared.state.lock();
+        m.indexed_blocks = state.indexer.block_count() as u64;
         m.chosen_total = state.chosen.iter().map(|(&w, &n)| (w, n)).collect();
         m
     }
@@ -200,7 +206,8 @@ impl KvPolicy {
         prompt_blocks: u64,
     ) -> Decision {
         let config = &self.shared.config;
-        let scores = self.shared.index.find_matches(hashes, self.shared.now_ms());
+        state.indexer.expire(self.shared.now_ms());
+        let scores = state.indexer.find_matches(hashes);
         let overlap_of = |w: InstanceId| scores.get(w);
         let scored: Vec<Scored> = candidates
             .iter()
@@ -255,9 +262,7 @@ impl Policy for KvPolicy {
                 .loads
                 .dispatched(d.instance, prompt_blocks, new_blocks);
             let expires = self.shared.expires_at();
-            self.shared
-                .index
-                .insert_expiring(d.instance, &hashes, expires);
+            state.indexer.insert_expiring(d.instance, &hashes, expires);
             *state.chosen.entry(d.instance).or_default() += 1;
             d
         };
@@ -321,8 +326,8 @@ impl RequestTracker for KvTracker {
         if self.prefilled {
             state.loads.prefilled(instance, blocks);
         }
-        self.shared
-            .index
+        state
+            .indexer
             .insert_expiring(instance, &self.hashes, expires);
         self.worker = instance;
     }
