@@ -57,6 +57,16 @@ def decode_ms(u):
     return max(-25.74 * u * u + 54.01 * u + 5.74, 1.0)
 
 
+def leading(ids, held):
+    """How many of `ids`, from the first, are in `held`: the cached prefix in blocks."""
+    n = 0
+    for h in ids:
+        if h not in held:
+            break
+        n += 1
+    return n
+
+
 class Worker:
     def __init__(self):
         self.t = 0.0
@@ -65,12 +75,7 @@ class Worker:
         self.cache = OrderedDict()
 
     def overlap(self, ids):
-        n = 0
-        for h in ids:
-            if h not in self.cache:
-                break
-            n += 1
-        return n
+        return leading(ids, self.cache)
 
     def queued_blocks(self):
         return sum(r["left"] for r in self.waiting) / TRACE_BLOCK
@@ -159,11 +164,7 @@ def pooled_hit_rate(rows):
     cache = OrderedDict()
     hit = total = 0
     for row in rows:
-        n = 0
-        for h in row["hash_ids"]:
-            if h not in cache:
-                break
-            n += 1
+        n = leading(row["hash_ids"], cache)
         hit += min(n * TRACE_BLOCK, row["input_length"] - 1)
         total += row["input_length"]
         for h in row["hash_ids"]:
@@ -183,11 +184,7 @@ def ideal_ttfts(rows, decode_floor):
     out = []
     for row in rows:
         ids, length = row["hash_ids"], row["input_length"]
-        n = 0
-        for h in ids:
-            if h not in seen:
-                break
-            n += 1
+        n = leading(ids, seen)
         seen.update(ids)
         left = length - min(n * TRACE_BLOCK, length - 1)
         ms = 0.0

@@ -7,10 +7,13 @@
 //! Needs two GPUs (one per worker); skipped with a notice on stderr otherwise.
 
 use std::io::Write;
-use std::time::{Duration, Instant};
 
 use dynamo_runtime::kv_transfer::cuda;
 use dynamo_tests::{metric_sum as sum, model_cached, workspace, Graph};
+
+#[path = "common/disagg_http.rs"]
+mod disagg_http;
+use disagg_http::{chat, handed_over_blocks, wait_metrics, MOCKER_INSTANT};
 
 /// The GPUs this test may use, or `None` after a notice that shows in every run's output
 /// (written past the test harness's capture).
@@ -60,64 +63,23 @@ async fn kv_blocks_cross_between_gpu_pools_by_cuda_ipc() {
         "the SmolLM2 model is not cached: run scripts/setup-tests.sh"
     );
     let file = graph_file();
-    let g = Graph::up(
-        &file,
-        &[
-            "prefill.engine=mocker",
-            "decode.engine=mocker",
-            "prefill.speedup=inf",
-            "decode.speedup=inf",
-        ],
-    );
+    let g = Graph::up(&file, &MOCKER_INSTANT);
     let _ = std::fs::remove_file(&file);
     let client = reqwest::Client::new();
-    let question = "Tell me everything about the history of Paris, the capital of France, from the Romans to today, in great detail please.";
-    let body = serde_json::json!({"model": "smollm2", "messages": [{"role": "user", "content": question}], "max_tokens": 8});
-    let r = client
-        .post(format!("{}/v1/chat/completions", g.url))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("answers");
-    let status = r.status().as_u16();
-    let v: serde_json::Value =
-        serde_json::from_slice(&r.bytes().await.unwrap_or_default()).unwrap_or_default();
+    let (status, v) = chat(&client, &g.url, 8).await;
     assert_eq!(status, 200, "{v}");
-    let prompt = v["usage"]["prompt_tokens"].as_u64().expect("usage");
-    let full_blocks = prompt / 16;
-    assert!(full_blocks >= 2, "the prompt has {prompt} tokens");
     // The decode worker found the blocks it copied (and checked) in its prefix cache.
-    assert_eq!(
-        v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
-        Some(full_blocks * 16),
-        "{v}"
-    );
+    let full_blocks = handed_over_blocks(&v);
     // The chunks went over the CUDA IPC link, and every byte sent was received.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (mut sent, mut received, mut chunks) = (0.0, 0.0, 0.0);
-    while Instant::now() < deadline {
-        let m = client
-            .get(format!("{}/metrics", g.url))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .unwrap_or_default();
-        let bytes = "dynamo_engine_kv_transfer_bytes_total";
-        sent = sum(&m, bytes, &["node=\"prefill\"", "direction=\"sent\""]);
-        received = sum(&m, bytes, &["node=\"decode\"", "direction=\"received\""]);
-        chunks = sum(
-            &m,
-            "dynamo_edge_messages_total",
-            &["transport=\"cuda-ipc\""],
-        );
-        if sent > 0.0 && sent == received && chunks > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let bytes = "dynamo_engine_kv_transfer_bytes_total";
+    let sent = |m: &str| sum(m, bytes, &["node=\"prefill\"", "direction=\"sent\""]);
+    let received = |m: &str| sum(m, bytes, &["node=\"decode\"", "direction=\"received\""]);
+    let chunks = |m: &str| sum(m, "dynamo_edge_messages_total", &["transport=\"cuda-ipc\""]);
+    let m = wait_metrics(&client, &g.url, |m| {
+        sent(m) > 0.0 && sent(m) == received(m) && chunks(m) > 0.0
+    })
+    .await;
+    let (sent, received, chunks) = (sent(&m), received(&m), chunks(&m));
     let block_bytes = 30.0 * 2.0 * 3.0 * 64.0 * 2.0 * 16.0;
     assert!(
         sent >= full_blocks as f64 * block_bytes,

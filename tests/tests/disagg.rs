@@ -3,61 +3,17 @@
 //! streams back, cancelled requests free blocks on both sides, and a dead prefill worker
 //! makes requests fall back to the decode worker — or fail clearly when enforced.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dynamo_tests::{disagg_over_tcp, metric_sum as sum, model_cached, workspace, Graph};
 use futures::StreamExt;
 
-/// The graph's workers as instant mockers: these tests are about the plumbing.
-const MOCKER_INSTANT: [&str; 4] = [
-    "prefill.engine=mocker",
-    "decode.engine=mocker",
-    "prefill.speedup=inf",
-    "decode.speedup=inf",
-];
+#[path = "common/disagg_http.rs"]
+mod disagg_http;
+use disagg_http::{chat, handed_over_blocks, wait_metrics, LONG_QUESTION, MOCKER_INSTANT};
 
 fn graph() -> std::path::PathBuf {
     workspace().join("graphs/disagg.toml")
-}
-
-async fn metrics(client: &reqwest::Client, url: &str) -> String {
-    client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default()
-}
-
-const LONG_QUESTION: &str = "Tell me everything about the history of Paris, the capital of France, from the Romans to today, in great detail please.";
-
-async fn chat(client: &reqwest::Client, url: &str, max_tokens: u32) -> (u16, serde_json::Value) {
-    let body = serde_json::json!({"model": "smollm2", "messages": [{"role": "user", "content": LONG_QUESTION}], "max_tokens": max_tokens});
-    let r = client
-        .post(format!("{url}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("answers");
-    let status = r.status().as_u16();
-    let v = serde_json::from_slice(&r.bytes().await.unwrap_or_default())
-        .unwrap_or(serde_json::Value::Null);
-    (status, v)
-}
-
-/// Wait (bounded) until `pred` holds for the metrics text.
-async fn wait_metrics(client: &reqwest::Client, url: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = metrics(client, url).await;
-        if pred(&m) || Instant::now() > deadline {
-            return m;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,15 +27,8 @@ async fn kv_blocks_cross_processes_and_the_answer_streams_back() {
     let (status, v) = chat(&client, &g.url, 8).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 8);
-    let prompt = v["usage"]["prompt_tokens"].as_u64().expect("usage");
-    let full_blocks = prompt / 16;
-    assert!(full_blocks >= 2, "the prompt has {prompt} tokens");
     // The decode worker found the handed-over blocks in its prefix cache.
-    assert_eq!(
-        v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
-        Some(full_blocks * 16),
-        "{v}"
-    );
+    let full_blocks = handed_over_blocks(&v);
     // Streaming works the same way.
     let body = serde_json::json!({"model": "smollm2", "messages": [{"role": "user", "content": "Another question entirely, about rivers."}], "max_tokens": 6, "stream": true, "ignore_eos": true});
     let text = client
