@@ -52,6 +52,23 @@ pub struct ReplayReport {
     pub kv_note: Option<String>,
 }
 
+/// A start later than this is the in-flight cap at work, not the load generator's jitter.
+const CAPPED_LAG_MS: f64 = 100.0;
+
+/// A warning when requests waited for `--concurrency-limit`: TTFT and E2E count from the
+/// send, so that wait is missing from them (a queue moved into the client), and the
+/// figures understate what the trace's schedule would have met.
+fn lag_note(lag: &LatencySummary) -> Option<String> {
+    (lag.max > CAPPED_LAG_MS).then(|| {
+        format!(
+            "note          requests started up to {:.0} ms late, waiting for a free slot under \
+             --concurrency-limit; TTFT and E2E count from the send and leave that wait out: \
+             raise the limit to measure the schedule as the trace has it",
+            lag.max
+        )
+    })
+}
+
 fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
@@ -93,6 +110,9 @@ impl ReplayReport {
             "start lag     p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             l.p50, l.p99, l.max
         );
+        if let Some(note) = lag_note(l) {
+            let _ = writeln!(s, "{note}");
+        }
         self.run.write_measurements(&mut s, "sent token ids");
         let i = &self.ideal;
         let _ = writeln!(
@@ -134,5 +154,20 @@ impl ReplayReport {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capped_start_is_called_out() {
+        let jitter = LatencySummary::from_ms(vec![0.5, 1.0, 3.0]);
+        assert_eq!(lag_note(&jitter), None);
+        let capped = LatencySummary::from_ms(vec![0.5, 1.0, 1255.8]);
+        let note = lag_note(&capped).unwrap_or_default();
+        assert!(note.contains("1256 ms late"), "{note}");
+        assert!(note.contains("--concurrency-limit"), "{note}");
     }
 }
