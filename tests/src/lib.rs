@@ -139,6 +139,24 @@ impl Graph {
         &self.stderr_lines
     }
 
+    /// Waits (at most `within`) until the controller has printed a line containing
+    /// `needle`; whether it did. What it printed meanwhile stays for `drain_stderr`.
+    pub fn wait_stderr(&mut self, needle: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.drain_stderr().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if let Ok(line) = self.stderr.recv_timeout(left) {
+                self.stderr_lines.push(line);
+            }
+        }
+    }
+
     /// The pid of the planned process `name` (e.g. `worker-0`) of this graph, found by
     /// its command line (`dynamo node run … --process NAME …`).
     pub fn process_pid(&self, name: &str) -> Option<i32> {
