@@ -65,6 +65,15 @@ def decode_ms(u):
     return max(-25.74 * u * u + 54.01 * u + 5.74, 1.0)
 
 
+def remember(cache, ids, blocks):
+    """Marks `ids` as just used in the LRU `cache` and evicts down to `blocks` entries."""
+    for h in ids:
+        cache[h] = True
+        cache.move_to_end(h)
+    while len(cache) > blocks:
+        cache.popitem(last=False)
+
+
 def leading(ids, held):
     """How many of `ids`, from the first, are in `held`: the cached prefix in blocks."""
     n = 0
@@ -142,34 +151,27 @@ def simulate(rows, policy, weight, slowdown, kv_tokens, seed=0):
         else:
             best = None
             for j, w in enumerate(workers):
-                new = max(len(ids) - w.overlap(ids), 0)
                 if policy == "pooled":
                     c = w.queued_blocks()
                 elif policy == "oracle":
-                    c = new + w.queued_blocks()
+                    c = max(len(ids) - w.overlap(ids), 0) + w.queued_blocks()
                 else:
+                    new = max(len(ids) - w.overlap(ids), 0)
                     c = weight * (new + w.queued_blocks()) + w.held_blocks()
                 key = (c, len(w.running) + len(w.waiting), rng.random())
                 if best is None or key < best[0]:
                     best = (key, j)
             k = best[1]
         w = workers[k]
+        # `pooled` keeps one cache for all workers (theirs stay empty: it never reads them).
         if policy == "pooled":
-            cached = min(leading(ids, pooled) * TRACE_BLOCK, length - 1)
-            for h in ids:
-                pooled[h] = True
-                pooled.move_to_end(h)
-            while len(pooled) > WORKERS * kv_tokens // TRACE_BLOCK:
-                pooled.popitem(last=False)
+            cache, blocks = pooled, WORKERS * kv_tokens // TRACE_BLOCK
         else:
-            cached = min(w.overlap(ids) * TRACE_BLOCK, length - 1)
+            cache, blocks = w.cache, kv_tokens // TRACE_BLOCK
+        cached = min(leading(ids, cache) * TRACE_BLOCK, length - 1)
+        remember(cache, ids, blocks)
         hit += cached
         total += length
-        for h in ids:
-            w.cache[h] = True
-            w.cache.move_to_end(h)
-        while len(w.cache) > kv_tokens // TRACE_BLOCK:
-            w.cache.popitem(last=False)
         w.t = max(w.t, arrival)
         w.waiting.append({"i": i, "arrival": arrival, "left": length - cached,
                           "len": length, "out": max(row["output_length"], 1), "made": 0})
@@ -187,11 +189,7 @@ def pooled_hit_rate(rows, kv_tokens):
         n = leading(row["hash_ids"], cache)
         hit += min(n * TRACE_BLOCK, row["input_length"] - 1)
         total += row["input_length"]
-        for h in row["hash_ids"]:
-            cache[h] = True
-            cache.move_to_end(h)
-        while len(cache) > WORKERS * kv_tokens // TRACE_BLOCK:
-            cache.popitem(last=False)
+        remember(cache, row["hash_ids"], WORKERS * kv_tokens // TRACE_BLOCK)
     return hit / total
 
 
