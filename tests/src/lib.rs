@@ -227,6 +227,18 @@ pub fn disagg_over_tcp(tag: &str) -> PathBuf {
     file
 }
 
+/// The text of `GET {url}/metrics` (a frontend's, or any process's).
+pub async fn metrics_text(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// Sum of the Prometheus samples of `family` (in the text `metrics`) whose labels contain
 /// every one of `with`.
 pub fn metric_sum(metrics: &str, family: &str, with: &[&str]) -> f64 {

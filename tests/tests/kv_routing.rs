@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use dynamo_tests::{model_cached, workspace, Graph};
+use dynamo_tests::{metrics_text as metrics, model_cached, workspace, Graph};
 
 /// `metric{...replica="N"...} value` lines of one family, by replica.
 fn by_replica(metrics: &str, family: &str) -> BTreeMap<String, f64> {
@@ -23,17 +23,6 @@ fn by_replica(metrics: &str, family: &str) -> BTreeMap<String, f64> {
 
 fn total(metrics: &str, family: &str) -> f64 {
     by_replica(metrics, family).values().sum()
-}
-
-async fn metrics(client: &reqwest::Client, url: &str) -> String {
-    client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default()
 }
 
 async fn complete(client: &reqwest::Client, url: &str, prompt: &str) {

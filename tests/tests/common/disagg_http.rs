@@ -15,18 +15,6 @@ pub const MOCKER_INSTANT: [&str; 4] = [
 
 pub const LONG_QUESTION: &str = "Tell me everything about the history of Paris, the capital of France, from the Romans to today, in great detail please.";
 
-/// The text of `GET {url}/metrics`.
-pub async fn metrics(client: &reqwest::Client, url: &str) -> String {
-    client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default()
-}
-
 /// Asks [`LONG_QUESTION`] for at most `max_tokens` tokens; the status and the JSON body.
 pub async fn chat(
     client: &reqwest::Client,
@@ -69,7 +57,7 @@ pub async fn wait_metrics(
 ) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let m = metrics(client, url).await;
+        let m = dynamo_tests::metrics_text(client, url).await;
         if pred(&m) || Instant::now() > deadline {
             return m;
         }

@@ -44,14 +44,7 @@ pub fn sum(metrics: &str, family: &str, with: &[&str]) -> f64 {
 pub async fn metrics(client: &reqwest::Client, url: &str) -> String {
     // Engine figures reach the frontend's /metrics within one poll (500 ms).
     tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-    client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics text")
+    dynamo_tests::metrics_text(client, url).await
 }
 
 /// Starts a streamed completion with a long prompt and drops it after `after`: the
