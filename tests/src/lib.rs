@@ -239,6 +239,21 @@ pub async fn metrics_text(client: &reqwest::Client, url: &str) -> String {
         .expect("metrics text")
 }
 
+/// `POST {url}/v1/chat/completions` with the JSON `body`; panics only if no answer comes.
+pub async fn post_chat(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    client
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the frontend answers")
+}
+
 /// Sum of the Prometheus samples of `family` (in the text `metrics`) whose labels contain
 /// every one of `with`.
 pub fn metric_sum(metrics: &str, family: &str, with: &[&str]) -> f64 {

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use dynamo_tests::{model_cached, workspace, Graph, NatsServer};
+use dynamo_tests::{model_cached, post_chat as post, workspace, Graph, NatsServer};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -30,16 +30,6 @@ fn chat(prompt: &str, max_tokens: u32, stream: bool) -> Value {
         "max_tokens": max_tokens,
         "stream": stream,
     })
-}
-
-async fn post(client: &reqwest::Client, url: &str, body: &Value) -> reqwest::Response {
-    client
-        .post(format!("{url}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("the frontend answers")
 }
 
 /// The content deltas of an SSE body, and whether it ended with `[DONE]`.

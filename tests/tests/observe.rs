@@ -23,13 +23,7 @@ async fn chat(client: &reqwest::Client, url: &str, max_tokens: u32) -> u16 {
         "messages": [{"role": "user", "content": "Tell me about Paris, the capital of France, in some detail please."}],
         "max_tokens": max_tokens,
     });
-    let r = client
-        .post(format!("{url}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("the frontend answers");
+    let r = dynamo_tests::post_chat(client, url, &body).await;
     let status = r.status().as_u16();
     let _ = r.bytes().await;
     status

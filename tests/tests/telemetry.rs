@@ -151,13 +151,7 @@ async fn chat(client: &reqwest::Client, url: &str) -> (u16, Option<String>, serd
         "messages": [{"role": "user", "content": "Tell me about Paris, the capital of France, in some detail please."}],
         "max_tokens": 8,
     });
-    let r = client
-        .post(format!("{url}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("answers");
+    let r = dynamo_tests::post_chat(client, url, &body).await;
     let status = r.status().as_u16();
     let trace_id = r
         .headers()

@@ -22,13 +22,7 @@ pub async fn chat(
     max_tokens: u32,
 ) -> (u16, serde_json::Value) {
     let body = serde_json::json!({"model": "smollm2", "messages": [{"role": "user", "content": LONG_QUESTION}], "max_tokens": max_tokens});
-    let r = client
-        .post(format!("{url}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("answers");
+    let r = dynamo_tests::post_chat(client, url, &body).await;
     let status = r.status().as_u16();
     let v = serde_json::from_slice(&r.bytes().await.unwrap_or_default())
         .unwrap_or(serde_json::Value::Null);
