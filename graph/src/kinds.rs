@@ -257,6 +257,12 @@ const ROUTER_SETTINGS: &[Field] = &[
         "kv-approx: how long a routing decision is assumed cached",
     ),
     Field::opt(
+        "index_shards",
+        int(1, 64),
+        None,
+        "kv modes: shards of the KV index, split by worker, each with its own lock: events of workers in different shards apply in parallel, and a lookup visits every shard (default: the machine's cores, at most 4)",
+    ),
+    Field::opt(
         "migration_limit",
         NON_NEGATIVE,
         Some("3"),

@@ -112,7 +112,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (
         "dynamo_router_kv_indexed_blocks",
         "gauge",
-        "Blocks in the router's index",
+        "Block entries in the router's index (distinct per index shard)",
     ),
     ("dynamo_engine_kv_transfer_blocks_total", "counter", "KV blocks handed from prefill to decode workers, by direction"),
     ("dynamo_engine_kv_transfer_bytes_total", "counter", "Bytes of KV blocks handed from prefill to decode workers, by direction"),

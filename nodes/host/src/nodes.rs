@@ -304,6 +304,9 @@ pub fn router(
     if let Some(t) = node.f64("temperature") {
         config.temperature = t;
     }
+    if let Some(n) = index_shards(node) {
+        config.index_shards = n;
+    }
     // `ttl` is the graph's knob for kv-approx; `kv` keeps its short prediction window.
     if kv == KvMode::Approx {
         if let Some(d) = node
@@ -346,6 +349,9 @@ pub fn disagg_router(
             if let Some(t) = node.f64("temperature") {
                 config.temperature = t;
             }
+            if let Some(n) = index_shards(node) {
+                config.index_shards = n;
+            }
             let handle = KvRouterHandle::new(kv_mode, config).map_err(|e| invalid(node, e))?;
             (handle.policy(), Some(handle))
         }
@@ -378,6 +384,12 @@ pub fn disagg_router(
 }
 
 /// The router's `migration_limit` (default [`DEFAULT_MIGRATION_LIMIT`]).
+/// `index_shards`, when the graph sets it (validated to 1–64 with the graph).
+fn index_shards(node: &PlannedNode) -> Option<usize> {
+    node.u64("index_shards")
+        .and_then(|v| usize::try_from(v).ok())
+}
+
 fn migration_limit(node: &PlannedNode) -> u32 {
     node.u64("migration_limit")
         .map_or(DEFAULT_MIGRATION_LIMIT, |v| {

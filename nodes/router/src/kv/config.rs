@@ -40,6 +40,17 @@ pub struct KvConfig {
     /// predicted blocks of a routed request (default 2 s), in `kv-approx` its routing
     /// decisions (default 120 s).
     pub ttl: Duration,
+    /// Shards of the index (1–64): events of workers in different shards apply in
+    /// parallel; a lookup visits every shard.
+    pub index_shards: usize,
+}
+
+/// The default `index_shards`: the machine's cores, at most 4 (each shard more costs
+/// every lookup one more walk).
+pub fn default_index_shards() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
 }
 
 impl KvConfig {
@@ -54,6 +65,7 @@ impl KvConfig {
                 KvMode::Events => Duration::from_secs(2),
                 KvMode::Approx => Duration::from_secs(120),
             },
+            index_shards: default_index_shards(),
         }
     }
 
@@ -70,6 +82,9 @@ impl KvConfig {
         }
         if self.ttl.is_zero() {
             return Err(KvConfigError::Ttl);
+        }
+        if !(1..=super::shards::MAX_SHARDS).contains(&self.index_shards) {
+            return Err(KvConfigError::IndexShards(self.index_shards));
         }
         Ok(())
     }
@@ -92,6 +107,8 @@ pub enum KvConfigError {
     Temperature(f64),
     #[error("router `ttl` must be longer than 0")]
     Ttl,
+    #[error("router `index_shards` must be 1 to 64, not {0}")]
+    IndexShards(usize),
 }
 
 #[cfg(test)]
@@ -114,5 +131,7 @@ mod tests {
         assert!(bad(|c| c.overlap_weight = -1.0).is_err_and(|e| e.contains("overlap_weight")));
         assert!(bad(|c| c.temperature = f64::NAN).is_err_and(|e| e.contains("temperature")));
         assert!(bad(|c| c.ttl = Duration::ZERO).is_err_and(|e| e.contains("ttl")));
+        assert!(bad(|c| c.index_shards = 0).is_err_and(|e| e.contains("index_shards")));
+        assert!(bad(|c| c.index_shards = 65).is_err_and(|e| e.contains("index_shards")));
     }
 }

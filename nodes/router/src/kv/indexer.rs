@@ -17,6 +17,7 @@ use foldhash::fast::RandomState;
 use super::sync::{EventOutcome, EventSync, Verdict};
 use super::worker_set::{Dropped, PrefixWalk};
 use table::BlockTable;
+pub(crate) use table::TableView;
 
 #[path = "indexer_table.rs"]
 mod table;
@@ -34,37 +35,70 @@ struct Slots {
 }
 
 /// For each worker holding the first block of a request, how many leading blocks it holds.
-/// Workers matching nothing are absent.
+/// Workers matching nothing are absent. A lookup over a [`super::shards::ShardedIndex`]
+/// has one part per shard; the shards' workers are disjoint.
 #[derive(Debug, Clone, Default)]
 pub struct OverlapScores {
+    first: ShardScores,
+    more: Vec<ShardScores>,
+}
+
+/// One index's part of a lookup's result.
+#[derive(Debug, Clone, Default)]
+struct ShardScores {
     dropped: Dropped,
     slots: Arc<Slots>,
 }
 
 impl OverlapScores {
+    fn parts(&self) -> impl Iterator<Item = &ShardScores> {
+        std::iter::once(&self.first).chain(&self.more)
+    }
+
+    /// Adds the result of the same lookup in another shard.
+    pub(crate) fn merge(&mut self, other: OverlapScores) {
+        self.more.push(other.first);
+        self.more.extend(other.more);
+    }
+
     /// The matched blocks of `worker` (0 if absent).
     pub fn get(&self, worker: InstanceId) -> u32 {
-        self.slots
-            .by_id
-            .get(&worker)
-            .and_then(|&slot| self.dropped.depth_of(slot))
+        (self.parts())
+            .find_map(|p| {
+                let slot = *p.slots.by_id.get(&worker)?;
+                p.dropped.depth_of(slot)
+            })
             .unwrap_or(0)
     }
 
     /// The best match of any worker.
     pub fn max(&self) -> u32 {
-        self.dropped.max_depth()
+        self.parts()
+            .map(|p| p.dropped.max_depth())
+            .max()
+            .unwrap_or(0)
     }
 
     /// A worker with the best match, and its matched blocks.
     pub fn best(&self) -> Option<(InstanceId, u32)> {
-        let (slot, depth) = self.dropped.deepest()?;
-        Some(((*self.slots.ids.get(slot as usize)?)?, depth))
+        let mut best: Option<(InstanceId, u32)> = None;
+        for p in self.parts() {
+            let Some((slot, depth)) = p.dropped.deepest() else {
+                continue;
+            };
+            let Some(Some(id)) = p.slots.ids.get(slot as usize) else {
+                continue;
+            };
+            if best.is_none_or(|(_, d)| depth > d) {
+                best = Some((*id, depth));
+            }
+        }
+        best
     }
 
     /// Workers with a match.
     pub fn len(&self) -> usize {
-        self.dropped.len()
+        self.parts().map(|p| p.dropped.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,12 +107,14 @@ impl OverlapScores {
 
     /// Calls `f(worker, matched blocks)` for each worker with a match, in no set order.
     pub fn for_each(&self, mut f: impl FnMut(InstanceId, u32)) {
-        let ids = &self.slots.ids;
-        self.dropped.for_each(|slot, depth| {
-            if let Some(Some(id)) = ids.get(slot as usize) {
-                f(*id, depth);
-            }
-        });
+        for p in self.parts() {
+            let ids = &p.slots.ids;
+            p.dropped.for_each(|slot, depth| {
+                if let Some(Some(id)) = ids.get(slot as usize) {
+                    f(*id, depth);
+                }
+            });
+        }
     }
 
     /// `(worker, matched blocks)` sorted by worker, for tests and output.
@@ -237,8 +273,11 @@ impl KvIndexer {
             }
         }
         OverlapScores {
-            dropped,
-            slots: self.slots.clone(),
+            first: ShardScores {
+                dropped,
+                slots: self.slots.clone(),
+            },
+            more: Vec::new(),
         }
     }
 
@@ -309,6 +348,12 @@ impl KvIndexer {
             .collect();
         out.sort_unstable();
         out
+    }
+
+    /// Where the block table is now, so another thread can prefetch an event's or a
+    /// lookup's slots before it takes the lock this index lives behind.
+    pub(crate) fn table_view(&self) -> TableView {
+        self.blocks.view()
     }
 
     /// Distinct blocks held by any worker.

@@ -60,6 +60,15 @@ impl BlockTable {
         }
     }
 
+    /// Where the slots are now, to prefetch without holding the table (see [`TableView`]).
+    pub fn view(&self) -> TableView {
+        TableView {
+            base: self.slots.as_ptr() as usize,
+            len: self.slots.len(),
+            shift: self.shift,
+        }
+    }
+
     /// The index of `hash`'s slot, if stored.
     #[inline]
     fn find(&self, hash: BlockHash) -> Option<usize> {
@@ -214,6 +223,46 @@ impl BlockTable {
             i = (i + 1) & mask;
         }
     }
+}
+
+/// A table's address and shape, copied out so another thread can prefetch a key's home
+/// slot before it takes the lock the table lives behind. A stale view (the table grew or
+/// was rebuilt since) only prefetches memory that is no longer the table: a prefetch is a
+/// hint that never faults, and nothing is read through the view.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct TableView {
+    pub base: usize,
+    pub len: usize,
+    pub shift: u32,
+}
+
+impl TableView {
+    /// Starts loading the home slot of `hash` and the slot after it.
+    #[inline]
+    pub fn prefetch(&self, hash: BlockHash) {
+        if self.len == 0 || self.shift == 0 {
+            return;
+        }
+        let mask = self.len - 1;
+        let i = home(hash, self.shift) & mask;
+        let size = std::mem::size_of::<crate::kv::pages::Pair>();
+        prefetch_addr(self.base.wrapping_add(i * size));
+        prefetch_addr(self.base.wrapping_add(((i + 1) & mask) * size));
+    }
+}
+
+/// Asks for the line at `addr` without waiting for it: a hint, which never faults, so
+/// `addr` need not point at anything live.
+#[inline(always)]
+fn prefetch_addr(addr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetcht0 reads nothing architecturally and cannot fault, whatever `addr`.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(addr as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
 }
 
 /// Asks for the line holding `*at` without waiting for it (a hint: never faults).

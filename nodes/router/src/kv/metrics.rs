@@ -101,7 +101,8 @@ pub struct KvMetrics {
     pub resyncs_total: u64,
     /// Workers seen restarting (event id back to 0).
     pub restarts_total: u64,
-    /// Distinct blocks in the index now.
+    /// Entries in the index now: distinct blocks per index shard (a block held by
+    /// workers of two shards counts twice).
     pub indexed_blocks: u64,
 }
 

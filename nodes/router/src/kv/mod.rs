@@ -3,6 +3,8 @@
 //!
 //! - [`indexer`]: which worker holds which block (from KV events, or from the router's own
 //!   decisions with a TTL), and how long a prefix of a request each one holds.
+//! - [`shards`]: the index split by worker, one lock per shard, so events of different
+//!   workers apply in parallel.
 //! - [`cost`]: the cost of a worker for a request, the selection, and the router's account
 //!   of the requests in flight.
 //! - [`router`]: the [`crate::Policy`] and the [`KvRouterHandle`] the host feeds events to.
@@ -13,6 +15,7 @@ pub mod indexer;
 pub mod metrics;
 mod pages;
 pub mod router;
+pub mod shards;
 mod sync;
 mod worker_set;
 
@@ -20,4 +23,5 @@ pub use config::{KvConfig, KvConfigError, KvMode};
 pub use indexer::{KvIndexer, OverlapScores};
 pub use metrics::{KvMetrics, OVERHEAD_BUCKETS_US, OVERLAP_BUCKETS_BLOCKS};
 pub use router::KvRouterHandle;
+pub use shards::ShardedIndex;
 pub use sync::EventOutcome;

@@ -1,8 +1,11 @@
 //! The KV-aware [`Policy`] and the handle the host feeds KV events through.
 //!
-//! One `parking_lot::Mutex` guards the index and the in-flight account together: a routing
-//! decision reads both and writes both (the chosen worker's predicted blocks and load), so
-//! one short critical section keeps them consistent. Hashing the prompt happens outside it.
+//! The index is sharded by worker ([`ShardedIndex`]), a lock per shard, so the events of
+//! workers in different shards apply in parallel. One `parking_lot::Mutex` guards the
+//! in-flight account; a routing decision holds it from its lookup to the recording of the
+//! chosen worker's predicted blocks and load, so two decisions never interleave (the
+//! second sees the first's predictions). Lock order: the account, then a shard; an event
+//! takes only its shard. Hashing the prompt happens outside both.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,13 +17,13 @@ use parking_lot::Mutex;
 
 use super::config::{KvConfig, KvConfigError, KvMode};
 use super::cost::{cost, select, ActiveLoads, Scored};
-use super::indexer::{KvIndexer, OverlapScores};
+use super::indexer::OverlapScores;
 use super::metrics::{Counters, KvMetrics};
+use super::shards::ShardedIndex;
 use super::sync::EventOutcome;
 use crate::policy::{InstanceLoad, Policy, RequestTracker, Routed};
 
 struct KvState {
-    indexer: KvIndexer,
     loads: ActiveLoads,
     rng: fastrand::Rng,
     /// Requests routed to each worker, for metrics (kept when a worker leaves: totals
@@ -33,6 +36,7 @@ struct KvShared {
     config: KvConfig,
     ttl_ms: u64,
     epoch: Instant,
+    index: ShardedIndex,
     state: Mutex<KvState>,
     counters: Counters,
 }
@@ -82,8 +86,8 @@ impl KvRouterHandle {
                 config,
                 ttl_ms,
                 epoch: Instant::now(),
+                index: ShardedIndex::new(config.index_shards),
                 state: Mutex::new(KvState {
-                    indexer: KvIndexer::new(),
                     loads: ActiveLoads::default(),
                     rng: fastrand::Rng::new(),
                     chosen: BTreeMap::new(),
@@ -112,11 +116,7 @@ impl KvRouterHandle {
     /// [`EventOutcome::NeedsResync`] fetch the worker's snapshot and pass it to
     /// [`KvRouterHandle::apply_snapshot`]; events keep being accepted meanwhile.
     pub fn apply_event(&self, event: KvEvent) -> EventOutcome {
-        let mut state = self.shared.state.lock();
-        let outcome = state.indexer.apply(&event);
-        // Hand the lock to a waiting router rather than take it straight back for the next
-        // event: a burst of events must not hold routing up.
-        parking_lot::MutexGuard::unlock_fair(state);
+        let outcome = self.shared.index.apply(&event);
         let c = &self.shared.counters;
         match outcome {
             EventOutcome::Applied => c.event(),
@@ -139,12 +139,7 @@ impl KvRouterHandle {
         last_event_id: Option<u64>,
         events: &[KvEventData],
     ) -> EventOutcome {
-        let outcome =
-            self.shared
-                .state
-                .lock()
-                .indexer
-                .apply_snapshot(worker, last_event_id, events);
+        let outcome = (self.shared.index).apply_snapshot(worker, last_event_id, events);
         if outcome == EventOutcome::NeedsResync {
             self.shared.counters.resync();
         }
@@ -153,12 +148,12 @@ impl KvRouterHandle {
 
     /// Workers whose index waits for a snapshot, sorted.
     pub fn needs_resync(&self) -> Vec<InstanceId> {
-        self.shared.state.lock().indexer.needs_resync()
+        self.shared.index.needs_resync()
     }
 
     /// Forgets a worker that left the instance set.
     pub fn remove_worker(&self, worker: InstanceId) {
-        self.shared.state.lock().indexer.remove_worker(worker);
+        self.shared.index.remove_worker(worker);
     }
 
     /// How many leading blocks of `token_ids` each worker holds now.
@@ -169,17 +164,14 @@ impl KvRouterHandle {
 
     /// How many leading blocks of a block-hash chain each worker holds now.
     pub fn find_matches(&self, hashes: &[BlockHash]) -> OverlapScores {
-        let now = self.shared.now_ms();
-        let mut state = self.shared.state.lock();
-        state.indexer.expire(now);
-        state.indexer.find_matches(hashes)
+        (self.shared.index).find_matches(hashes, self.shared.now_ms())
     }
 
     /// The counters, for metrics.
     pub fn metrics(&self) -> KvMetrics {
         let mut m = self.shared.counters.snapshot();
         let state = self.shared.state.lock();
-        m.indexed_blocks = state.indexer.block_count() as u64;
+        m.indexed_blocks = self.shared.index.block_count() as u64;
         m.chosen_total = state.chosen.iter().map(|(&w, &n)| (w, n)).collect();
         m
     }
@@ -206,8 +198,7 @@ impl KvPolicy {
         prompt_blocks: u64,
     ) -> Decision {
         let config = &self.shared.config;
-        state.indexer.expire(self.shared.now_ms());
-        let scores = state.indexer.find_matches(hashes);
+        let scores = (self.shared.index).find_matches(hashes, self.shared.now_ms());
         let overlap_of = |w: InstanceId| scores.get(w);
         let scored: Vec<Scored> = candidates
             .iter()
@@ -262,7 +253,7 @@ impl Policy for KvPolicy {
                 .loads
                 .dispatched(d.instance, prompt_blocks, new_blocks);
             let expires = self.shared.expires_at();
-            state.indexer.insert_expiring(d.instance, &hashes, expires);
+            (self.shared.index).insert_expiring(d.instance, &hashes, expires);
             *state.chosen.entry(d.instance).or_default() += 1;
             d
         };
@@ -326,9 +317,7 @@ impl RequestTracker for KvTracker {
         if self.prefilled {
             state.loads.prefilled(instance, blocks);
         }
-        state
-            .indexer
-            .insert_expiring(instance, &self.hashes, expires);
+        (self.shared.index).insert_expiring(instance, &self.hashes, expires);
         self.worker = instance;
     }
 }
