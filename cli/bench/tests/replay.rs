@@ -324,6 +324,52 @@ async fn replays_a_trace_with_shared_prefixes_and_reports_the_hit_rate() {
     let _ = std::fs::remove_file(trace);
 }
 
+/// One request at a time and rows due every 0.1 ms: each row waits for the ones before
+/// it. TTFT from the send leaves that wait out; from the schedule it counts.
+#[tokio::test]
+async fn a_capped_replay_counts_the_wait_from_the_schedule() {
+    let (url, _fake) = start(true).await;
+    let trace = write_trace("capped.jsonl");
+    let flags = [
+        "--time-scale",
+        "0.001",
+        "--concurrency-limit",
+        "1",
+        "--max-input-tokens",
+        "1800",
+        "--context-tokens",
+        "2048",
+        "--max-output-tokens",
+        "6",
+    ];
+    let r = expect(run(&url, &trace, &flags).await);
+    let text = r.to_text();
+    assert_eq!(r.run.requests_ok, 20, "{text}");
+    let (sent, sched, lag) = (&r.run.ttft_ms, &r.ttft_from_schedule_ms, &r.start_lag_ms);
+    assert_eq!((sched.count, r.e2e_from_schedule_ms.count), (20, 20));
+    // Each row's TTFT from the schedule is its TTFT plus its start lag.
+    assert!(
+        (sched.mean - (sent.mean + lag.mean)).abs() < 1e-6,
+        "{sched:?} {sent:?} {lag:?}"
+    );
+    assert!(sched.max >= lag.max, "{sched:?} {lag:?}");
+    // The middle row waited for ten answers of at least 4 ms each (the fake streams a
+    // chunk a millisecond).
+    assert!(sched.p50 >= sent.p50 + 20.0, "{sched:?} {sent:?}");
+    assert!(
+        r.e2e_from_schedule_ms.p50 >= r.run.e2e_ms.p50 + 20.0,
+        "{:?}",
+        r.e2e_from_schedule_ms
+    );
+    assert!(r.to_json()["ttft_from_schedule_ms"]["p99"].is_number());
+    assert_eq!(
+        text.contains("TTFT sch."),
+        lag.max > 100.0,
+        "the rows show with the note: {text}"
+    );
+    let _ = std::fs::remove_file(trace);
+}
+
 #[tokio::test]
 async fn without_metrics_the_hit_rate_is_omitted_with_a_note() {
     let (url, fake) = start(false).await;

@@ -135,15 +135,15 @@ pub async fn replay(args: ReplayArgs) -> Result<ReplayReport, BenchError> {
         time_scale: args.time_scale,
         trace_span_s: (last_ms - first_ms) / 1000.0,
     };
-    let lag_ms = sent
-        .start_lag
-        .iter()
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .collect();
+    let summary = |ds: &[std::time::Duration]| {
+        LatencySummary::from_ms(ds.iter().map(|d| d.as_secs_f64() * 1000.0).collect())
+    };
     Ok(ReplayReport {
         run,
         trace,
-        start_lag_ms: LatencySummary::from_ms(lag_ms),
+        start_lag_ms: summary(&sent.start_lag),
+        ttft_from_schedule_ms: summary(&sent.ttft_from_schedule),
+        e2e_from_schedule_ms: summary(&sent.e2e_from_schedule),
         ideal,
         kv,
         kv_note,

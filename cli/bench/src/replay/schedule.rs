@@ -29,6 +29,10 @@ pub(crate) struct Sent {
     pub sent: usize,
     /// How late each start was against its schedule.
     pub start_lag: Vec<Duration>,
+    /// TTFT and E2E of each answered row counted from its scheduled start (its start lag
+    /// added), as a user arriving on the trace's schedule would have waited.
+    pub ttft_from_schedule: Vec<Duration>,
+    pub e2e_from_schedule: Vec<Duration>,
     pub elapsed: Duration,
 }
 
@@ -45,7 +49,7 @@ pub(crate) async fn send_all(target: Arc<Target>, plan: &[Planned], s: Sending) 
         let due = start.checked_add(row.offset).unwrap_or(start);
         tokio::time::sleep_until(due.into()).await;
         while let Some(joined) = in_flight.try_join_next() {
-            collect(joined, &mut out.outcomes);
+            out.collect(joined);
         }
         let wait = cap.clone().acquire_owned();
         let permit = match deadline {
@@ -56,18 +60,18 @@ pub(crate) async fn send_all(target: Arc<Target>, plan: &[Planned], s: Sending) 
             None => wait.await,
         };
         let Ok(permit) = permit else { break };
-        out.start_lag
-            .push(Instant::now().saturating_duration_since(due));
+        let lag = Instant::now().saturating_duration_since(due);
+        out.start_lag.push(lag);
         let (target, row) = (target.clone(), row.clone());
         in_flight.spawn(async move {
             let outcome = send_row(&target, &row, s).await;
             drop(permit);
-            outcome
+            (lag, outcome)
         });
         out.sent += 1;
     }
     while let Some(joined) = in_flight.join_next().await {
-        collect(joined, &mut out.outcomes);
+        out.collect(joined);
     }
     out.elapsed = start.elapsed();
     out
@@ -83,9 +87,19 @@ async fn send_row(target: &Target, row: &Planned, s: Sending) -> Outcome {
     measure(target, &request).await
 }
 
-fn collect(joined: Result<Outcome, tokio::task::JoinError>, outcomes: &mut Vec<Outcome>) {
-    match joined {
-        Ok(o) => outcomes.push(o),
-        Err(e) => tracing::error!(error = %e, "replay request task ended abnormally"),
+impl Sent {
+    /// Keeps a finished row's outcome and, when it was answered, its times from the
+    /// schedule.
+    fn collect(&mut self, joined: Result<(Duration, Outcome), tokio::task::JoinError>) {
+        match joined {
+            Ok((lag, o)) => {
+                if o.error.is_none() {
+                    self.ttft_from_schedule.extend(o.ttft.map(|t| t + lag));
+                    self.e2e_from_schedule.push(o.e2e + lag);
+                }
+                self.outcomes.push(o);
+            }
+            Err(e) => tracing::error!(error = %e, "replay request task ended abnormally"),
+        }
     }
 }
