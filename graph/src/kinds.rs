@@ -241,8 +241,8 @@ const ROUTER_SETTINGS: &[Field] = &[
     Field::opt(
         "overlap_weight",
         float(0.0, f64::INFINITY),
-        Some("1.0"),
-        "kv modes: weight of blocks to prefill against active decode blocks",
+        Some("8.0"),
+        "kv modes: weight of blocks to prefill against active decode blocks (higher favours cache hits, lower balance; NVIDIA Dynamo's default is 1.0)",
     ),
     Field::opt(
         "temperature",

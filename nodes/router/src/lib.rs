@@ -62,7 +62,7 @@
 //! let workers = Arc::new(InstanceSet::<TokenRequest, TokenDelta>::new("decode"));
 //! let config = KvConfig {
 //!     block_size: 16,               // the workers' block size
-//!     overlap_weight: 1.0,
+//!     overlap_weight: 8.0,           // the default (DEFAULT_OVERLAP_WEIGHT)
 //!     temperature: 0.0,
 //!     ttl: Duration::from_secs(2),  // unconfirmed predictions (kv-approx: its decisions)
 //!     ..KvConfig::for_mode(KvMode::Events)

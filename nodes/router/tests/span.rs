@@ -110,8 +110,13 @@ fn each_request_has_a_span_with_its_instance_and_overhead() {
     assert_eq!(get(&spans[2], "prompt_blocks").as_deref(), Some("3"));
     assert_eq!(get(&spans[2], "candidates").as_deref(), Some("2"));
     let cost = get(&spans[2], "cost").and_then(|v| v.parse::<f64>().ok());
-    // Two blocks to prefill (the third full one and the partial one, weight 1), nothing
-    // in flight.
-    assert_eq!(cost, Some(2.0), "{:?}", spans[2]);
+    // Two blocks to prefill (the third full one and the partial one) at the default
+    // weight, nothing in flight.
+    assert_eq!(
+        cost,
+        Some(2.0 * dynamo_router::kv::DEFAULT_OVERLAP_WEIGHT),
+        "{:?}",
+        spans[2]
+    );
     assert_eq!(get(&spans[1], "cost"), None, "not a KV router");
 }

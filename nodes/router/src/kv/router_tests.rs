@@ -105,12 +105,13 @@ async fn requests_sharing_a_long_prefix_land_on_the_worker_that_holds_it() {
 #[tokio::test]
 async fn a_busy_holder_loses_to_an_idle_worker_once_its_load_outweighs_the_hit() {
     let fakes = [1, 2].map(|id| Fake::new(id, Behaviour::HangAfter(1)));
-    let router = RouterService::with_kv(
-        KvMode::Events,
-        config(KvMode::Events),
-        set_of(&fakes.each_ref()),
-    )
-    .expect("valid config");
+    // Weight 1: a block to prefill weighs as much as a block held for decode.
+    let config = KvConfig {
+        overlap_weight: 1.0,
+        ..config(KvMode::Events)
+    };
+    let router = RouterService::with_kv(KvMode::Events, config, set_of(&fakes.each_ref()))
+        .expect("valid config");
     let kv = router.kv_handle().expect("handle");
     kv.apply_event(stored(1, 0, &prompt(32, 0, 0)));
     // A held request keeps its 9 blocks on its worker for decode; the hit saves 8.
