@@ -184,6 +184,17 @@ async fn run(url: &str, trace: &Path, extra: &[&str]) -> Result<ReplayReport, Be
     }
 }
 
+/// Prompt and output limits of the replays below: turns 3 and 4 of the trace are cut,
+/// outputs of 7 capped.
+const LIMITS: [&str; 6] = [
+    "--max-input-tokens",
+    "1800",
+    "--context-tokens",
+    "2048",
+    "--max-output-tokens",
+    "6",
+];
+
 fn expect(r: Result<ReplayReport, BenchError>) -> ReplayReport {
     match r {
         Ok(r) => r,
@@ -195,16 +206,7 @@ fn expect(r: Result<ReplayReport, BenchError>) -> ReplayReport {
 async fn replays_a_trace_with_shared_prefixes_and_reports_the_hit_rate() {
     let (url, fake) = start(true).await;
     let trace = write_trace("shared.jsonl");
-    let flags = [
-        "--time-scale",
-        "0.05",
-        "--max-input-tokens",
-        "1800",
-        "--context-tokens",
-        "2048",
-        "--max-output-tokens",
-        "6",
-    ];
+    let flags = [&["--time-scale", "0.05"][..], &LIMITS].concat();
     let r = expect(run(&url, &trace, &flags).await);
     let text = r.to_text();
     assert_eq!(
@@ -331,17 +333,10 @@ async fn a_capped_replay_counts_the_wait_from_the_schedule() {
     let (url, _fake) = start(true).await;
     let trace = write_trace("capped.jsonl");
     let flags = [
-        "--time-scale",
-        "0.001",
-        "--concurrency-limit",
-        "1",
-        "--max-input-tokens",
-        "1800",
-        "--context-tokens",
-        "2048",
-        "--max-output-tokens",
-        "6",
-    ];
+        &["--time-scale", "0.001", "--concurrency-limit", "1"][..],
+        &LIMITS,
+    ]
+    .concat();
     let r = expect(run(&url, &trace, &flags).await);
     let text = r.to_text();
     assert_eq!(r.run.requests_ok, 20, "{text}");

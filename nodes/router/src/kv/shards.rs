@@ -155,11 +155,7 @@ impl ShardedIndex {
 
     /// Workers whose index waits for a snapshot, sorted.
     pub fn needs_resync(&self) -> Vec<InstanceId> {
-        let mut out: Vec<_> = (self.shards.iter())
-            .flat_map(|s| s.index.lock().needs_resync())
-            .collect();
-        out.sort_unstable();
-        out
+        self.sorted_over_shards(KvIndexer::needs_resync)
     }
 
     /// Forgets a worker that left.
@@ -268,8 +264,13 @@ impl ShardedIndex {
 
     /// Workers the index knows, sorted.
     pub fn workers(&self) -> Vec<InstanceId> {
+        self.sorted_over_shards(KvIndexer::workers)
+    }
+
+    /// The workers `f` lists in each shard, all together, sorted.
+    fn sorted_over_shards(&self, f: impl Fn(&KvIndexer) -> Vec<InstanceId>) -> Vec<InstanceId> {
         let mut out: Vec<_> = (self.shards.iter())
-            .flat_map(|s| s.index.lock().workers())
+            .flat_map(|s| f(&s.index.lock()))
             .collect();
         out.sort_unstable();
         out
