@@ -383,13 +383,13 @@ pub fn disagg_router(
     Ok((router, kv))
 }
 
-/// The router's `migration_limit` (default [`DEFAULT_MIGRATION_LIMIT`]).
 /// `index_shards`, when the graph sets it (validated to 1–64 with the graph).
 fn index_shards(node: &PlannedNode) -> Option<usize> {
     node.u64("index_shards")
         .and_then(|v| usize::try_from(v).ok())
 }
 
+/// The router's `migration_limit` (default [`DEFAULT_MIGRATION_LIMIT`]).
 fn migration_limit(node: &PlannedNode) -> u32 {
     node.u64("migration_limit")
         .map_or(DEFAULT_MIGRATION_LIMIT, |v| {
@@ -439,4 +439,25 @@ pub fn frontend(
         config.request_timeout = d;
     }
     Frontend::new(config, downstream).map_err(|e| invalid(node, e))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The graph catalogue documents the router's KV defaults; they must be the ones the
+    /// router uses when the file says nothing.
+    #[test]
+    fn the_catalogue_states_the_routers_kv_defaults() {
+        let router = dynamo_graph::kinds::kind("router").map(|k| k.settings);
+        let default = |key: &str| {
+            (router.unwrap_or_default().iter())
+                .find(|f| f.key == key)
+                .and_then(|f| f.default)
+        };
+        let weight = default("overlap_weight").and_then(|d| d.parse::<f64>().ok());
+        assert_eq!(weight, Some(dynamo_router::kv::DEFAULT_OVERLAP_WEIGHT));
+        assert_eq!(
+            dynamo_router::KvConfig::default().overlap_weight,
+            dynamo_router::kv::DEFAULT_OVERLAP_WEIGHT
+        );
+    }
 }

@@ -80,25 +80,30 @@ fn pct(x: f64) -> String {
 }
 
 impl ReplayReport {
-    /// TTFT and E2E from the schedule, as two more rows of the latency table, when a
-    /// start was late enough for them to differ (see [`CAPPED_LAG_MS`]).
+    /// TTFT and E2E from the schedule, a table of their own under the note, when a start
+    /// was late enough for them to differ (see [`CAPPED_LAG_MS`]).
     fn schedule_rows(&self) -> Option<String> {
         lag_note(&self.start_lag_ms)?;
         let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "\nfrom the schedule (each row's wait for a free slot included)\n{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "ms", "mean", "p50", "p90", "p99", "count"
+        );
         for (name, l) in [
             ("TTFT sch.", &self.ttft_from_schedule_ms),
             ("E2E sch.", &self.e2e_from_schedule_ms),
         ] {
+            if l.count == 0 {
+                let _ = writeln!(s, "{name:<10} {:>10}", "-");
+                continue;
+            }
             let _ = writeln!(
                 s,
                 "{name:<10} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10}",
                 l.mean, l.p50, l.p90, l.p99, l.count
             );
         }
-        let _ = writeln!(
-            s,
-            "(sch.: from each row's scheduled start, its wait for a free slot included)"
-        );
         Some(s)
     }
 
@@ -141,10 +146,10 @@ impl ReplayReport {
         if let Some(note) = lag_note(l) {
             let _ = writeln!(s, "{note}");
         }
-        self.run.write_measurements(&mut s, "sent token ids");
         if let Some(rows) = self.schedule_rows() {
             let _ = write!(s, "{rows}");
         }
+        self.run.write_measurements(&mut s, "sent token ids");
         let i = &self.ideal;
         let _ = writeln!(
             s,

@@ -27,7 +27,7 @@ pub(crate) struct Sent {
     pub outcomes: Vec<Outcome>,
     /// Rows started, always the first `sent` of the plan.
     pub sent: usize,
-    /// How late each start was against its schedule.
+    /// How late each send was against its schedule (in the order the rows finished).
     pub start_lag: Vec<Duration>,
     /// TTFT and E2E of each answered row counted from its scheduled start (its start lag
     /// added), as a user arriving on the trace's schedule would have waited.
@@ -60,11 +60,9 @@ pub(crate) async fn send_all(target: Arc<Target>, plan: &[Planned], s: Sending) 
             None => wait.await,
         };
         let Ok(permit) = permit else { break };
-        let lag = Instant::now().saturating_duration_since(due);
-        out.start_lag.push(lag);
         let (target, row) = (target.clone(), row.clone());
         in_flight.spawn(async move {
-            let outcome = send_row(&target, &row, s).await;
+            let (lag, outcome) = send_row(&target, &row, s, due).await;
             drop(permit);
             (lag, outcome)
         });
@@ -77,14 +75,18 @@ pub(crate) async fn send_all(target: Arc<Target>, plan: &[Planned], s: Sending) 
     out
 }
 
-async fn send_row(target: &Target, row: &Planned, s: Sending) -> Outcome {
+/// Builds the row's prompt and sends it; returns how late the send was against `due` (a
+/// wait for a free slot, the task's start and the prompt's making included) and the
+/// outcome, timed from the send.
+async fn send_row(target: &Target, row: &Planned, s: Sending, due: Instant) -> (Duration, Outcome) {
     let tokens = prompt_tokens(s.seed, &row.hash_ids, row.prompt_tokens, s.block_tokens);
     let request = Request {
         prompt: PromptInput::TokenIds(&tokens),
         max_tokens: row.max_tokens,
         approx_input: tokens.len() as u64,
     };
-    measure(target, &request).await
+    let lag = Instant::now().saturating_duration_since(due);
+    (lag, measure(target, &request).await)
 }
 
 impl Sent {
@@ -93,6 +95,7 @@ impl Sent {
     fn collect(&mut self, joined: Result<(Duration, Outcome), tokio::task::JoinError>) {
         match joined {
             Ok((lag, o)) => {
+                self.start_lag.push(lag);
                 if o.error.is_none() {
                     self.ttft_from_schedule.extend(o.ttft.map(|t| t + lag));
                     self.e2e_from_schedule.push(o.e2e + lag);

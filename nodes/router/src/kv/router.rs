@@ -170,8 +170,8 @@ impl KvRouterHandle {
     /// The counters, for metrics.
     pub fn metrics(&self) -> KvMetrics {
         let mut m = self.shared.counters.snapshot();
-        let state = self.shared.state.lock();
         m.indexed_blocks = self.shared.index.block_count() as u64;
+        let state = self.shared.state.lock();
         m.chosen_total = state.chosen.iter().map(|(&w, &n)| (w, n)).collect();
         m
     }

@@ -9,6 +9,7 @@
 use dynamo_protocol::{BlockHash, KvEvent, KvEventData};
 use dynamo_runtime::InstanceId;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
@@ -21,8 +22,73 @@ pub const MAX_SHARDS: usize = 64;
 /// Blocks of a lookup prefetched in every shard before any lock is taken.
 const PREFETCH_AHEAD: usize = 8;
 
-/// Rounds of `try_lock` over the busy shards before a lookup sleeps on a lock.
-const SPIN_ROUNDS: u32 = 4096;
+/// How long a lookup spins on busy shards before it sleeps on a lock, and how long a
+/// writer lets announced lookups in first. A writer holds a shard for one event (about a
+/// microsecond); waking from a sleep on the lock costs tens of microseconds.
+const SPIN_FOR: Duration = Duration::from_micros(20);
+
+/// Spin rounds between two looks at the clock.
+const ROUNDS_PER_LOOK: u32 = 64;
+
+/// A bounded spin: true while [`SPIN_FOR`] has not passed since the first call.
+#[derive(Default)]
+struct Spin {
+    since: Option<Instant>,
+    rounds: u32,
+}
+
+impl Spin {
+    fn again(&mut self) -> bool {
+        self.rounds = self.rounds.wrapping_add(1);
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if self.rounds % ROUNDS_PER_LOOK == 0 && since.elapsed() >= SPIN_FOR {
+            return false;
+        }
+        std::hint::spin_loop();
+        true
+    }
+}
+
+/// The shards a lookup has said it waits for (a bit mask), each counted in the shard's
+/// `waiting`; whatever is left is withdrawn on drop, a panic included, so a writer never
+/// keeps waiting for a lookup that is gone.
+struct Announced<'a> {
+    shards: &'a [Shard],
+    mask: u64,
+}
+
+impl Announced<'_> {
+    /// Says it waits for the shards in `mask` (those not said already).
+    fn add(&mut self, mask: u64) {
+        let mut new = mask & !self.mask;
+        self.mask |= mask;
+        while new != 0 {
+            let i = new.trailing_zeros() as usize;
+            new &= new - 1;
+            if let Some(s) = self.shards.get(i) {
+                s.waiting.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Shard `i` was visited: the lookup no longer waits for it.
+    fn withdraw(&mut self, i: usize) {
+        if self.mask & (1 << i) != 0 {
+            self.mask &= !(1 << i);
+            if let Some(s) = self.shards.get(i) {
+                s.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        while self.mask != 0 {
+            self.withdraw(self.mask.trailing_zeros() as usize);
+        }
+    }
+}
 
 /// [`KvIndexer`]s of disjoint sets of workers, each behind its own lock.
 #[derive(Debug)]
@@ -49,11 +115,8 @@ struct Shard {
 impl Shard {
     /// The lock, for an event: after any lookup already waiting for it (a bounded wait).
     fn write(&self) -> MutexGuard<'_, KvIndexer> {
-        let mut spins = 0;
-        while self.waiting.load(Ordering::Relaxed) > 0 && spins < SPIN_ROUNDS {
-            std::hint::spin_loop();
-            spins += 1;
-        }
+        let mut spin = Spin::default();
+        while self.waiting.load(Ordering::Relaxed) > 0 && spin.again() {}
         self.index.lock()
     }
 
@@ -122,7 +185,8 @@ impl ShardedIndex {
     }
 
     /// [`KvIndexer::apply_batch`] of a run of one worker's events (any events are
-    /// accepted; each run of the same shard is applied under one lock).
+    /// accepted; each run of the same shard is applied under one lock). `outcome` is
+    /// called with the shard locked: it must not take the router's state lock.
     pub fn apply_batch(&self, events: &[KvEvent], mut outcome: impl FnMut(&KvEvent, EventOutcome)) {
         let mut rest = events;
         while let Some(first) = rest.first() {
@@ -168,9 +232,8 @@ impl ShardedIndex {
 
     /// [`KvIndexer::find_matches`] over every shard, each first expiring its entries due
     /// at `now` (ms). Shards another thread is writing are visited last. When every shard
-    /// left is busy the lookup spins (a writer holds a shard for one event batch, about a
-    /// microsecond, and sleeping on a lock costs tens), and says so to the writers, which
-    /// let it in before their next batch; after [`SPIN_ROUNDS`] it sleeps on the lock.
+    /// left is busy the lookup spins (for at most [`SPIN_FOR`]) and says so to the writers,
+    /// which let it in before their next event; then it sleeps on the lock.
     pub fn find_matches(&self, hashes: &[BlockHash], now: u64) -> OverlapScores {
         let mut scores: Option<OverlapScores> = None;
         let mut visit = |shard: &mut KvIndexer| {
@@ -188,10 +251,13 @@ impl ShardedIndex {
                 .take(PREFETCH_AHEAD)
                 .for_each(|&h| view.prefetch(h));
         }
-        // Shards not visited yet, and those this lookup said it waits for (bit masks).
+        // Shards not visited yet (a bit mask), and those this lookup said it waits for.
         let mut left: u64 = u64::MAX >> (64 - self.shards.len());
-        let mut announced: u64 = 0;
-        let mut rounds = 0u32;
+        let mut announced = Announced {
+            shards: &self.shards,
+            mask: 0,
+        };
+        let mut spin = Spin::default();
         while left != 0 {
             let before = left;
             let mut bits = left;
@@ -201,49 +267,23 @@ impl ShardedIndex {
                 if let Some(mut shard) = self.shards[i].index.try_lock() {
                     visit(&mut shard);
                     left &= !(1 << i);
-                    self.visited(i, &mut announced);
+                    announced.withdraw(i);
                 }
             }
             if left != before {
                 continue;
             }
-            if announced != left {
-                self.each(left & !announced, |s| {
-                    s.waiting.fetch_add(1, Ordering::Relaxed)
-                });
-                announced = left;
-            }
-            rounds += 1;
-            if rounds < SPIN_ROUNDS {
-                std::hint::spin_loop();
+            announced.add(left);
+            if spin.again() {
                 continue;
             }
             let i = left.trailing_zeros() as usize;
             visit(&mut self.shards[i].index.lock());
             left &= !(1 << i);
-            self.visited(i, &mut announced);
+            announced.withdraw(i);
         }
-        self.each(announced, |s| s.waiting.fetch_sub(1, Ordering::Relaxed));
+        drop(announced);
         scores.unwrap_or_default()
-    }
-
-    /// Shard `i` was visited: if the lookup had said it waits for it, it no longer does.
-    fn visited(&self, i: usize, announced: &mut u64) {
-        if *announced & (1 << i) != 0 {
-            *announced &= !(1 << i);
-            self.shards[i].waiting.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Calls `f` on each shard whose bit is set in `mask`.
-    fn each(&self, mut mask: u64, f: impl Fn(&Shard) -> u32) {
-        while mask != 0 {
-            let i = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            if let Some(s) = self.shards.get(i) {
-                f(s);
-            }
-        }
     }
 
     /// [`KvIndexer::insert_expiring`] in the worker's shard.
