@@ -240,7 +240,7 @@ impl TableView {
     /// Starts loading the home slot of `hash` and the slot after it.
     #[inline]
     pub fn prefetch(&self, hash: BlockHash) {
-        if self.len == 0 || self.shift == 0 {
+        if self.len == 0 || !(1..64).contains(&self.shift) {
             return;
         }
         let mask = self.len - 1;
