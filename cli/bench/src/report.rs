@@ -197,26 +197,15 @@ impl Report {
             "input         {} tokens ({input_note}), {:.1} tok/s",
             self.input_tokens, self.input_tokens_per_s
         );
-        let _ = writeln!(
+        s.push('\n');
+        write_latency_table(
             s,
-            "\n{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "ms", "mean", "p50", "p90", "p99", "count"
+            &[
+                ("TTFT", &self.ttft_ms),
+                ("ITL", &self.itl_ms),
+                ("E2E", &self.e2e_ms),
+            ],
         );
-        for (name, l) in [
-            ("TTFT", &self.ttft_ms),
-            ("ITL", &self.itl_ms),
-            ("E2E", &self.e2e_ms),
-        ] {
-            if l.count == 0 {
-                let _ = writeln!(s, "{name:<10} {:>10}", "-");
-                continue;
-            }
-            let _ = writeln!(
-                s,
-                "{name:<10} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10}",
-                l.mean, l.p50, l.p90, l.p99, l.count
-            );
-        }
         if !self.errors.is_empty() {
             let _ = writeln!(s, "\nerrors");
             for (kind, n) in &self.errors {
@@ -239,6 +228,27 @@ impl Report {
                 c.cpu_us_per_token
             );
         }
+    }
+}
+
+/// A latency table in milliseconds: a header line, then a row per summary (`-` for one
+/// with no samples).
+pub(crate) fn write_latency_table(s: &mut String, rows: &[(&str, &LatencySummary)]) {
+    let _ = writeln!(
+        s,
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "ms", "mean", "p50", "p90", "p99", "count"
+    );
+    for (name, l) in rows {
+        if l.count == 0 {
+            let _ = writeln!(s, "{name:<10} {:>10}", "-");
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "{name:<10} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10}",
+            l.mean, l.p50, l.p90, l.p99, l.count
+        );
     }
 }
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::ideal::IdealHitRate;
 use super::metrics::KvReport;
+use crate::report::write_latency_table;
 use crate::{LatencySummary, Report};
 
 /// What was taken from the trace and what was changed to fit the model.
@@ -84,26 +85,15 @@ impl ReplayReport {
     /// was late enough for them to differ (see [`CAPPED_LAG_MS`]).
     fn schedule_rows(&self) -> Option<String> {
         lag_note(&self.start_lag_ms)?;
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "\nfrom the schedule (each row's wait for a free slot included)\n{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "ms", "mean", "p50", "p90", "p99", "count"
+        let mut s =
+            String::from("\nfrom the schedule (each row's wait for a free slot included)\n");
+        write_latency_table(
+            &mut s,
+            &[
+                ("TTFT sch.", &self.ttft_from_schedule_ms),
+                ("E2E sch.", &self.e2e_from_schedule_ms),
+            ],
         );
-        for (name, l) in [
-            ("TTFT sch.", &self.ttft_from_schedule_ms),
-            ("E2E sch.", &self.e2e_from_schedule_ms),
-        ] {
-            if l.count == 0 {
-                let _ = writeln!(s, "{name:<10} {:>10}", "-");
-                continue;
-            }
-            let _ = writeln!(
-                s,
-                "{name:<10} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10}",
-                l.mean, l.p50, l.p90, l.p99, l.count
-            );
-        }
         Some(s)
     }
 
