@@ -298,15 +298,7 @@ pub fn router(
     if let Some(b) = worker_block_size {
         config.block_size = b;
     }
-    if let Some(w) = node.f64("overlap_weight") {
-        config.overlap_weight = w;
-    }
-    if let Some(t) = node.f64("temperature") {
-        config.temperature = t;
-    }
-    if let Some(n) = index_shards(node) {
-        config.index_shards = n;
-    }
+    kv_settings(node, &mut config);
     // `ttl` is the graph's knob for kv-approx; `kv` keeps its short prediction window.
     if kv == KvMode::Approx {
         if let Some(d) = node
@@ -343,15 +335,7 @@ pub fn disagg_router(
             if let Some(b) = block_size {
                 config.block_size = b;
             }
-            if let Some(w) = node.f64("overlap_weight") {
-                config.overlap_weight = w;
-            }
-            if let Some(t) = node.f64("temperature") {
-                config.temperature = t;
-            }
-            if let Some(n) = index_shards(node) {
-                config.index_shards = n;
-            }
+            kv_settings(node, &mut config);
             let handle = KvRouterHandle::new(kv_mode, config).map_err(|e| invalid(node, e))?;
             (handle.policy(), Some(handle))
         }
@@ -383,10 +367,21 @@ pub fn disagg_router(
     Ok((router, kv))
 }
 
-/// `index_shards`, when the graph sets it (validated to 1–64 with the graph).
-fn index_shards(node: &PlannedNode) -> Option<usize> {
-    node.u64("index_shards")
+/// The KV settings both router kinds share, where the graph sets them (validated with
+/// the graph): `overlap_weight`, `temperature`, `index_shards`.
+fn kv_settings(node: &PlannedNode, config: &mut KvConfig) {
+    if let Some(w) = node.f64("overlap_weight") {
+        config.overlap_weight = w;
+    }
+    if let Some(t) = node.f64("temperature") {
+        config.temperature = t;
+    }
+    if let Some(n) = node
+        .u64("index_shards")
         .and_then(|v| usize::try_from(v).ok())
+    {
+        config.index_shards = n;
+    }
 }
 
 /// The router's `migration_limit` (default [`DEFAULT_MIGRATION_LIMIT`]).

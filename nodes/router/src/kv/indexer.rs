@@ -24,7 +24,16 @@ mod table;
 
 /// How many blocks ahead `find_matches` asks for the slots it will read, so their cache
 /// misses overlap instead of coming one after another.
-const FIND_AHEAD: usize = 8;
+pub(crate) const FIND_AHEAD: usize = 8;
+
+/// Calls `f` with the hash of every block an event stores or removes.
+pub(crate) fn for_each_block(data: &KvEventData, mut f: impl FnMut(BlockHash)) {
+    match data {
+        KvEventData::Stored { blocks, .. } => blocks.iter().for_each(|b| f(b.hash)),
+        KvEventData::Removed { blocks } => blocks.iter().for_each(|&h| f(h)),
+        KvEventData::Cleared => {}
+    }
+}
 
 /// Worker ids by slot and back; shared with the results of `find_matches`, copied only
 /// when a worker comes or goes while a result is alive.
@@ -396,19 +405,7 @@ impl KvIndexer {
     /// Starts the cache misses of an event's slots together, so the updates that follow
     /// find them loaded instead of waiting for each in turn.
     fn warm(&self, data: &KvEventData) {
-        match data {
-            KvEventData::Stored { blocks, .. } => {
-                for b in blocks {
-                    self.blocks.prefetch(b.hash);
-                }
-            }
-            KvEventData::Removed { blocks } => {
-                for &h in blocks {
-                    self.blocks.prefetch(h);
-                }
-            }
-            KvEventData::Cleared => {}
-        }
+        for_each_block(data, |h| self.blocks.prefetch(h));
     }
 
     fn remove_block(&mut self, slot: u32, hash: BlockHash) {

@@ -13,14 +13,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
-use super::indexer::{KvIndexer, OverlapScores, TableView};
+use super::indexer::{for_each_block, KvIndexer, OverlapScores, TableView, FIND_AHEAD};
 use super::sync::EventOutcome;
 
 /// The most shards an index may have (`router.index_shards`).
 pub const MAX_SHARDS: usize = 64;
-
-/// Blocks of a lookup prefetched in every shard before any lock is taken.
-const PREFETCH_AHEAD: usize = 8;
 
 /// How long a lookup spins on busy shards before it sleeps on a lock, and how long a
 /// writer lets announced lookups in first. A writer holds a shard for one event (about a
@@ -143,11 +140,7 @@ impl Shard {
     /// An event, its slots prefetched before the lock.
     fn apply(&self, event: &KvEvent) -> EventOutcome {
         let view = self.view();
-        match &event.data {
-            KvEventData::Stored { blocks, .. } => blocks.iter().for_each(|b| view.prefetch(b.hash)),
-            KvEventData::Removed { blocks } => blocks.iter().for_each(|&h| view.prefetch(h)),
-            KvEventData::Cleared => {}
-        }
+        for_each_block(&event.data, |h| view.prefetch(h));
         let mut index = self.write();
         let outcome = index.apply(event);
         self.publish(&index);
@@ -248,7 +241,7 @@ impl ShardedIndex {
             let view = shard.view();
             hashes
                 .iter()
-                .take(PREFETCH_AHEAD)
+                .take(FIND_AHEAD)
                 .for_each(|&h| view.prefetch(h));
         }
         // Shards not visited yet (a bit mask), and those this lookup said it waits for.
