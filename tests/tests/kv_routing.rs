@@ -167,3 +167,140 @@ async fn a_restarted_worker_is_forgotten_by_the_index_not_silently_trusted() {
         "the router still believed the restarted worker held the document"
     );
 }
+
+/// A Mooncake-format trace of `rows` requests in five prefix groups (request `i` in group
+/// `i mod 5`), each prompt six shared 512-token blocks and one of its own, 100 ms apart.
+/// Five groups over eight workers: round-robin sends each group's requests to a different
+/// worker every time, KV routing back to the one that holds the group's prefix.
+fn grouped_trace(rows: usize) -> String {
+    (0..rows)
+        .map(|i| {
+            let group = (i % 5) as u64;
+            let mut ids: Vec<u64> = (0..6).map(|k| 1000 * group + k).collect();
+            ids.push(100_000 + i as u64);
+            let row = serde_json::json!({
+                "timestamp": i * 100,
+                "input_length": 6 * 512 + 100,
+                "output_length": 4,
+                "hash_ids": ids,
+            });
+            format!("{row}\n")
+        })
+        .collect()
+}
+
+#[test]
+fn bench_replay_compares_kv_routing_with_round_robin_round_by_round() {
+    assert!(
+        model_cached(),
+        "the SmolLM2 model is not cached: run scripts/setup-tests.sh"
+    );
+    let dir = std::env::temp_dir().join(format!("dynamo-replay-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let trace = dir.join("grouped.jsonl");
+    std::fs::write(&trace, grouped_trace(40)).expect("the trace is written");
+    let out = std::process::Command::new(dynamo_tests::dynamo_bin())
+        .args(["bench", "replay"])
+        .arg(&trace)
+        .arg("--graph")
+        .arg(workspace().join("graphs/kv_replay.toml"))
+        .args([
+            "--set",
+            "worker.speedup=inf",
+            "--baseline",
+            "router.mode=round-robin",
+        ])
+        .args([
+            "--rounds",
+            "2",
+            "--time-scale",
+            "0.5",
+            "--metrics-wait",
+            "1.5",
+        ])
+        .args(["--timeout", "60", "--json"])
+        .output()
+        .expect("dynamo bench replay runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let runs = c["runs"].as_array().cloned().unwrap_or_default();
+    let order: Vec<(String, u64)> = (runs.iter())
+        .map(|r| {
+            (
+                r["side"].as_str().unwrap_or("").to_string(),
+                r["round"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let at = |side: &str, round: u64| (side.to_string(), round);
+    assert_eq!(
+        order,
+        [
+            at("candidate", 1),
+            at("baseline", 1),
+            at("baseline", 2),
+            at("candidate", 2)
+        ],
+        "each round runs both sides, the order alternated"
+    );
+    let hit = |r: &serde_json::Value| r["report"]["kv"]["hit_rate"].as_f64().unwrap_or(-1.0);
+    for r in &runs {
+        assert_eq!(r["report"]["requests_ok"], 40, "{r}");
+        assert_eq!(r["report"]["requests_failed"], 0, "{r}");
+        // Each row of the 35 after its group's first reuses 6 of its 6.2 blocks: 84.7%.
+        let ideal = r["report"]["ideal"]["token_rate"].as_f64().unwrap_or(0.0);
+        assert!((ideal - 0.847).abs() < 0.01, "ideal {ideal}");
+        if r["side"] == "candidate" {
+            assert!(
+                hit(r) > 0.8,
+                "KV routing finds each group's worker: {}",
+                hit(r)
+            );
+        } else {
+            assert!(
+                hit(r) < 0.05,
+                "round-robin never returns to a group's worker: {}",
+                hit(r)
+            );
+        }
+    }
+    let figure = |name: &str| {
+        (c["figures"].as_array().into_iter().flatten())
+            .find(|f| f["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("figure {name} in {c}"))
+    };
+    assert_eq!(c["rounds"], 2);
+    let rate = figure("kv_hit_rate");
+    let cand: Vec<f64> = (runs.iter())
+        .filter(|r| r["side"] == "candidate")
+        .map(hit)
+        .collect();
+    let mean = (cand[0] + cand[1]) / 2.0;
+    assert!(
+        (rate["candidate"].as_f64().unwrap_or(0.0) - mean).abs() < 1e-9,
+        "{rate}"
+    );
+    // The TTFT gain of each round is that round's baseline p50 over its candidate p50.
+    let p50 = |side: &str, round: u64| {
+        (runs.iter())
+            .find(|r| r["side"] == side && r["round"] == round)
+            .and_then(|r| r["report"]["ttft_ms"]["p50"].as_f64())
+            .unwrap_or(f64::NAN)
+    };
+    let ttft = figure("ttft_p50_ms");
+    for round in [1u64, 2] {
+        let want = p50("baseline", round) / p50("candidate", round);
+        let got = ttft["gains"][round as usize - 1]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        assert!((got - want).abs() < 1e-9, "round {round}: {got} vs {want}");
+    }
+}

@@ -36,8 +36,9 @@ pub use cpu::{measure_process_cpu, try_measure_process_cpu};
 pub use error::{BenchError, ErrorKind};
 pub use prompt::{Prompt, PromptGenerator};
 pub use replay::{
-    replay, replay_blocking, IdealHitRate, KvReport, LongPrompt, ReplayArgs, ReplayReport,
-    TraceSummary, WorkerId, WorkerShare, PREFIX_HIT_TOKENS, PROMPT_TOKENS, TOKEN_END, TOKEN_MIN,
+    replay, replay_blocking, Better, ComparedFigure, ComparedRun, IdealHitRate, KvReport,
+    LongPrompt, ReplayArgs, ReplayComparison, ReplayReport, Side, TraceSummary, WorkerId,
+    WorkerShare, PREFIX_HIT_TOKENS, PROMPT_TOKENS, TOKEN_END, TOKEN_MIN,
 };
 pub use report::{CpuReport, Report};
 pub use sse::{SseParser, StreamEvent, Usage};

@@ -1,10 +1,12 @@
 //! `dynamo bench replay`: replay a Mooncake trace against a running graph (`--url`) or a
-//! graph this command starts (`--graph`), and report latencies and the KV hit rate.
+//! graph this command starts (`--graph`), and report latencies and the KV hit rate. With
+//! `--baseline`, the graph is replayed twice per round, as given and with the baseline's
+//! settings, each from a fresh start, and the two are compared round by round.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use dynamo_bench::ReplayArgs;
+use dynamo_bench::{ComparedRun, ReplayArgs, ReplayComparison, ReplayReport, Side};
 
 use crate::cmd::started_graph::start;
 
@@ -18,9 +20,25 @@ pub struct Args {
     /// Settings for the started graph, e.g. `--set router.mode=round-robin` (repeatable).
     #[arg(long = "set", value_name = "NODE.KEY=VALUE", requires = "graph")]
     sets: Vec<String>,
+    /// Compare against the same graph with these settings added (repeatable), e.g.
+    /// `--baseline router.mode=round-robin`: each round replays both, each on a freshly
+    /// started graph, and the report gives each figure's gain within the rounds.
+    #[arg(long = "baseline", value_name = "NODE.KEY=VALUE", requires = "graph")]
+    baseline: Vec<String>,
+    /// Rounds of the comparison; the order of the two alternates from round to round.
+    #[arg(long, default_value_t = 1, requires = "baseline",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let Some(graph) = a.graph.as_deref().filter(|_| !a.baseline.is_empty()) else {
+        return run_once(a);
+    };
+    compare(graph, &a.sets, &a.baseline, a.rounds, a.replay)
+}
+
+fn run_once(a: Args) -> anyhow::Result<ExitCode> {
     let mut replay = a.replay;
     let started = match &a.graph {
         Some(graph) => {
@@ -38,9 +56,75 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", report.to_text());
     }
-    Ok(if report.run.requests_ok == 0 {
+    Ok(exit(std::iter::once(&report)))
+}
+
+/// Replays `graph` with `sets` (the candidate) and with `sets` + `baseline`, `rounds`
+/// times: candidate first in odd rounds, baseline first in even ones, so a drift of the
+/// machine over the run weighs on both. Text mode prints each report as it finishes.
+fn compare(
+    graph: &Path,
+    sets: &[String],
+    baseline: &[String],
+    rounds: u32,
+    replay: ReplayArgs,
+) -> anyhow::Result<ExitCode> {
+    let json = replay.json;
+    let mut runs = Vec::new();
+    for round in 1..=rounds {
+        let order = if round % 2 == 1 {
+            [Side::Candidate, Side::Baseline]
+        } else {
+            [Side::Baseline, Side::Candidate]
+        };
+        for side in order {
+            let mut with: Vec<String> = sets.to_vec();
+            if side == Side::Baseline {
+                with.extend(baseline.iter().cloned());
+            }
+            let started = start(graph, &with)?;
+            let mut args = replay.clone();
+            args.url = started.url.clone();
+            let report = dynamo_bench::replay_blocking(args)?;
+            drop(started);
+            if !json {
+                println!("== round {round} of {rounds}: {} ==", side_name(side));
+                println!("{}", report.to_text());
+            }
+            runs.push(ComparedRun {
+                side,
+                round,
+                report,
+            });
+        }
+    }
+    let candidate = if sets.is_empty() {
+        "the graph as given".to_string()
+    } else {
+        format!("the graph with {}", sets.join(" "))
+    };
+    let baseline = format!("the candidate with {}", baseline.join(" "));
+    let comparison = ReplayComparison::new(candidate, baseline, runs);
+    if json {
+        println!("{}", comparison.to_json());
+    } else {
+        print!("{}", comparison.to_text());
+    }
+    Ok(exit(comparison.runs.iter().map(|r| &r.report)))
+}
+
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::Candidate => "candidate",
+        Side::Baseline => "baseline",
+    }
+}
+
+/// Failure when a replay got no answer at all.
+fn exit<'a>(mut reports: impl Iterator<Item = &'a ReplayReport>) -> ExitCode {
+    if reports.any(|r| r.run.requests_ok == 0) {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    })
+    }
 }

@@ -16,6 +16,7 @@
 
 mod args;
 mod blocks;
+mod compare;
 mod ideal;
 mod metrics;
 mod report;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 
 pub use args::{LongPrompt, ReplayArgs};
 pub use blocks::{TOKEN_END, TOKEN_MIN};
+pub use compare::{Better, ComparedFigure, ComparedRun, ReplayComparison, Side};
 pub use ideal::IdealHitRate;
 pub use metrics::{KvReport, WorkerId, WorkerShare, PREFIX_HIT_TOKENS, PROMPT_TOKENS};
 pub use report::{ReplayReport, TraceSummary};

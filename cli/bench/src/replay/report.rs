@@ -59,7 +59,7 @@ pub struct ReplayReport {
 }
 
 /// A start later than this is the in-flight cap at work, not the load generator's jitter.
-const CAPPED_LAG_MS: f64 = 100.0;
+pub(super) const CAPPED_LAG_MS: f64 = 100.0;
 
 /// A warning when requests waited for `--concurrency-limit`: TTFT and E2E count from the
 /// send, so that wait is missing from them (a queue moved into the client), and the
