@@ -250,7 +250,9 @@ fn bench_replay_compares_kv_routing_with_round_robin_round_by_round() {
         ],
         "each round runs both sides, the order alternated"
     );
-    let hit = |r: &serde_json::Value| r["report"]["kv"]["hit_rate"].as_f64().unwrap_or(-1.0);
+    let hit = |r: &serde_json::Value| {
+        (r["report"]["kv"]["hit_rate"].as_f64()).unwrap_or_else(|| panic!("no KV hit rate: {r}"))
+    };
     for r in &runs {
         assert_eq!(r["report"]["requests_ok"], 40, "{r}");
         assert_eq!(r["report"]["requests_failed"], 0, "{r}");
@@ -288,6 +290,9 @@ fn bench_replay_compares_kv_routing_with_round_robin_round_by_round() {
         (rate["candidate"].as_f64().unwrap_or(0.0) - mean).abs() < 1e-9,
         "{rate}"
     );
+    assert!(rate["baseline"].as_f64().unwrap_or(1.0) < 0.05, "{rate}");
+    assert_eq!(c["rounds_requested"], 2);
+    assert!(c["error"].is_null(), "{}", c["error"]);
     // The TTFT gain of each round is that round's baseline p50 over its candidate p50.
     let p50 = |side: &str, round: u64| {
         (runs.iter())

@@ -69,9 +69,11 @@ fn compare(
     rounds: u32,
     replay: ReplayArgs,
 ) -> anyhow::Result<ExitCode> {
+    check_settings(graph, sets, baseline)?;
     let json = replay.json;
     let mut runs = Vec::new();
-    for round in 1..=rounds {
+    let mut failure = None;
+    'rounds: for round in 1..=rounds {
         let order = if round % 2 == 1 {
             [Side::Candidate, Side::Baseline]
         } else {
@@ -82,11 +84,14 @@ fn compare(
             if side == Side::Baseline {
                 with.extend(baseline.iter().cloned());
             }
-            let started = start(graph, &with)?;
-            let mut args = replay.clone();
-            args.url = started.url.clone();
-            let report = dynamo_bench::replay_blocking(args)?;
-            drop(started);
+            let report = match replay_started(graph, &with, &replay) {
+                Ok(report) => report,
+                Err(e) => {
+                    let what = format!("round {round} of {rounds}, {}", side_name(side));
+                    failure = Some(e.context(what));
+                    break 'rounds;
+                }
+            };
             if !json {
                 println!("== round {round} of {rounds}: {} ==", side_name(side));
                 println!("{}", report.to_text());
@@ -104,13 +109,71 @@ fn compare(
         format!("the graph with {}", sets.join(" "))
     };
     let baseline = format!("the candidate with {}", baseline.join(" "));
-    let comparison = ReplayComparison::new(candidate, baseline, runs);
+    // Nothing finished: the error alone says it (a bad flag or row fails the first run).
+    if runs.is_empty() {
+        if let Some(e) = failure {
+            return Err(e);
+        }
+    }
+    let mut comparison = ReplayComparison::new(candidate, baseline, runs);
+    comparison.rounds_requested = rounds;
+    comparison.error = failure.as_ref().map(|e| format!("{e:#}"));
     if json {
         println!("{}", comparison.to_json());
-    } else {
+    } else if comparison.rounds > 0 {
         print!("{}", comparison.to_text());
     }
+    // A later run failed: what finished is printed above, not lost with it.
+    if let Some(e) = failure {
+        eprintln!(
+            "error: {e:#}\n{} of {rounds} rounds finished; {}",
+            comparison.rounds,
+            if comparison.rounds > 0 {
+                "the comparison above covers them"
+            } else {
+                "the reports above are all there is"
+            }
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(exit(comparison.runs.iter().map(|r| &r.report)))
+}
+
+/// The graph, and both sides' settings on it, are checked before the first replay: a typo
+/// in `--baseline` must not cost a finished candidate run.
+fn check_settings(graph: &Path, sets: &[String], baseline: &[String]) -> anyhow::Result<()> {
+    let checked = crate::cmd::graph::load(graph);
+    let Some(plan) = checked.plan else {
+        eprint!(
+            "{}",
+            dynamo_graph::render::render_text(&checked.file, &checked.diagnostics)
+        );
+        anyhow::bail!("{} is not a valid graph", graph.display());
+    };
+    for (flag, extra) in [("--set", &[][..]), ("--baseline", baseline)] {
+        let mut plan = plan.clone();
+        for s in sets.iter().chain(extra) {
+            if let Err(e) = dynamo_graph::overrides::apply(&mut plan, s) {
+                let flag = if sets.contains(s) { "--set" } else { flag };
+                anyhow::bail!("{flag} {s}: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One replay on a freshly started `graph` with `sets`, stopped after it.
+fn replay_started(
+    graph: &Path,
+    sets: &[String],
+    replay: &ReplayArgs,
+) -> anyhow::Result<ReplayReport> {
+    let started = start(graph, sets)?;
+    let mut args = replay.clone();
+    args.url = started.url.clone();
+    let report = dynamo_bench::replay_blocking(args)?;
+    drop(started);
+    Ok(report)
 }
 
 fn side_name(side: Side) -> &'static str {

@@ -18,6 +18,9 @@ pub struct Started {
 
 impl Drop for Started {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return; // exited already (it failed to start)
+        }
         let _ = Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
             .status();
@@ -41,13 +44,20 @@ pub fn start(graph: &Path, sets: &[String]) -> anyhow::Result<Started> {
     for s in sets {
         cmd.args(["--set", s]);
     }
-    let mut child = cmd
+    let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting the graph")?;
+    // Held from here on, so that an error below stops the graph too.
+    let mut started = Started {
+        child,
+        url: String::new(),
+        ready_ms: 0,
+        run_dir: PathBuf::new(),
+    };
     let (tx, rx) = mpsc::channel();
-    if let Some(out) = child.stdout.take() {
+    if let Some(out) = started.child.stdout.take() {
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
@@ -56,9 +66,19 @@ pub fn start(graph: &Path, sets: &[String]) -> anyhow::Result<Started> {
     }
     let (mut url, mut ready_ms, mut run_dir) = (None, 0, None);
     while url.is_none() || run_dir.is_none() {
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .context("the graph did not start within 120 s")?;
+        let line = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                anyhow::bail!("the graph did not start within 120 s")
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = started.child.wait().ok();
+                anyhow::bail!(
+                    "the graph exited before serving ({}; its errors are above)",
+                    status.map_or("status unknown".to_string(), |s| s.to_string())
+                )
+            }
+        };
         if let Some(ms) = line
             .split("ready in ")
             .nth(1)
@@ -77,12 +97,10 @@ pub fn start(graph: &Path, sets: &[String]) -> anyhow::Result<Started> {
             run_dir = Some(PathBuf::from(dir));
         }
     }
-    Ok(Started {
-        url: url.unwrap_or_default(),
-        child,
-        ready_ms,
-        run_dir: run_dir.unwrap_or_default(),
-    })
+    started.url = url.unwrap_or_default();
+    started.ready_ms = ready_ms;
+    started.run_dir = run_dir.unwrap_or_default();
+    Ok(started)
 }
 
 /// Pids of the graph's processes (engines' too with `engines`), by their command lines.

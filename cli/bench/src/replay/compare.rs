@@ -48,13 +48,15 @@ pub struct ComparedFigure {
     /// Median over the rounds.
     pub candidate: f64,
     pub baseline: f64,
-    /// How many times better the candidate is, per round (baseline ÷ candidate for a
-    /// figure where lower is better, candidate ÷ baseline otherwise); absent for figures
-    /// compared by difference (rates) or not at all, and for a round where either side
-    /// measured nothing.
+    /// How many times better the candidate is in each round that ran both sides, in
+    /// round order (baseline ÷ candidate for a figure where lower is better, candidate ÷
+    /// baseline otherwise); `None` for a round where either side measured nothing. Empty
+    /// for figures compared by difference (the hit rate) or only shown.
     pub gains: Vec<Option<f64>>,
     /// The median of the rounds' gains, when every round has one.
     pub gain: Option<f64>,
+    /// The median over the rounds of candidate − baseline (rounds where both measured).
+    pub difference: f64,
 }
 
 /// A finished comparison.
@@ -62,9 +64,14 @@ pub struct ComparedFigure {
 pub struct ReplayComparison {
     /// What the candidate ran, e.g. `the graph as given`.
     pub candidate: String,
-    /// What the baseline changed, e.g. `router.mode=round-robin`.
+    /// What the baseline changed, e.g. `the candidate with router.mode=round-robin`.
     pub baseline: String,
+    /// Rounds that ran both sides: the figures are over these.
     pub rounds: u32,
+    /// Rounds asked for (more than `rounds` when a run failed or a side is missing).
+    pub rounds_requested: u32,
+    /// Why the comparison stopped early, if it did.
+    pub error: Option<String>,
     pub figures: Vec<ComparedFigure>,
     /// Every replay, in the order it ran.
     pub runs: Vec<ComparedRun>,
@@ -202,11 +209,13 @@ fn gain(better: Better, candidate: f64, baseline: f64) -> Option<f64> {
 
 impl ReplayComparison {
     /// Pairs `runs` by round (a round without both sides is left out of the figures,
-    /// though its run is kept) and computes the figures.
+    /// though its run is kept) and computes the figures. `rounds_requested` starts as the
+    /// rounds seen in `runs` and `error` as none; the caller sets them when it knows more.
     pub fn new(candidate: String, baseline: String, runs: Vec<ComparedRun>) -> Self {
         let mut rounds: Vec<u32> = runs.iter().map(|r| r.round).collect();
         rounds.sort_unstable();
         rounds.dedup();
+        let rounds_requested = rounds.len() as u32;
         let pairs: Vec<(&ReplayReport, &ReplayReport)> = (rounds.iter())
             .filter_map(|&round| {
                 let of = |side| {
@@ -219,14 +228,18 @@ impl ReplayComparison {
             .collect();
         let figures = (SPECS.iter())
             .filter_map(|spec| {
-                let both: Vec<(f64, f64)> = (pairs.iter())
-                    .filter_map(|(c, b)| Some(((spec.read)(c)?, (spec.read)(b)?)))
+                // One entry per paired round, so the gains stay in step with the rounds.
+                let each: Vec<Option<(f64, f64)>> = (pairs.iter())
+                    .map(|(c, b)| Some(((spec.read)(c)?, (spec.read)(b)?)))
                     .collect();
+                let both: Vec<(f64, f64)> = each.iter().flatten().copied().collect();
                 if both.is_empty() {
                     return None;
                 }
                 let gains: Vec<Option<f64>> = if spec.ratio {
-                    both.iter().map(|&(c, b)| gain(spec.better, c, b)).collect()
+                    (each.iter())
+                        .map(|p| p.and_then(|(c, b)| gain(spec.better, c, b)))
+                        .collect()
                 } else {
                     Vec::new()
                 };
@@ -241,6 +254,7 @@ impl ReplayComparison {
                     baseline: median(both.iter().map(|p| p.1).collect()),
                     gains,
                     gain,
+                    difference: median(both.iter().map(|p| p.0 - p.1).collect()),
                 })
             })
             .collect();
@@ -248,6 +262,8 @@ impl ReplayComparison {
             candidate,
             baseline,
             rounds: pairs.len() as u32,
+            rounds_requested,
+            error: None,
             figures,
             runs,
         }
@@ -266,17 +282,22 @@ impl ReplayComparison {
     /// The comparison table (the runs' own reports are printed as they finish).
     pub fn to_text(&self) -> String {
         let mut s = String::new();
+        let of = if self.rounds_requested > self.rounds {
+            format!(" of {}", self.rounds_requested)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "comparison    candidate: {} · baseline: {} · {} round{}, each a fresh start of both, the order alternated",
+            "comparison    candidate: {} · baseline: {} · {}{of} round{}, each a fresh start of both, the order alternated",
             self.candidate,
             self.baseline,
             self.rounds,
-            if self.rounds == 1 { "" } else { "s" }
+            if self.rounds == 1 && of.is_empty() { "" } else { "s" }
         );
         let _ = writeln!(
             s,
-            "              medians over the rounds; gain = how many times better the candidate is (baseline ÷ candidate for times)\n"
+            "              medians over the rounds; gain = how many times better the candidate is (baseline ÷ candidate for times), taken within each round\n"
         );
         let _ = writeln!(
             s,
@@ -296,7 +317,7 @@ impl ReplayComparison {
                 "kv_hit_rate" => (
                     format!("{:.1}%", f.candidate * 100.0),
                     format!("{:.1}%", f.baseline * 100.0),
-                    format!("{:+.1} points", (f.candidate - f.baseline) * 100.0),
+                    format!("{:+.1} points", f.difference * 100.0),
                 ),
                 "busiest_vs_mean" => (
                     format!("{:.2}×", f.candidate),
