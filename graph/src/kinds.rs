@@ -245,6 +245,12 @@ const ROUTER_SETTINGS: &[Field] = &[
         "kv modes: weight of blocks to prefill against active decode blocks (higher favours cache hits, lower balance; NVIDIA Dynamo's default is 1.0)",
     ),
     Field::opt(
+        "weight_queue_tokens",
+        NON_NEGATIVE,
+        Some("2048"),
+        "kv modes: prefill queued per worker (tokens, the mean over the workers) that adds overlap_weight once more to the weight in effect, since a block a cache hit saves is also taken off the wait of every request queued behind it (0 = a fixed weight)",
+    ),
+    Field::opt(
         "temperature",
         float(0.0, f64::INFINITY),
         Some("0.0"),

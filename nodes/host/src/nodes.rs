@@ -368,10 +368,13 @@ pub fn disagg_router(
 }
 
 /// The KV settings both router kinds share, where the graph sets them (validated with
-/// the graph): `overlap_weight`, `temperature`, `index_shards`.
+/// the graph): `overlap_weight`, `weight_queue_tokens`, `temperature`, `index_shards`.
 fn kv_settings(node: &PlannedNode, config: &mut KvConfig) {
     if let Some(w) = node.f64("overlap_weight") {
         config.overlap_weight = w;
+    }
+    if let Some(n) = node.u64("weight_queue_tokens") {
+        config.weight_queue_tokens = n;
     }
     if let Some(t) = node.f64("temperature") {
         config.temperature = t;
@@ -453,6 +456,12 @@ mod tests {
         assert_eq!(
             dynamo_router::KvConfig::default().overlap_weight,
             dynamo_router::kv::DEFAULT_OVERLAP_WEIGHT
+        );
+        let queue = default("weight_queue_tokens").and_then(|d| d.parse::<u64>().ok());
+        assert_eq!(queue, Some(dynamo_router::kv::DEFAULT_WEIGHT_QUEUE_TOKENS));
+        assert_eq!(
+            dynamo_router::KvConfig::default().weight_queue_tokens,
+            dynamo_router::kv::DEFAULT_WEIGHT_QUEUE_TOKENS
         );
     }
 }

@@ -19,7 +19,9 @@ pub mod shards;
 mod sync;
 mod worker_set;
 
-pub use config::{KvConfig, KvConfigError, KvMode, DEFAULT_OVERLAP_WEIGHT};
+pub use config::{
+    KvConfig, KvConfigError, KvMode, DEFAULT_OVERLAP_WEIGHT, DEFAULT_WEIGHT_QUEUE_TOKENS,
+};
 pub use indexer::{KvIndexer, OverlapScores};
 pub use metrics::{KvMetrics, OVERHEAD_BUCKETS_US, OVERLAP_BUCKETS_BLOCKS};
 pub use router::KvRouterHandle;

@@ -15,8 +15,8 @@ use dynamo_protocol::{block_hashes, BlockHash, KvEvent, KvEventData, TokenReques
 use dynamo_runtime::InstanceId;
 use parking_lot::Mutex;
 
-use super::config::{KvConfig, KvConfigError, KvMode};
-use super::cost::{cost, select, ActiveLoads, Scored};
+use super::config::{effective_weight, KvConfig, KvConfigError, KvMode};
+use super::cost::{cost, select, ActiveLoads, Scored, WorkerLoad};
 use super::indexer::OverlapScores;
 use super::metrics::{Counters, KvMetrics};
 use super::shards::ShardedIndex;
@@ -200,13 +200,16 @@ impl KvPolicy {
         let config = &self.shared.config;
         let scores = (self.shared.index).find_matches(hashes, self.shared.now_ms());
         let overlap_of = |w: InstanceId| scores.get(w);
-        let scored: Vec<Scored> = candidates
-            .iter()
-            .map(|c| {
-                let load = state.loads.get(c.id());
+        let loads: Vec<WorkerLoad> = candidates.iter().map(|c| state.loads.get(c.id())).collect();
+        let queued_blocks: u64 = loads.iter().map(|l| l.prefill_blocks).sum();
+        let queued_tokens =
+            (queued_blocks as f64) * (config.block_size as f64) / (candidates.len().max(1) as f64);
+        let weight = effective_weight(config, queued_tokens);
+        let scored: Vec<Scored> = (candidates.iter().zip(loads))
+            .map(|(c, load)| {
                 let overlap = u64::from(overlap_of(c.id()));
                 Scored {
-                    cost: cost(config.overlap_weight, prompt_blocks, overlap, load),
+                    cost: cost(weight, prompt_blocks, overlap, load),
                     load: c.in_flight(),
                 }
             })

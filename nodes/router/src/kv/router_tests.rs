@@ -125,6 +125,59 @@ async fn a_busy_holder_loses_to_an_idle_worker_once_its_load_outweighs_the_hit()
     assert_eq!(picks, vec![Some(1), Some(2)]);
 }
 
+/// Where two requests sharing the prefix worker 1 holds go, with both still prefilling
+/// (their workers never answer): the second has worker 1's queue to wait behind.
+async fn second_of_two_prefilling(weight_queue_tokens: u64) -> (u64, u64) {
+    let fakes = [1, 2].map(|id| Fake::new(id, Behaviour::HangAfter(0)));
+    let config = KvConfig {
+        overlap_weight: 1.0,
+        weight_queue_tokens,
+        ..config(KvMode::Events)
+    };
+    let router = RouterService::with_kv(KvMode::Events, config, set_of(&fakes.each_ref()))
+        .expect("valid config");
+    let kv = router.kv_handle().expect("handle");
+    kv.apply_event(stored(1, 0, &prompt(32, 0, 0)));
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut s = router.call(request(prompt(32, 4, i)), RequestContext::new("q"));
+        // Nothing comes back; polling once routes and dispatches it.
+        let _ = tokio::time::timeout(Duration::from_millis(50), next(&mut s)).await;
+        held.push(s);
+    }
+    (kv.load_of(1).requests, kv.load_of(2).requests)
+}
+
+#[tokio::test]
+async fn a_prefill_queue_raises_the_weight_of_a_cache_hit() {
+    // Fixed weight 1: worker 1 costs 1 × (1 new + 1 queued) + 9 held = 11 for the
+    // second request, worker 2 costs 1 × 9 new = 9: the hit loses to the idle worker.
+    assert_eq!(second_of_two_prefilling(0).await, (1, 1));
+    // With 1 block (4 tokens) queued over 2 workers and `weight_queue_tokens` 1, the
+    // weight in effect is 1 × (1 + 2 / 1) = 3: worker 1 costs 3 × 2 + 9 = 15, worker 2
+    // 3 × 9 = 27, so the request waits behind the short queue and keeps its hit.
+    assert_eq!(second_of_two_prefilling(1).await, (2, 0));
+}
+
+#[test]
+fn the_weight_in_effect_grows_with_the_queue_only_when_asked() {
+    use crate::kv::config::effective_weight;
+    let fixed = KvConfig {
+        overlap_weight: 8.0,
+        weight_queue_tokens: 0,
+        ..KvConfig::default()
+    };
+    assert_eq!(effective_weight(&fixed, 10_000.0), 8.0);
+    let scaled = KvConfig {
+        weight_queue_tokens: 2048,
+        ..fixed
+    };
+    assert_eq!(effective_weight(&scaled, 0.0), 8.0);
+    assert_eq!(effective_weight(&scaled, 2048.0), 16.0);
+    assert_eq!(effective_weight(&scaled, 1024.0), 12.0);
+    assert_eq!(effective_weight(&scaled, -5.0), 8.0, "no queue below empty");
+}
+
 #[tokio::test]
 async fn the_in_flight_account_follows_first_token_and_end() {
     let fake = Fake::new(7, Behaviour::HangAfter(1));
