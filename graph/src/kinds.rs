@@ -248,7 +248,7 @@ const ROUTER_SETTINGS: &[Field] = &[
         "weight_queue_tokens",
         NON_NEGATIVE,
         Some("2048"),
-        "kv modes: prefill queued per worker (tokens, the mean over the workers) that adds overlap_weight once more to the weight in effect, since a block a cache hit saves is also taken off the wait of every request queued behind it (0 = a fixed weight)",
+        "kv modes: prefill queued per worker (tokens, the mean over the candidate workers) that adds overlap_weight once more to the weight in effect, so that as queues grow the prefill terms (blocks not cached, prefill queued) count for more against the blocks held for decode (0 = a fixed weight; also the prefill choice of a disaggregated router)",
     ),
     Field::opt(
         "temperature",

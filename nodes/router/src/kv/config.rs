@@ -45,9 +45,13 @@ pub struct KvConfig {
     /// parallel; a lookup visits every shard.
     pub index_shards: usize,
     /// Prefill queued per worker (tokens, the mean over the candidates) that adds
-    /// `overlap_weight` once more to the weight in effect: with a queue, every block a
-    /// cache hit saves is also taken off the wait of each request queued behind it.
-    /// 0 keeps the weight fixed. See [`effective_weight`].
+    /// `overlap_weight` once more to the weight in effect. The weight multiplies both
+    /// prefill terms of the cost (a request's uncached blocks and the worker's queued
+    /// prefill), so as queues grow they count for more against the blocks held for
+    /// decode: while requests wait for prefill, a block a hit saves, or a queue avoided,
+    /// is taken off the wait of every request behind it. 0 keeps the weight fixed. It
+    /// applies to a disaggregated router's choice of prefill worker too. See
+    /// [`effective_weight`].
     pub weight_queue_tokens: u64,
 }
 

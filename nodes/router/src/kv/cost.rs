@@ -10,6 +10,9 @@
 //! worker did not hold when it was routed (`prompt_blocks − overlap`): the cached part
 //! costs the worker no compute, so it must not count as queued prefill either.
 //!
+//! `overlap_weight` here is the weight in effect ([`super::config::effective_weight`]): the
+//! graph's `overlap_weight`, raised while the router's account shows prefill queued.
+//!
 //! Lowest cost wins; ties go to the lower load (requests in flight), then at random. With a
 //! temperature above 0 the worker is sampled with `p ∝ exp(−normalised_cost / T)`.
 

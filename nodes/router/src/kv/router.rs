@@ -201,6 +201,8 @@ impl KvPolicy {
         let scores = (self.shared.index).find_matches(hashes, self.shared.now_ms());
         let overlap_of = |w: InstanceId| scores.get(w);
         let loads: Vec<WorkerLoad> = candidates.iter().map(|c| state.loads.get(c.id())).collect();
+        // The account counts a prompt's partial last block whole: at most block_size − 1
+        // tokens too many per request waiting, small against `weight_queue_tokens`.
         let queued_blocks: u64 = loads.iter().map(|l| l.prefill_blocks).sum();
         let queued_tokens =
             (queued_blocks as f64) * (config.block_size as f64) / (candidates.len().max(1) as f64);

@@ -157,6 +157,11 @@ async fn a_prefill_queue_raises_the_weight_of_a_cache_hit() {
     // weight in effect is 1 × (1 + 2 / 1) = 3: worker 1 costs 3 × 2 + 9 = 15, worker 2
     // 3 × 9 = 27, so the request waits behind the short queue and keeps its hit.
     assert_eq!(second_of_two_prefilling(1).await, (2, 0));
+    // The queue is counted in tokens and averaged over the workers: at 4 the weight is
+    // 1.5 (12 against 13.5: worker 1), at 8 it is 1.25 (11.5 against 11.25: worker 2).
+    // Blocks instead of tokens, or a sum instead of the mean, flip one of the two.
+    assert_eq!(second_of_two_prefilling(4).await, (2, 0));
+    assert_eq!(second_of_two_prefilling(8).await, (1, 1));
 }
 
 #[test]
