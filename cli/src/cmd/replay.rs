@@ -87,13 +87,13 @@ fn compare(
             let report = match replay_started(graph, &with, &replay) {
                 Ok(report) => report,
                 Err(e) => {
-                    let what = format!("round {round} of {rounds}, {}", side_name(side));
+                    let what = format!("round {round} of {rounds}, {}", side.name());
                     failure = Some(e.context(what));
                     break 'rounds;
                 }
             };
             if !json {
-                println!("== round {round} of {rounds}: {} ==", side_name(side));
+                println!("== round {round} of {rounds}: {} ==", side.name());
                 println!("{}", report.to_text());
             }
             runs.push(ComparedRun {
@@ -143,18 +143,17 @@ fn compare(
 /// in `--baseline` must not cost a finished candidate run.
 fn check_settings(graph: &Path, sets: &[String], baseline: &[String]) -> anyhow::Result<()> {
     let checked = crate::cmd::graph::load(graph);
-    let Some(plan) = checked.plan else {
+    let Some(mut plan) = checked.plan else {
         eprint!(
             "{}",
             dynamo_graph::render::render_text(&checked.file, &checked.diagnostics)
         );
         anyhow::bail!("{} is not a valid graph", graph.display());
     };
-    for (flag, extra) in [("--set", &[][..]), ("--baseline", baseline)] {
-        let mut plan = plan.clone();
-        for s in sets.iter().chain(extra) {
+    // The baseline's settings go on top of the candidate's, as `graph up` gets them.
+    for (flag, settings) in [("--set", sets), ("--baseline", baseline)] {
+        for s in settings {
             if let Err(e) = dynamo_graph::overrides::apply(&mut plan, s) {
-                let flag = if sets.contains(s) { "--set" } else { flag };
                 anyhow::bail!("{flag} {s}: {e}");
             }
         }
@@ -174,13 +173,6 @@ fn replay_started(
     let report = dynamo_bench::replay_blocking(args)?;
     drop(started);
     Ok(report)
-}
-
-fn side_name(side: Side) -> &'static str {
-    match side {
-        Side::Candidate => "candidate",
-        Side::Baseline => "baseline",
-    }
 }
 
 /// Failure when a replay got no answer at all.

@@ -22,6 +22,16 @@ pub enum Side {
     Baseline,
 }
 
+impl Side {
+    /// As in the JSON: `candidate` or `baseline`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Candidate => "candidate",
+            Side::Baseline => "baseline",
+        }
+    }
+}
+
 /// One replay of a comparison.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ComparedRun {
@@ -82,9 +92,21 @@ struct Spec {
     name: &'static str,
     label: &'static str,
     better: Better,
-    /// Compared by ratio (latencies, throughput) or only shown (hit rate, balance).
-    ratio: bool,
+    shown: Shown,
     read: fn(&ReplayReport) -> Option<f64>,
+}
+
+/// How a figure is compared and printed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    /// A time or a rate, compared by the gain (ratio) in each round.
+    Ratio,
+    /// A share (0..1) printed as a percentage, compared by its difference in points.
+    Points,
+    /// A multiple (the busiest worker's share over the mean), only shown.
+    Multiple,
+    /// A count, only shown.
+    Count,
 }
 
 fn lat(s: &LatencySummary, f: fn(&LatencySummary) -> f64) -> Option<f64> {
@@ -96,91 +118,91 @@ const SPECS: &[Spec] = &[
         name: "ttft_p50_ms",
         label: "TTFT p50 ms",
         better: Better::Lower,
-        ratio: true,
+        shown: Shown::Ratio,
         read: |r| lat(&r.run.ttft_ms, |s| s.p50),
     },
     Spec {
         name: "ttft_mean_ms",
         label: "TTFT mean ms",
         better: Better::Lower,
-        ratio: true,
+        shown: Shown::Ratio,
         read: |r| lat(&r.run.ttft_ms, |s| s.mean),
     },
     Spec {
         name: "ttft_p90_ms",
         label: "TTFT p90 ms",
         better: Better::Lower,
-        ratio: true,
+        shown: Shown::Ratio,
         read: |r| lat(&r.run.ttft_ms, |s| s.p90),
     },
     Spec {
         name: "ttft_p99_ms",
         label: "TTFT p99 ms",
         better: Better::Lower,
-        ratio: true,
+        shown: Shown::Ratio,
         read: |r| lat(&r.run.ttft_ms, |s| s.p99),
     },
     Spec {
         name: "ttft_from_schedule_p50_ms",
         label: "TTFT sch. p50 ms",
         better: Better::Lower,
-        ratio: true,
+        shown: Shown::Ratio,
         read: |r| lat(&r.ttft_from_schedule_ms, |s| s.p50),
     },
     Spec {
         name: "ttft_from_schedule_mean_ms",
         label: "TTFT sch. mean ms",
         better: Better::Lower,
-        ratio: true,
+        shown: Shown::Ratio,
         read: |r| lat(&r.ttft_from_schedule_ms, |s| s.mean),
     },
     Spec {
         name: "itl_p50_ms",
         label: "ITL p50 ms",
         better: Better::Lower,
-        ratio: true,
+        shown: Shown::Ratio,
         read: |r| lat(&r.run.itl_ms, |s| s.p50),
     },
     Spec {
         name: "e2e_p50_ms",
         label: "E2E p50 ms",
         better: Better::Lower,
-        ratio: true,
+        shown: Shown::Ratio,
         read: |r| lat(&r.run.e2e_ms, |s| s.p50),
     },
     Spec {
         name: "e2e_mean_ms",
         label: "E2E mean ms",
         better: Better::Lower,
-        ratio: true,
+        shown: Shown::Ratio,
         read: |r| lat(&r.run.e2e_ms, |s| s.mean),
     },
     Spec {
         name: "output_tokens_per_s",
         label: "output tok/s",
         better: Better::Higher,
-        ratio: true,
+        shown: Shown::Ratio,
         read: |r| Some(r.run.output_tokens_per_s),
     },
     Spec {
         name: "kv_hit_rate",
         label: "KV hit rate",
         better: Better::Higher,
-        ratio: false,
+        shown: Shown::Points,
         read: |r| r.kv.as_ref().map(|kv| kv.hit_rate),
     },
     Spec {
         name: "busiest_vs_mean",
         label: "busiest worker",
         better: Better::Lower,
-        ratio: false,
+        shown: Shown::Multiple,
         read: |r| r.kv.as_ref().map(|kv| kv.busiest_vs_mean),
     },
     Spec {
         name: "requests_failed",
         label: "failed requests",
         better: Better::Lower,
-        ratio: false,
+        shown: Shown::Count,
         read: |r| Some(r.run.requests_failed as f64),
     },
 ];
@@ -236,7 +258,7 @@ impl ReplayComparison {
                 if both.is_empty() {
                     return None;
                 }
-                let gains: Vec<Option<f64>> = if spec.ratio {
+                let gains: Vec<Option<f64>> = if spec.shown == Shown::Ratio {
                     (each.iter())
                         .map(|p| p.and_then(|(c, b)| gain(spec.better, c, b)))
                         .collect()
@@ -313,23 +335,23 @@ impl ReplayComparison {
             if f.name.starts_with("ttft_from_schedule") && !capped {
                 continue;
             }
-            let (c, b, g) = match f.name {
-                "kv_hit_rate" => (
+            let (c, b, g) = match spec.shown {
+                Shown::Points => (
                     format!("{:.1}%", f.candidate * 100.0),
                     format!("{:.1}%", f.baseline * 100.0),
                     format!("{:+.1} points", f.difference * 100.0),
                 ),
-                "busiest_vs_mean" => (
+                Shown::Multiple => (
                     format!("{:.2}×", f.candidate),
                     format!("{:.2}×", f.baseline),
                     String::new(),
                 ),
-                "requests_failed" => (
+                Shown::Count => (
                     format!("{:.0}", f.candidate),
                     format!("{:.0}", f.baseline),
                     String::new(),
                 ),
-                _ => (
+                Shown::Ratio => (
                     format!("{:.2}", f.candidate),
                     format!("{:.2}", f.baseline),
                     gain_text(f),
@@ -344,7 +366,7 @@ impl ReplayComparison {
 
 fn gain_text(f: &ComparedFigure) -> String {
     let one = |g: &Option<f64>| g.map_or("-".to_string(), |g| format!("{g:.2}×"));
-    let mut s = f.gain.map_or("-".to_string(), |g| format!("{g:.2}×"));
+    let mut s = one(&f.gain);
     if f.gains.len() > 1 {
         let each: Vec<String> = f.gains.iter().map(one).collect();
         let _ = write!(s, " (rounds: {})", each.join(", "));
